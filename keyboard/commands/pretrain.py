@@ -1,0 +1,81 @@
+"""`fedkb pretrain`: train the base model on the central pretraining split (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "train the base model centrally on the pretraining split"
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.datasets import DATA_DIR
+
+    parser.add_argument("--out", type=Path, default=DATA_DIR / "base", metavar="DIR", help="checkpoint directory to write (default: data/base)")
+    parser.add_argument("--work", type=Path, default=_REPO / ".cache" / "pretrain", metavar="DIR",
+                        help="resumable training state (default: .cache/pretrain); rerun the same command to resume")
+    parser.add_argument("--epochs", type=float, default=4.0, help="passes over the pretraining text (default: 4)")
+    parser.add_argument("--sotu-words", type=int, default=400_000,
+                        help="words of State-of-the-Union text to mix in, most recent first (default: 400000; chat is always all)")
+    parser.add_argument("--vocab-size", type=int, default=10_000, help="base vocabulary size (default: 10000)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--sampled-softmax", type=int, default=1024, help="negatives per step; 0 = exact softmax (default: 1024)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit-lines", type=int, default=0, help="use only the first N lines (smoke tests)")
+
+
+def pretraining_lines(sotu_words: int, data_dir: Path | None = None) -> list[str]:
+    """All chat lines of the pretraining split + the most recent `sotu_words` words of speeches."""
+    from models.datasets import DATA_DIR, load_pretrain_lines
+    from models.errors import FedkbError
+
+    data_dir = data_dir or DATA_DIR
+    lines = load_pretrain_lines(data_dir / "pretrain.txt.gz")
+    try:
+        n_chat = json.loads((data_dir / "manifest.json").read_text())["counts"]["pretrain_chitchat_lines"]
+    except (OSError, KeyError, ValueError):
+        raise FedkbError(f"{data_dir / 'manifest.json'} is missing or corrupt; run `fedkb prepare`") from None
+    chat, sotu = lines[:n_chat], lines[n_chat:]
+    picked, count = [], 0
+    for line in reversed(sotu):  # speeches are in date order: take the newest
+        if count >= sotu_words:
+            break
+        picked.append(line)
+        count += len(line.split())
+    return chat + picked[::-1]
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from models.checkpoint import default_paths
+    from models.lm import LMConfig
+    from models.pretrain import PretrainConfig, pretrain
+    from models.tokenizer import Tokenizer
+
+    _, tok_path = default_paths()
+    tokenizer = Tokenizer(tok_path)
+    lines = pretraining_lines(args.sotu_words)
+    if args.limit_lines:
+        lines = lines[: args.limit_lines]
+    base = PretrainConfig()
+    cfg = PretrainConfig(
+        model=LMConfig(base_vocab=args.vocab_size),
+        train=replace(base.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampled_softmax=args.sampled_softmax),
+        seed=args.seed,
+    )
+    with Progress(TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
+                  TimeElapsedColumn(), TimeRemainingColumn()) as progress:
+        task = progress.add_task("train", total=None, loss=float("nan"))
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, loss=loss)
+
+        pretrain(lines, tokenizer, args.out, args.work, cfg, on_step=on_step)
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,128 @@
+"""Checkpoints and deltas: safetensors for tensors + a small JSON for config/metadata.
+
+Never pickle.  A checkpoint directory holds `model.safetensors` and `model.json`:
+
+    {"format": "fedkb-lm", "format_version": 1, "config": {...}, "vocab": {...},
+     "tokenizer_sha256": "...", "meta": {...}}
+
+Loading validates everything a corrupt or mismatched file could get wrong
+(missing file, bad header, wrong keys/shapes/dtypes, NaN, tokenizer mismatch) and
+raises `FedkbError` with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from models import atomic
+from models.errors import FedkbError
+from models.lm import LMConfig, WordLM
+from models.params import Params, all_finite, check_compatible
+from models.tokenizer import Tokenizer
+from models.vocab import Vocabulary
+
+FORMAT = "fedkb-lm"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "model.json"
+
+
+@dataclass
+class Checkpoint:
+    model: WordLM
+    vocab: Vocabulary
+    meta: dict
+
+
+def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
+    """Atomically write tensors (contiguous float copies) as safetensors; `meta` goes in the header as strings."""
+    data = st_save({k: v.detach().contiguous() for k, v in tensors.items()},
+                   metadata={k: str(v) for k, v in (meta or {}).items()})
+    atomic.write_bytes(Path(path), data)
+
+
+def load_tensors(path: Path, reference: Params | None = None) -> Params:
+    """Read a safetensors file; with `reference`, require the same keys, shapes, dtypes, all finite."""
+    path = Path(path)
+    try:
+        tensors = st_load(path.read_bytes())
+    except FileNotFoundError:
+        raise FedkbError(f"{path} does not exist") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FedkbError(f"{path} is not a valid safetensors file ({e})") from None
+    if reference is not None:
+        why = check_compatible(tensors, reference)
+        if why:
+            raise FedkbError(f"{path} does not fit the model: {why}")
+    if not all_finite(tensors):
+        raise FedkbError(f"{path} contains NaN or infinite values")
+    return tensors
+
+
+def save_checkpoint(directory: Path, model: WordLM, vocab: Vocabulary, tokenizer: Tokenizer, meta: dict | None = None) -> None:
+    """Weights first, then the JSON (each atomic): a reader never sees new JSON with old weights."""
+    directory = Path(directory)
+    save_tensors(directory / WEIGHTS, model.state_dict())
+    atomic.write_json(directory / META, {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.cfg.to_json(),
+        "vocab": vocab.to_json(),
+        "tokenizer_sha256": tokenizer.sha256,
+        "meta": meta or {},
+    })
+
+
+def read_meta(directory: Path) -> dict:
+    path = Path(directory) / META
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedkbError(f"no model at {directory} ({META} missing)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FedkbError(f"{path} is corrupt ({e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise FedkbError(f"{path} is not a fedkb model")
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise FedkbError(f"{path} has format version {obj.get('format_version')}, this fedkb reads {FORMAT_VERSION}")
+    return obj
+
+
+def load_checkpoint(directory: Path, tokenizer: Tokenizer) -> Checkpoint:
+    directory = Path(directory)
+    obj = read_meta(directory)
+    if obj.get("tokenizer_sha256") != tokenizer.sha256:
+        raise FedkbError(f"model {directory} was trained with a different tokenizer than {tokenizer.path}")
+    try:
+        cfg = LMConfig.from_json(obj["config"])
+    except (KeyError, TypeError) as e:
+        raise FedkbError(f"{directory / META}: bad config ({e})") from None
+    if cfg.num_pieces != tokenizer.num_pieces:
+        raise FedkbError(f"model expects {cfg.num_pieces} pieces, tokenizer has {tokenizer.num_pieces}")
+    vocab = Vocabulary.from_json(obj.get("vocab", {}))
+    model = WordLM(cfg)
+    state = load_tensors(directory / WEIGHTS, reference=model.state_dict())
+    model.load_state_dict(state)
+    model.eval()
+    return Checkpoint(model, vocab, obj.get("meta", {}))
+
+
+def default_paths() -> tuple[Path, Path]:
+    """(shipped base model directory, shipped tokenizer) under the data directory."""
+    from models.datasets import DATA_DIR
+
+    return DATA_DIR / "base", DATA_DIR / "tokenizer.model"
+
+
+def load_model(model_dir: Path | None = None, tokenizer_path: Path | None = None) -> tuple[Checkpoint, Tokenizer]:
+    """Load a checkpoint (default: the shipped base model) with its tokenizer."""
+    base, tok = default_paths()
+    tokenizer = Tokenizer(tokenizer_path or tok)
+    return load_checkpoint(model_dir or base, tokenizer), tokenizer

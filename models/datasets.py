@@ -1,0 +1,103 @@
+"""Loading the shipped data files (built by `fedkb prepare`); no network.
+
+`DATA_DIR` is the repository's `data/` folder, or `$FEDKB_DATA` when set.
+Every loader raises `FedkbError` naming the file when it is missing or
+corrupt, so the CLI shows one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from models.errors import FedkbError
+
+DATA_DIR = Path(os.environ["FEDKB_DATA"]) if os.environ.get("FEDKB_DATA") else Path(__file__).resolve().parent.parent / "data"
+
+PRETRAIN_FILE = "pretrain.txt.gz"
+USERS_FILE = "users.jsonl.gz"
+SHAKESPEARE_FILE = "shakespeare.jsonl.gz"
+
+HISTORY_FRACTION = 0.8  # Shakespeare roles: first 80 % of lines are history
+
+
+@dataclass(frozen=True)
+class UserData:
+    """One simulated user: earlier typing (on-device history) and held-out later typing."""
+
+    id: str
+    history: tuple[str, ...]
+    future: tuple[str, ...]
+
+
+def _resolve(path: Path | str | None, default_name: str) -> Path:
+    return Path(path) if path is not None else DATA_DIR / default_name
+
+
+def _broken(path: Path, why: str) -> FedkbError:
+    return FedkbError(f"{path}: {why}; run `fedkb prepare` to rebuild it")
+
+
+def _read_lines(path: Path) -> Iterator[str]:
+    """Lines of a gzip text file, FedkbError on a missing or corrupt file."""
+    if not path.is_file():
+        raise _broken(path, "missing")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise _broken(path, f"corrupt ({e})") from e
+
+
+def load_pretrain_lines(path: Path | str | None = None) -> list[str]:
+    """The central pretraining text: one message or sentence per line."""
+    return list(_read_lines(_resolve(path, PRETRAIN_FILE)))
+
+
+def _iter_objects(path: Path) -> Iterator[dict]:
+    for n, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise _broken(path, f"corrupt JSON on line {n} ({e})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+            raise _broken(path, f"line {n} is not a user object")
+        yield obj
+
+
+def _texts(obj: dict, key: str, path: Path) -> tuple[str, ...]:
+    value = obj.get(key)
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise _broken(path, f"user {obj['id']!r} has no list of strings {key!r}")
+    return tuple(value)
+
+
+def iter_users(path: Path | str | None = None) -> Iterator[UserData]:
+    """Stream the federated users from a users.jsonl.gz file, one at a time."""
+    path = _resolve(path, USERS_FILE)
+    for obj in _iter_objects(path):
+        yield UserData(obj["id"], _texts(obj, "history", path), _texts(obj, "future", path))
+
+
+def load_users(path: Path | str | None = None) -> list[UserData]:
+    """All federated users (chitchat senders), sorted by id as stored."""
+    return list(iter_users(path))
+
+
+def load_shakespeare(path: Path | str | None = None) -> list[UserData]:
+    """Shakespeare roles as users: the first 80 % of each role's lines are history, the rest future."""
+    path = _resolve(path, SHAKESPEARE_FILE)
+    out = []
+    for obj in _iter_objects(path):
+        lines = _texts(obj, "lines", path)
+        n_hist = min(max(1, int(len(lines) * HISTORY_FRACTION)), max(len(lines) - 1, 0))
+        out.append(UserData(obj["id"], lines[:n_hist], lines[n_hist:]))
+    return out

@@ -1,0 +1,117 @@
+"""Simulated typing: next-word accuracy and keystroke savings.
+
+For every word of every message, the typist looks at the k suggestions before
+each keystroke; as soon as the word is among them it is accepted with one key
+(which also inserts the space), else the word is typed out and followed by a
+space.  As in Presage's `presage_simulator`:
+
+    KSR = (1 - (keys typed + keys to select) / keys without prediction) x 100
+
+case-insensitive, punctuation not counted (the model predicts words only).
+top-1 / top-3: the word is the first / among the k suggestions before its first
+letter is typed.  Words outside the vocabulary count as misses.
+
+One forward pass per message gives the scores for all its positions; the
+prefix filtering is exactly the Predictor's, so the numbers are what a user of
+the keyboard would see (a test holds them equal).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from models.predictor import Predictor
+from models.text import BOS, sentence_tokens
+
+MAX_MESSAGE_WORDS = 200
+
+
+@dataclass
+class TypingStats:
+    words: int = 0
+    top1_hits: int = 0
+    top3_hits: int = 0
+    oov: int = 0
+    keys_typed: int = 0
+    keys_selected: int = 0
+    keys_without: int = 0
+
+    def add(self, other: "TypingStats") -> None:
+        for f in self.__dataclass_fields__:
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+
+    def summary(self) -> dict:
+        w = max(self.words, 1)
+        kw = max(self.keys_without, 1)
+        return {
+            "words": self.words,
+            "top1": round(100.0 * self.top1_hits / w, 3),
+            "top3": round(100.0 * self.top3_hits / w, 3),
+            "ksr": round(100.0 * (1 - (self.keys_typed + self.keys_selected) / kw), 3),
+            "oov_rate": round(100.0 * self.oov / w, 3),
+            **{k: v for k, v in asdict(self).items() if k.startswith("keys")},
+        }
+
+
+def _prefix_top(pred: Predictor, scores: torch.Tensor, prefix: str, k: int) -> list[str]:
+    lo = bisect.bisect_left(pred._sorted, prefix)
+    hi = bisect.bisect_left(pred._sorted, prefix + "\U0010ffff", lo)
+    if lo >= hi:
+        return []
+    cand = pred._sorted_idx[lo:hi]
+    sub = scores[cand]
+    top = torch.topk(sub, min(k, len(sub)))
+    return [pred.vocab.words[int(cand[i])] for i, s in zip(top.indices.tolist(), top.values.tolist()) if s > float("-inf")]
+
+
+@torch.no_grad()
+def simulate_message(pred: Predictor, message: str, k: int = 3) -> TypingStats:
+    toks = sentence_tokens(message)[: MAX_MESSAGE_WORDS + 1]
+    st = TypingStats()
+    if len(toks) < 2:
+        return st
+    ids = torch.tensor([pred.vocab.id(t) for t in toks], dtype=torch.long)
+    logits, _, _ = pred.model(ids[None, :-1], pred._emb, pred._bias)
+    scores = torch.log_softmax(logits[0], dim=-1) + pred._mask  # (T-1, V): scores for toks[1:]
+    first = torch.topk(scores, k, dim=-1).indices.tolist()
+    for j, word in enumerate(toks[1:]):
+        if word == BOS:
+            continue
+        st.words += 1
+        st.keys_without += len(word) + 1
+        known = word in pred.vocab and word not in pred.blocked
+        if not known:
+            st.oov += 1
+        sugg = [pred.vocab.words[i] for i in first[j]]
+        if known and sugg and sugg[0] == word:
+            st.top1_hits += 1
+        if known and word in sugg:
+            st.top3_hits += 1
+        accepted = False
+        if known:
+            for typed in range(len(word)):
+                cands = sugg if typed == 0 else _prefix_top(pred, scores[j], word[:typed], k)
+                if word in cands:
+                    st.keys_typed += typed
+                    st.keys_selected += 1
+                    accepted = True
+                    break
+        if not accepted:
+            st.keys_typed += len(word) + 1
+    return st
+
+
+def simulate_typing(pred: Predictor, messages: Iterable[str], k: int = 3) -> dict:
+    """Aggregate TypingStats over messages, as a JSON-ready summary dict."""
+    total = TypingStats()
+    n = 0
+    for m in messages:
+        total.add(simulate_message(pred, m, k))
+        n += 1
+    out = total.summary()
+    out["messages"] = n
+    return out

@@ -1,0 +1,174 @@
+"""The word-level LSTM language model with subword-composed, tied embeddings.
+
+Architecture (Hard et al. 2018, "Federated Learning for Mobile Keyboard
+Prediction": a CIFG-LSTM of 670 units with a 96-d projection and tied
+input/output embeddings; here a standard LSTM cell with `proj_size`):
+
+    word w  ->  E[w] = mean(piece_emb[pieces(w)]) + residual[w]   (residual only for base words)
+                b[w] = mean(piece_bias[pieces(w)]) + word_bias[w]
+    tokens (B, T) -> E -> LSTM(670, proj 96) -> h (B, T, 96) -> logits = h @ E^T + b   (B, T, V)
+
+Every parameter's shape is fixed by the config, not by the vocabulary: adding a
+word adds a row to the *composed* table only, so a federated delta has the same
+shape whatever vocabulary version a device has, and a new word is predictable
+at once.  (Composition of word embeddings from subwords: Bojanowski et al. 2017,
+"Enriching Word Vectors with Subword Information".)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.tokenizer import Tokenizer
+from models.vocab import Vocabulary
+
+
+# PyTorch has no oneDNN kernel for projected LSTMs and says so on every call; the default one is used.
+warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    num_pieces: int = 4000  # sentencepiece vocabulary size
+    base_vocab: int = 10000  # rows of the residual table: the pretraining vocabulary
+    embed_dim: int = 96  # projection / embedding size (Gboard: 96)
+    hidden: int = 670  # LSTM units (Gboard: 670)
+    dropout: float = 0.1  # on embeddings and LSTM outputs, training only
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "LMConfig":
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
+
+
+@dataclass(frozen=True)
+class WordTable:
+    """How each word of one vocabulary is composed: flat piece ids + offsets (for embedding_bag)."""
+
+    pieces: Tensor  # (total pieces,) long
+    offsets: Tensor  # (V,) long
+    residual_rows: int  # words [0, residual_rows) add their residual row
+    size: int  # V
+
+    @classmethod
+    def build(cls, vocab: Vocabulary, tokenizer: Tokenizer, base_vocab: int) -> "WordTable":
+        flat: list[int] = []
+        offsets: list[int] = []
+        for w in vocab.words:
+            offsets.append(len(flat))
+            flat.extend(tokenizer.pieces(w))
+        return cls(
+            torch.tensor(flat, dtype=torch.long),
+            torch.tensor(offsets, dtype=torch.long),
+            min(vocab.base_size, base_vocab),
+            len(vocab),
+        )
+
+
+class WordLM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.piece_emb = nn.Parameter(torch.empty(cfg.num_pieces, d))
+        self.piece_bias = nn.Parameter(torch.zeros(cfg.num_pieces))
+        self.residual = nn.Parameter(torch.zeros(cfg.base_vocab, d))
+        self.word_bias = nn.Parameter(torch.zeros(cfg.base_vocab))
+        self.lstm = nn.LSTM(d, cfg.hidden, proj_size=d, batch_first=True)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Deterministic init from `generator` (uniform, as in pytorch/examples word_language_model)."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in ("piece_bias", "residual", "word_bias"):
+                    p.zero_()
+                elif name == "piece_emb":
+                    p.uniform_(-0.1, 0.1, generator=generator)
+                else:
+                    bound = 1.0 / self.cfg.hidden**0.5
+                    p.uniform_(-bound, bound, generator=generator)
+
+    def compose(self, table: WordTable) -> tuple[Tensor, Tensor]:
+        """Word embeddings (V, d) and output biases (V,) for one vocabulary."""
+        emb = F.embedding_bag(table.pieces, self.piece_emb, table.offsets, mode="mean")
+        bias = F.embedding_bag(table.pieces, self.piece_bias.unsqueeze(1), table.offsets, mode="mean").squeeze(1)
+        r = table.residual_rows
+        if r:
+            emb = torch.cat([emb[:r] + self.residual[:r], emb[r:]])
+            bias = torch.cat([bias[:r] + self.word_bias[:r], bias[r:]])
+        return emb, bias
+
+    def forward(
+        self,
+        tokens: Tensor,  # (B, T) word ids
+        emb: Tensor,  # (V, d) from compose()
+        bias: Tensor,  # (V,)
+        state: tuple[Tensor, Tensor] | None = None,
+        targets: Tensor | None = None,  # (B, T) next-word ids
+        generator: torch.Generator | None = None,  # given => training-mode dropout drawn from it
+    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
+        h, state = self.hidden(tokens, emb, state, generator)
+        logits = h @ emb.t() + bias  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss, state
+
+    def hidden(self, tokens: Tensor, emb: Tensor, state=None, generator: torch.Generator | None = None):
+        """LSTM outputs (B, T, d) before the tied output layer, and the new state."""
+        x = emb[tokens]  # (B, T, d)
+        if generator is not None:
+            x = _dropout(x, self.cfg.dropout, generator)
+        h, state = self.lstm(x, state)  # (B, T, d)
+        if generator is not None:
+            h = _dropout(h, self.cfg.dropout, generator)
+        return h, state
+
+    def step(self, token: int, emb: Tensor, bias: Tensor, state) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One word in, next-word log-probabilities (V,) out: the keyboard's per-word cost."""
+        x = emb[token].view(1, 1, -1)
+        h, state = self.lstm(x, state)
+        logits = h.view(-1) @ emb.t() + bias
+        return torch.log_softmax(logits, dim=-1), state
+
+
+def _dropout(x: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Inverted dropout with an explicit generator, so seeded training is bit-for-bit reproducible."""
+    if p <= 0:
+        return x
+    mask = torch.empty_like(x).bernoulli_(1 - p, generator=generator)
+    return x * mask / (1 - p)
+
+
+def sampled_softmax_loss(
+    h: Tensor,  # (N, d) LSTM outputs
+    targets: Tensor,  # (N,)
+    emb: Tensor,  # (V, d)
+    bias: Tensor,  # (V,)
+    log_q: Tensor,  # (V,) log of the proposal distribution
+    num_sampled: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """Sampled softmax with shared negatives and logQ correction (Jean et al. 2015,
+    "On Using Very Large Target Vocabulary for Neural Machine Translation").
+    On 2 cores the full 10k-way softmax is ~75 % of a training step; this makes
+    it ~10x cheaper.  Used for pretraining only; evaluation is always exact."""
+    neg = torch.multinomial(log_q.exp(), num_sampled, replacement=True, generator=generator)  # (S,)
+    correction = math.log(num_sampled)
+    true = (h * emb[targets]).sum(-1) + bias[targets] - (log_q[targets] + correction)  # (N,)
+    sampled = h @ emb[neg].t() + bias[neg] - (log_q[neg] + correction)  # (N, S)
+    sampled = sampled.masked_fill(neg.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))  # accidental hits
+    logits = torch.cat([true.unsqueeze(1), sampled], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

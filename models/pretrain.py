@@ -1,0 +1,99 @@
+"""Central pretraining of the base model, resumable.
+
+The vocabulary (the `base_vocab` most frequent words of the pretraining text)
+and the model are built here; training state (weights, Adam moments, the
+generator, the step) is saved atomically every `save_every` steps under
+`work_dir`, so a killed run resumes where it stopped.  The finished model is
+written as a checkpoint directory (shipped as `data/base/`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from models import atomic
+from models.checkpoint import load_tensors, save_checkpoint, save_tensors
+from models.lm import LMConfig, WordLM, WordTable
+from models.text import sentence_tokens
+from models.tokenizer import Tokenizer
+from models.train import TrainConfig, encode, fit, make_optimizer, steps_per_run
+from models.vocab import Vocabulary, build_vocab
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: LMConfig = field(default_factory=LMConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, batch_size=64, bptt=32, lr=3e-3, lr_decay=True))
+    seed: int = 0
+    save_every: int = 200  # steps between resumable training states
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (p, st) in enumerate(opt.state.items()):
+        for k, v in st.items():
+            out[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for key, v in tensors.items():
+        i, name = key.split(".", 1)
+        opt.state[params[int(i)]][name] = v
+
+
+def pretrain(
+    lines: list[str],
+    tokenizer: Tokenizer,
+    out_dir: Path,
+    work_dir: Path,
+    cfg: PretrainConfig = PretrainConfig(),
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> None:
+    work_dir = Path(work_dir)
+    vocab = build_vocab((sentence_tokens(l) for l in lines), cfg.model.base_vocab)
+    model_cfg = LMConfig(**{**asdict(cfg.model), "num_pieces": tokenizer.num_pieces})
+    model = WordLM(model_cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.reset_parameters(gen)
+    table = WordTable.build(vocab, tokenizer, model_cfg.base_vocab)
+    stream = encode(lines, vocab)
+    opt = make_optimizer(model, cfg.train)
+    total = steps_per_run(len(stream), cfg.train)
+
+    start = 0
+    state_json = work_dir / "state.json"
+    if state_json.exists():
+        st = json.loads(state_json.read_text())
+        if st.get("total") == total and st.get("vocab_size") == len(vocab):
+            model.load_state_dict(load_tensors(work_dir / "model.safetensors", model.state_dict()))
+            opt_tensors = load_tensors(work_dir / "optimizer.safetensors")
+            _restore_optimizer(opt, opt_tensors)
+            gen.set_state(load_tensors(work_dir / "generator.safetensors")["state"])
+            start = int(st["step"])
+
+    def step_hook(step: int, n: int, loss: float) -> None:
+        if on_step:
+            on_step(step, n, loss)
+        if step % cfg.save_every == 0 or step == n:
+            save_tensors(work_dir / "model.safetensors", model.state_dict())
+            save_tensors(work_dir / "optimizer.safetensors", _optimizer_tensors(opt))
+            save_tensors(work_dir / "generator.safetensors", {"state": gen.get_state()})
+            atomic.write_json(state_json, {"step": step, "total": n, "vocab_size": len(vocab), "loss": loss})
+
+    losses = fit(model, table, stream, cfg.train, gen, on_step=step_hook, start_step=start, optimizer=opt)
+    save_checkpoint(out_dir, model, vocab, tokenizer, meta={
+        "kind": "base",
+        "round": 0,
+        "trained_words": int(len(stream)),
+        "steps": total,
+        "final_loss": losses[-1] if losses else None,
+        "train": asdict(cfg.train),
+        "seed": cfg.seed,
+    })

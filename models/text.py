@@ -1,0 +1,60 @@
+"""Text normalisation and word splitting, shared by every layer.
+
+The model works on lower-cased *words*: runs of letters/digits with inner
+apostrophes ("don't", "rock'n'roll").  Everything else (punctuation, emoji,
+symbols) is not predicted; sentence-final punctuation starts a new sentence.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+BOS = "<s>"  # sentence / message boundary: the context a message starts from
+UNK = "<unk>"  # a word outside the vocabulary
+SPECIALS = (BOS, UNK)
+
+MAX_WORD_CHARS = 40  # longer "words" (hashes, URLs, key-mashing) are never vocabulary
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\ufeff]")
+_SPACE = re.compile(r"\s+")
+# A word: letters/digits (any script) with inner apostrophes.
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+# A token of the stream: a word, or a sentence-final mark.
+_TOKEN = re.compile(r"[^\W_]+(?:'[^\W_]+)*|[.!?]+")
+
+
+def normalize_text(text: str) -> str:
+    """NFKC, straight apostrophes, no control characters, single spaces. Keeps case."""
+    text = unicodedata.normalize("NFKC", text).translate(_APOSTROPHES)
+    text = _CONTROL.sub(" ", text)
+    return _SPACE.sub(" ", text).strip()
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased words of `text`, punctuation dropped."""
+    return [w.lower() for w in _WORD.findall(normalize_text(text))]
+
+
+def sentence_tokens(text: str) -> list[str]:
+    """Lower-cased words of one message with BOS at each sentence start.
+
+    "Hi there. How are you?" -> [<s>, hi, there, <s>, how, are, you]
+    The message itself starts with BOS, so every message is an independent context.
+    """
+    out = [BOS]
+    for tok in _TOKEN.findall(normalize_text(text)):
+        if tok[0] in ".!?":
+            if out[-1] != BOS:
+                out.append(BOS)
+        else:
+            out.append(tok.lower())
+    if len(out) > 1 and out[-1] == BOS:
+        out.pop()
+    return out
+
+
+def is_word(token: str) -> bool:
+    """True for a string the model could have as a vocabulary word."""
+    return 0 < len(token) <= MAX_WORD_CHARS and _WORD.fullmatch(token) is not None

@@ -1,0 +1,145 @@
+"""Training and loss evaluation on token streams (truncated BPTT).
+
+Follows pytorch/examples word_language_model: the text is one long stream of
+word ids split into `batch_size` parallel columns; each step sees `bptt`
+words of every column.  The hidden state is carried across steps (so context
+spans chunk edges) but detached, so gradients stop at the chunk boundary and
+the memory of one step stays flat.  Gradients are clipped by global norm: LSTMs
+occasionally produce exploding gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from models.lm import WordLM, WordTable, sampled_softmax_loss
+from models.text import sentence_tokens
+from models.vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0  # passes over the stream (fractions allowed)
+    batch_size: int = 32  # parallel columns of the stream
+    bptt: int = 32  # words per truncated-backprop step
+    lr: float = 2e-3
+    optimizer: str = "adam"  # "adam" or "sgd"
+    clip_grad: float = 1.0  # max global gradient norm
+    dropout: bool = True  # dropout (drawn from the run's generator) during training
+    lr_decay: bool = False  # linear decay to 10% of lr over the run (pretraining)
+    sampled_softmax: int = 0  # >0: negatives per step (unigram^0.75 proposal); 0: exact softmax
+
+
+def encode(lines: Iterable[str], vocab: Vocabulary) -> torch.Tensor:
+    """One 1-D LongTensor of word ids: each message starts with BOS; OOV words map to UNK."""
+    ids: list[int] = []
+    for line in lines:
+        ids.extend(vocab.id(t) for t in sentence_tokens(line))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) -> (B, N // B): B contiguous columns, the tail dropped. Small streams get fewer columns."""
+    b = max(1, min(batch_size, (len(stream) - 1) // 2))
+    n = len(stream) // b
+    return stream[: n * b].view(b, n)
+
+
+def make_optimizer(model: WordLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def steps_per_run(stream_len: int, cfg: TrainConfig) -> int:
+    """How many steps `fit` takes on a stream of this length."""
+    b = max(1, min(cfg.batch_size, (stream_len - 1) // 2))
+    cols = stream_len // b
+    if cols < 2:
+        return 0
+    return max(1, round(math.ceil((cols - 1) / cfg.bptt) * cfg.epochs))
+
+
+def fit(
+    model: WordLM,
+    table: WordTable,
+    stream: torch.Tensor,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    on_step: Callable[[int, int, float], None] | None = None,
+    start_step: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[float]:
+    """Train in place; returns per-step losses.  `on_step(step, total, loss)` after each step.
+
+    `start_step` skips steps already done (resuming); the generator and
+    `optimizer` must then carry the state saved at that step.  The LSTM state
+    restarts empty when resuming mid-pass (one chunk of lost context).
+    """
+    data = batchify(stream, cfg.batch_size)
+    if data.size(1) < 2:
+        return []
+    n_chunks = math.ceil((data.size(1) - 1) / cfg.bptt)
+    total = max(1, round(n_chunks * cfg.epochs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer or make_optimizer(model, cfg)
+    if cfg.sampled_softmax:
+        counts = torch.bincount(stream, minlength=table.size).double() + 1.0
+        q = counts**0.75
+        log_q = (q / q.sum()).log().float()
+    model.train()
+    losses: list[float] = []
+    state = None
+    for step in range(start_step, total):
+        i = (step % n_chunks) * cfg.bptt
+        if i == 0:
+            state = None  # a new pass starts from a fresh context
+        x = data[:, i : i + cfg.bptt]
+        y = data[:, i + 1 : i + 1 + cfg.bptt]
+        x = x[:, : y.size(1)]
+        if cfg.lr_decay:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * (1.0 - 0.9 * step / total)
+        emb, bias = model.compose(table)
+        drop_gen = generator if cfg.dropout else None
+        if cfg.sampled_softmax:
+            h, state = model.hidden(x, emb, state, drop_gen)
+            loss = sampled_softmax_loss(h.reshape(-1, h.size(-1)), y.reshape(-1), emb, bias, log_q, cfg.sampled_softmax, generator)
+        else:
+            _, loss, state = model(x, emb, bias, state, targets=y, generator=drop_gen)
+        state = (state[0].detach(), state[1].detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        opt.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(step + 1, total, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def evaluate_loss(model: WordLM, table: WordTable, stream: torch.Tensor, batch_size: int = 16, bptt: int = 64) -> float:
+    """Mean next-word cross-entropy (nats) over the stream; exp() of it is perplexity."""
+    data = batchify(stream, batch_size)
+    if data.size(1) < 2:
+        return float("nan")
+    model.eval()
+    emb, bias = model.compose(table)
+    total, count, state = 0.0, 0, None
+    for i in range(0, data.size(1) - 1, bptt):
+        x = data[:, i : i + bptt]
+        y = data[:, i + 1 : i + 1 + bptt]
+        x = x[:, : y.size(1)]
+        logits, _, state = model(x, emb, bias, state)
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+        count += y.numel()
+    return total / count
