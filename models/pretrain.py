@@ -9,6 +9,7 @@ written as a checkpoint directory (shipped as `data/base/`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -67,16 +68,24 @@ def pretrain(
     opt = make_optimizer(model, cfg.train)
     total = steps_per_run(len(stream), cfg.train)
 
-    start = 0
+    fingerprint = hashlib.sha256(json.dumps([asdict(cfg), tokenizer.sha256, len(stream), int(stream.sum())], sort_keys=True).encode()).hexdigest()[:16]
+    start, lstm_state = 0, None
+    carried: dict[str, tuple] = {}
     state_json = work_dir / "state.json"
     if state_json.exists():
         st = json.loads(state_json.read_text())
-        if st.get("total") == total and st.get("vocab_size") == len(vocab):
+        if st.get("fingerprint") == fingerprint:  # same data, config and tokenizer: resume
             model.load_state_dict(load_tensors(work_dir / "model.safetensors", model.state_dict()))
             opt_tensors = load_tensors(work_dir / "optimizer.safetensors")
             _restore_optimizer(opt, opt_tensors)
             gen.set_state(load_tensors(work_dir / "generator.safetensors")["state"])
             start = int(st["step"])
+            if st.get("has_lstm_state"):
+                t = load_tensors(work_dir / "lstm_state.safetensors")
+                lstm_state = (t["h"], t["c"])
+
+    def state_hook(step: int, state: tuple) -> None:
+        carried["state"] = state
 
     def step_hook(step: int, n: int, loss: float) -> None:
         if on_step:
@@ -85,9 +94,14 @@ def pretrain(
             save_tensors(work_dir / "model.safetensors", model.state_dict())
             save_tensors(work_dir / "optimizer.safetensors", _optimizer_tensors(opt))
             save_tensors(work_dir / "generator.safetensors", {"state": gen.get_state()})
-            atomic.write_json(state_json, {"step": step, "total": n, "vocab_size": len(vocab), "loss": loss})
+            h, c = carried["state"]
+            save_tensors(work_dir / "lstm_state.safetensors", {"h": h, "c": c})
+            # the JSON last: it names a step only once every file of that step is in place
+            atomic.write_json(state_json, {"step": step, "total": n, "vocab_size": len(vocab), "loss": loss,
+                                          "has_lstm_state": True, "fingerprint": fingerprint})
 
-    losses = fit(model, table, stream, cfg.train, gen, on_step=step_hook, start_step=start, optimizer=opt)
+    losses = fit(model, table, stream, cfg.train, gen, on_step=step_hook, start_step=start, optimizer=opt,
+                 initial_state=lstm_state, on_state=state_hook)
     save_checkpoint(out_dir, model, vocab, tokenizer, meta={
         "kind": "base",
         "round": 0,

@@ -76,12 +76,15 @@ def fit(
     on_step: Callable[[int, int, float], None] | None = None,
     start_step: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_state: Callable[[int, tuple[torch.Tensor, torch.Tensor]], None] | None = None,
 ) -> list[float]:
     """Train in place; returns per-step losses.  `on_step(step, total, loss)` after each step.
 
-    `start_step` skips steps already done (resuming); the generator and
-    `optimizer` must then carry the state saved at that step.  The LSTM state
-    restarts empty when resuming mid-pass (one chunk of lost context).
+    `start_step` skips steps already done (resuming); the generator,
+    `optimizer` and `initial_state` (the carried LSTM state, which `on_state`
+    reports after every step) must then be the ones saved at that step, and the
+    resumed run is bit-for-bit the uninterrupted one.
     """
     data = batchify(stream, cfg.batch_size)
     if data.size(1) < 2:
@@ -96,7 +99,7 @@ def fit(
         log_q = (q / q.sum()).log().float()
     model.train()
     losses: list[float] = []
-    state = None
+    state = initial_state
     for step in range(start_step, total):
         i = (step % n_chunks) * cfg.bptt
         if i == 0:
@@ -120,6 +123,8 @@ def fit(
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         opt.step()
         losses.append(loss.item())
+        if on_state:
+            on_state(step + 1, state)
         if on_step:
             on_step(step + 1, total, losses[-1])
     model.eval()
