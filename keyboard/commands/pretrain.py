@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--sampled-softmax", type=int, default=1024, help="negatives per step; 0 = exact softmax (default: 1024)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: all cores; 1 is faster when other jobs share the cores)")
     parser.add_argument("--limit-lines", type=int, default=0, help="use only the first N lines (smoke tests)")
 
 
@@ -58,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from models.pretrain import PretrainConfig, pretrain
     from models.tokenizer import Tokenizer
 
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     _, tok_path = default_paths()
     tokenizer = Tokenizer(tok_path)
     lines = pretraining_lines(args.sotu_words)

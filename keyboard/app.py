@@ -1,0 +1,178 @@
+"""The fedkb keyboard: a Textual app around `KeyboardSession` (state) and `TypingSession` (typing logic).
+
+Screens: typing (default), profiles, and, when their modules are present, the
+live federation and vocabulary-timeline screens.  Every control is a Binding
+(with an id and a tooltip, shown in the Footer) and a command-palette entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+from textual.app import App
+from textual.binding import Binding
+from textual.message import Message
+
+from keyboard.palette import KeyboardCommands
+from keyboard.screens.confirm import ConfirmScreen
+from keyboard.screens.profiles import ProfilesScreen
+from keyboard.screens.typing import TypingScreen
+from keyboard.session import ME, KeyboardSession, LearnConfig
+from models.errors import FedkbError
+
+# optional screens written elsewhere: name -> (module, class, palette label, help, key)
+EXTRA_SCREENS = {
+    "federation": ("keyboard.screens.federation", "FederationScreen", "Federation: live rounds",
+                   "Watch rounds of federated learning over the simulated users", "f6"),
+    "vocab": ("keyboard.screens.vocab", "VocabScreen", "Vocabulary timeline",
+              "How the global vocabulary grew, round by round", "f7"),
+}
+
+
+def _available_extras() -> dict[str, type]:
+    found = {}
+    for name, (module, cls, *_rest) in EXTRA_SCREENS.items():
+        try:
+            found[name] = getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+class FedkbApp(App):
+    TITLE = "fedkb"
+    CSS_PATH = "app.tcss"
+    COMMANDS = App.COMMANDS | {KeyboardCommands}
+    BINDINGS = [
+        Binding("f8", "clear", "Clear", id="clear", tooltip="Delete everything typed and learned on this device"),
+    ]
+
+    class Learned(Message):
+        """Posted after 'Learn now' finished and the personal model is in use."""
+
+        def __init__(self, result):
+            super().__init__()
+            self.result = result
+
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        tokenizer_path: Path | None = None,
+        devices_root: Path | None = None,
+        user_id: str = ME,
+        incognito: bool = False,
+        users_file: Path | None = None,
+        learn_cfg: LearnConfig = LearnConfig(),
+        cursor_blink: bool = True,
+        extra_screens: bool = True,
+    ):
+        # the model is loaded here, before the terminal is taken over: a bad path is one clear FedkbError
+        self.session = KeyboardSession(model_dir, tokenizer_path, devices_root, user_id, incognito, users_file, learn_cfg)
+        self.cursor_blink = cursor_blink
+        self._extras = _available_extras() if extra_screens else {}
+        super().__init__()
+        for name in self._extras:
+            _, _, label, help_, key = EXTRA_SCREENS[name]
+            self.bind(key, f"push_extra('{name}')", description=label.split(":")[0])
+
+    def get_default_screen(self) -> TypingScreen:
+        return TypingScreen()
+
+    # -- helpers -----------------------------------------------------------------------
+    @property
+    def typing_screen(self) -> TypingScreen | None:
+        for screen in self.screen_stack:
+            if isinstance(screen, TypingScreen):
+                return screen
+        return None
+
+    def current_suggestions(self) -> list[str]:
+        t = self.typing_screen
+        return list(t.typing.suggestions) if t is not None and hasattr(t, "typing") else []
+
+    def extra_screens(self) -> dict[str, tuple[str, str]]:
+        return {name: EXTRA_SCREENS[name][2:4] for name in self._extras}
+
+    def push_extra(self, name: str) -> None:
+        self.action_push_extra(name)
+
+    def action_push_extra(self, name: str) -> None:
+        cls = self._extras.get(name)
+        if cls is None:
+            self.notify(f"the {name} screen is not available", severity="warning")
+            return
+        offer = {"session": self.session, "model_dir": self.session.model_dir,
+                 "tokenizer_path": self.session.tokenizer.path, "devices_root": self.session.devices_root,
+                 "users_file": self.session.users_file}
+        try:
+            params = inspect.signature(cls).parameters
+            kwargs = {k: v for k, v in offer.items() if k in params}
+            self.push_screen(cls(**kwargs))
+        except (FedkbError, TypeError, ValueError) as e:
+            self.notify(f"cannot open the {name} screen: {e}", severity="error")
+
+    # -- controls (bindings and palette) -----------------------------------------------
+    def action_learn(self) -> None:
+        t = self.typing_screen
+        if t is not None:
+            if self.screen is not t:
+                self.switch_to_typing()
+            t.action_learn()
+
+    def action_incognito(self) -> None:
+        s = self.session
+        s.incognito = not s.incognito
+        self.notify("incognito on: nothing stored, nothing learned" if s.incognito else "incognito off", timeout=2)
+        t = self.typing_screen
+        if t is not None:
+            t.set_class(s.incognito, "incognito")
+            t.show_stats()
+
+    def action_forget(self, word: str | None = None) -> None:
+        t = self.typing_screen
+        if t is not None:
+            t.action_forget(word)
+
+    def action_clear(self) -> None:
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.session.clear()
+                self.notify(f"cleared everything learned on '{self.session.user_id}'", timeout=3)
+                if self.typing_screen is not None:
+                    self.typing_screen.refresh_all()
+
+        self.push_screen(ConfirmScreen(f"Delete everything typed and learned on device '{self.session.user_id}'?"
+                                       " (history, personal words, forgotten words, personal model)"), done)
+
+    def action_profiles(self) -> None:
+        if isinstance(self.screen, ProfilesScreen):
+            return
+
+        def chosen(uid: str | None) -> None:
+            if uid and uid != self.session.user_id:
+                self.open_profile(uid)
+
+        self.push_screen(ProfilesScreen(), chosen)
+
+    def open_profile(self, uid: str) -> None:
+        t = self.typing_screen
+        if t is not None:
+            t.workers.cancel_group(t, "learn")
+        try:
+            self.session.open(uid)
+        except FedkbError as e:
+            self.notify(str(e), severity="error")
+            return
+        if t is not None:
+            t.typing.clear()
+            t.query_one("#text").value = ""
+            t.query_one("#learn-result").update("")
+            t.query_one("#learn-progress").display = False
+            t.refresh_all()
+        self.notify(f"typing as '{uid}'", timeout=2)
+
+    def switch_to_typing(self) -> None:
+        while len(self.screen_stack) > 1 and not isinstance(self.screen, TypingScreen):
+            self.pop_screen()

@@ -1,0 +1,106 @@
+"""`fedkb eval`: simulate typing held-out text with the keyboard's suggestions.
+
+`--text FILE` types FILE (one message per line); `--users` types the held-out
+future text of the federated users.  Prints top-1 / top-3 next-word accuracy
+and the keystroke savings rate (KSR, as Presage defines it) from
+`models.evaluate.simulate_typing` — the same code path the keyboard uses.
+Text with no words at all (empty, only punctuation or emoji) is a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "simulate typing held-out text: top-1/top-3 accuracy and keystroke savings"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text to type, one message per line")
+    src.add_argument("--users", action="store_true", help="type the held-out future text of the federated users")
+    parser.add_argument("--users-file", type=Path, default=None, metavar="FILE",
+                        help="users manifest (default: data/users.jsonl.gz)")
+    parser.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N users / messages (0 = all)")
+    parser.add_argument("--model", type=Path, default=None, metavar="DIR", help="checkpoint directory (default: the shipped data/base)")
+    parser.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="sentencepiece model (default: data/tokenizer.model)")
+    parser.add_argument("-k", type=int, default=3, help="number of suggestions (default: 3)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def read_messages(path: Path) -> list[str]:
+    """Non-blank lines of a UTF-8 text file; FedkbError when unreadable."""
+    from models.errors import FedkbError
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise FedkbError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise FedkbError(f"{path} is a directory, not a text file") from None
+    except OSError as e:
+        raise FedkbError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise FedkbError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import load_model
+    from models.errors import FedkbError
+    from models.evaluate import simulate_typing
+    from models.predictor import Predictor
+    from models.text import words
+
+    if args.k < 1:
+        raise FedkbError("-k must be at least 1")
+    if args.limit < 0:
+        raise FedkbError("--limit must be >= 0")
+    if args.users_file and not args.users:
+        raise FedkbError("--users-file goes with --users")
+    if args.users:
+        from models.datasets import load_users
+
+        users = load_users(args.users_file)
+        if args.limit:
+            users = users[: args.limit]
+        messages = [m for u in users for m in u.future]
+        source = {"source": "users", "users": len(users)}
+    else:
+        messages = read_messages(args.text)
+        if args.limit:
+            messages = messages[: args.limit]
+        source = {"source": str(args.text)}
+    if not any(words(m) for m in messages):
+        where = "the users' future text" if args.users else str(args.text)
+        raise FedkbError(f"{where} has no words to type (empty, or only punctuation/symbols)")
+
+    torch.set_num_threads(1)  # one message at a time: threads mostly add overhead on small batches
+    ckpt, tokenizer = load_model(args.model, args.tokenizer)
+    pred = Predictor(ckpt.model, ckpt.vocab, tokenizer, k=args.k)
+    result = {**simulate_typing(pred, messages, k=args.k), "k": args.k, **source,
+              "model": ckpt.meta.get("kind", "?"), "round": ckpt.meta.get("round"), "vocab_version": ckpt.vocab.version}
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        _print_table(result)
+    return 0
+
+
+def _print_table(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"simulated typing, {r['k']} suggestions ({r['source']})")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("messages", f"{r['messages']:,}")
+    t.add_row("words", f"{r['words']:,}")
+    t.add_row("top-1 accuracy", f"{r['top1']:.2f} %")
+    t.add_row("top-3 accuracy", f"{r['top3']:.2f} %")
+    t.add_row("keystroke savings (KSR)", f"{r['ksr']:.2f} %")
+    t.add_row("out-of-vocabulary words", f"{r['oov_rate']:.2f} %")
+    Console().print(t)

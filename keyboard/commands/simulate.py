@@ -1,0 +1,121 @@
+"""`fedkb simulate`: rounds of federated learning over the simulated users, into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "run rounds of federated learning over the simulated users"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--users", type=int, default=0, help="population size; 0 = all training users; more = resampled (default: 0)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds to run (with --resume: the new total) (default: 10)")
+    parser.add_argument("--clients-per-round", "-k", type=int, default=20, help="K reports aggregated per round (default: 20)")
+    parser.add_argument("--engine", choices=("sequential", "parallel"), default="sequential")
+    parser.add_argument("--workers", type=int, default=2, help="parallel engine processes (default: 2)")
+    parser.add_argument("--dp", type=float, default=0.0, metavar="NOISE_MULTIPLIER", help="Gaussian noise multiplier z (needs --clip) (default: 0)")
+    parser.add_argument("--clip", type=float, default=None, help="L2 clip per client update (default: none)")
+    parser.add_argument("--delta", type=float, default=1e-5, help="report epsilon at this delta (default: 1e-5)")
+    parser.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavgm")
+    parser.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: 1.0; fedadam 0.01)")
+    parser.add_argument("--client-lr", type=float, default=None, help="client SGD learning rate (default: ClientConfig.lr)")
+    parser.add_argument("--client-epochs", type=float, default=None, help="local epochs (default: 1)")
+    parser.add_argument("--no-secagg", action="store_true", help="sum in plain float64 instead of simulated secure aggregation")
+    parser.add_argument("--eval-users", type=int, default=20, help="held-out users whose future text scores each round (default: 20)")
+    parser.add_argument("--eval-every", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("runs/sim"), metavar="RUN_DIR", help="run folder (default: runs/sim)")
+    parser.add_argument("--devices", type=Path, default=None, metavar="DIR", help="device folders (default: RUN_DIR-devices)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=None, metavar="DIR", help="starting model (default: data/base)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer (default: data/tokenizer.model)")
+    parser.add_argument("--users-file", type=Path, default=None, help="users .jsonl.gz (default: data/users.jsonl.gz)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process (default: 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, one line per round")
+    parser.add_argument("--discover", action="store_true",
+                        help="discover new words with TrieHH each round; history in RUN_DIR/vocab.jsonl (see `fedkb vocab`)")
+    parser.add_argument("--theta", type=int, default=10, help="TrieHH threshold: votes a word needs in a round (default: 10)")
+
+
+def build_config(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from federation.config import AggregationConfig, ClientConfig, PrivacyConfig, ServerConfig, SimulationConfig
+
+    client = ClientConfig()
+    if args.client_lr is not None:
+        client = replace(client, lr=args.client_lr)
+    if args.client_epochs is not None:
+        client = replace(client, epochs=args.client_epochs)
+    server_lr = args.server_lr if args.server_lr is not None else (0.01 if args.server_opt == "fedadam" else 1.0)
+    try:
+        return SimulationConfig(
+            users=args.users, rounds=args.rounds, clients_per_round=args.clients_per_round, engine=args.engine,
+            workers=args.workers, eval_users=args.eval_users, eval_every=args.eval_every, seed=args.seed, client=client,
+            server=ServerConfig(optimizer=args.server_opt, lr=server_lr),
+            privacy=PrivacyConfig(clip=args.clip, noise_multiplier=args.dp, delta=args.delta),
+            aggregation=AggregationConfig(secure_aggregation=not args.no_secagg),
+        )
+    except ValueError as e:
+        from models.errors import FedkbError
+
+        raise FedkbError(str(e)) from None
+
+
+def _line(m: dict) -> str:
+    parts = [f"round {m['round']}"]
+    for key, fmt in (("loss", "loss {:.3f}"), ("top1", "top1 {:.2f}%"), ("top3", "top3 {:.2f}%"), ("ksr", "KSR {:.2f}%"),
+                     ("epsilon", "eps {:.2f}")):
+        if m.get(key) is not None:
+            parts.append(fmt.format(m[key]))
+    parts.append(f"{m.get('aggregated', 0)}/{m.get('selected', 0)} aggregated")
+    if m.get("rejected"):
+        parts.append(f"{m['rejected']} rejected")
+    if "timings" in m:
+        parts.append(f"{m['timings']['round_s']:.1f}s")
+    return ", ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from federation.run import Simulation, read_metrics
+
+    torch.set_num_threads(max(1, args.threads))
+    sim = build_config(args)
+    discover = None
+    if getattr(args, "discover", False) or (args.resume and (Path(args.out) / "vocab.jsonl").exists()):
+        from federation.discovery import DiscoveryConfig, make_discovery_step
+
+        discover = make_discovery_step(DiscoveryConfig(theta=args.theta), args.out)
+    s = Simulation(args.out, sim, args.model, args.tokenizer, args.users_file, args.devices, resume=args.resume,
+                   discover=discover)
+    if discover is not None:
+        discover.bind(s)
+    console = Console(stderr=True)
+    start = s.round
+    if start and args.resume:
+        console.print(f"resuming {args.out} after round {start}")
+    if args.quiet:
+        s.run(on_round=lambda m: print(_line(m), flush=True))
+    else:
+        with Progress(TextColumn("federated rounds"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+            task = progress.add_task("rounds", total=s.sim.rounds, completed=start, info="")
+
+            def on_round(m: dict) -> None:
+                progress.update(task, completed=m["round"], info=_line(m))
+                progress.console.print(_line(m))
+
+            s.run(on_round=on_round)
+    ms = read_metrics(args.out)
+    first, last = (ms[0], ms[-1]) if ms else ({}, {})
+    if "top1" in first and "top1" in last:
+        print(f"global top-1 {first['top1']:.2f}% -> {last['top1']:.2f}%, KSR {first['ksr']:.2f}% -> {last['ksr']:.2f}% "
+              f"after {last['round']} rounds; run folder {args.out}")
+    else:
+        print(f"done: {s.round} rounds; run folder {args.out}")
+    return 0

@@ -1,0 +1,111 @@
+"""`fedkb vocab RUN`: how the global vocabulary grew in a simulation run.
+
+Reads `RUN/vocab.jsonl` (written by `fedkb simulate --discover`): prints the
+timeline (rounds that added words, with the votes each word got, the vocabulary
+version and size, the held-out OOV rate, the TrieHH privacy parameters), or with
+`--word WORD` answers "when was WORD added?" (exit status 1 if it never was).
+`--json` prints the same as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "how the global vocabulary grew in a run; when was WORD added"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, metavar="RUN", help="run folder of `fedkb simulate --discover`")
+    parser.add_argument("--word", metavar="WORD", help="when was WORD added to the vocabulary?")
+    parser.add_argument("--all", action="store_true", help="list every round, not only those that added words")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def public(rec: dict) -> dict:
+    """A history record without the trie's internal state."""
+    return {k: v for k, v in rec.items() if k != "trie"}
+
+
+def eps_text(rec: dict) -> str:
+    """Epsilon of the record's trie run so far: "-" before any round, "none" = no guarantee."""
+    if "epsilon_run" not in rec:
+        return "-"
+    return "none" if rec["epsilon_run"] is None else f"{rec['epsilon_run']:.2f}"
+
+
+def answer(run_dir: Path, word: str) -> dict:
+    from federation import vocab_history as vh
+
+    rec = vh.when_added(run_dir, word)
+    word = word.lower().strip()
+    if rec is None:
+        return {"word": word, "added": False, "last_round": vh.timeline(run_dir)[-1]["round"]}
+    votes = next(a["votes"] for a in rec["added"] if a["word"] == word)
+    return {"word": word, "added": True, "round": rec["round"], "vocab_version": rec["vocab_version"],
+            "votes": votes, "theta": rec.get("theta")}
+
+
+def summary(rows: list[dict]) -> dict:
+    added = [a for r in rows for a in r.get("added", [])]
+    last = rows[-1]
+    runs = [r for r in rows if "epsilon_run" in r]
+    dp = bool(runs) and all(r.get("dp") for r in runs)
+    return {
+        "rounds": last["round"],
+        "words_added": len(added),
+        "vocab_size": [rows[0]["vocab_size"], last["vocab_size"]],
+        "vocab_version": [rows[0]["vocab_version"], last["vocab_version"]],
+        "oov_rate": [rows[0].get("oov_rate"), last.get("oov_rate")],
+        "theta": next((r["theta"] for r in rows if "theta" in r), None),
+        "dp_guarantee": dp,  # Theorem 1's conditions held in every round (theta > 3, gamma <= 1/(theta+1))
+        "max_epsilon_per_trie_run": max((r["epsilon_run"] for r in runs), default=None) if dp else None,
+        "delta_per_trie_run": next((r["delta_run"] for r in runs), None),
+        "trie_runs": (last.get("trie") or {}).get("epoch", 0),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from federation import vocab_history as vh
+
+    rows = vh.timeline(args.run)
+    console = Console()
+    if args.word is not None:
+        ans = answer(args.run, args.word)
+        if args.json:
+            print(json.dumps(ans))
+        elif ans["added"]:
+            console.print(f"[bold]{ans['word']}[/] was added in round {ans['round']} "
+                          f"(vocabulary version {ans['vocab_version']}, {ans['votes']} users voted, theta {ans['theta']})",
+                          highlight=False)
+        else:
+            console.print(f"[bold]{ans['word']}[/] was never added (rounds 0-{ans['last_round']})", highlight=False)
+        return 0 if ans["added"] else 1
+    if args.json:
+        print(json.dumps({"summary": summary(rows), "timeline": [public(r) for r in rows]}))
+        return 0
+    table = Table(title=f"vocabulary of {args.run}", title_justify="left")
+    for col, just in (("round", "right"), ("version", "right"), ("size", "right"), ("OOV %", "right"),
+                      ("epsilon", "right"), ("words added (votes)", "left")):
+        table.add_column(col, justify=just)
+    shown = [r for i, r in enumerate(rows) if args.all or r.get("added") or i in (0, len(rows) - 1)]
+    for r in shown:
+        words = ", ".join(f"{a['word']} ({a['votes']})" for a in r.get("added", []))
+        oov = r.get("oov_rate")
+        table.add_row(str(r["round"]), str(r["vocab_version"]), str(r["vocab_size"]),
+                      "-" if oov is None else f"{oov:.2f}", eps_text(r), words)
+    console.print(table)
+    s = summary(rows)
+    console.print(f"{s['words_added']} words added in {s['rounds']} rounds; vocabulary {s['vocab_size'][0]} -> "
+                  f"{s['vocab_size'][1]} words; TrieHH theta {s['theta']}, {s['trie_runs']} trie runs completed",
+                  highlight=False)
+    if s["dp_guarantee"]:
+        console.print(f"privacy (Zhu et al. 2020, Theorem 1): each trie run is ({s['max_epsilon_per_trie_run']:.2f}, "
+                      f"{s['delta_per_trie_run']:.2g})-DP at most; runs compose", highlight=False)
+    elif s["theta"] is not None:
+        console.print("privacy: no DP guarantee claimed (sampling rate above 1/(theta+1), or theta <= 3)", highlight=False)
+    return 0

@@ -1,0 +1,182 @@
+"""The typing screen: an input line, the suggestion strip, live stats, on-device learning."""
+
+from __future__ import annotations
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, ProgressBar, Static
+from textual.worker import get_current_worker
+
+from federation.device import MAX_MESSAGE_CHARS
+from keyboard.typing import TypingSession
+from keyboard.widgets.message_input import MessageInput
+from keyboard.widgets.stats import StatsBar
+from keyboard.widgets.suggestions import SLOT_RANK, SuggestionStrip
+from models.errors import FedkbError
+
+
+def _summary(s: dict) -> str:
+    return f"top-1 {s['top1']:.1f}%  top-3 {s['top3']:.1f}%  KSR {s['ksr']:.1f}%"
+
+
+class TypingScreen(Screen):
+    """Type; accept suggestions; Enter sends the message to this device's history."""
+
+    BINDINGS = [
+        Binding("tab", "accept(0)", "Accept", key_display="tab/f2", priority=True, id="accept-best",
+                tooltip="Insert the best (centre) suggestion and a space"),
+        Binding("f1", f"accept({SLOT_RANK[0]})", "Left", id="accept-left",
+                tooltip="Insert the left suggestion and a space"),
+        Binding("f2", f"accept({SLOT_RANK[1]})", "Centre", show=False, id="accept-centre",
+                tooltip="Insert the centre (best) suggestion and a space"),
+        Binding("f3", f"accept({SLOT_RANK[2]})", "Right", id="accept-right",
+                tooltip="Insert the right suggestion and a space"),
+        Binding("f4", "forget", "Forget", id="forget",
+                tooltip="Never suggest the best (centre) suggestion again on this device"),
+        Binding("ctrl+l", "learn", "Learn", priority=True, id="learn",
+                tooltip="Fine-tune a personal model on this device's typed history"),
+        Binding("ctrl+o", "incognito", "Incognito", priority=True, id="incognito",
+                tooltip="Toggle incognito: nothing typed is stored, nothing is learned"),
+        Binding("f5", "app.profiles", "Profiles", id="profiles",
+                tooltip="Choose 'me' or a simulated user of the federated population"),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="typing"):
+            yield Static("", id="profile")
+            # a message is at most MAX_MESSAGE_CHARS (the device stores no more): a 1 MB paste is cut there,
+            # so the Input itself (which re-measures its whole value per key) stays fast
+            yield MessageInput(placeholder="Type here: Tab accepts the centre suggestion, Enter sends", id="text",
+                        max_length=MAX_MESSAGE_CHARS)
+            yield SuggestionStrip(id="suggestions")
+            yield StatsBar(id="stats")
+            with Vertical(id="learn-panel"):
+                yield ProgressBar(id="learn-progress", show_eta=False)
+                yield Static("", id="learn-result")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.typing = TypingSession(self.app.session.predictor)
+        self.query_one("#learn-progress").display = False
+        self.query_one(Input).cursor_blink = self.app.cursor_blink
+        self.query_one(Input).focus()
+        self.refresh_all()
+
+    # -- display -----------------------------------------------------------------------
+    def refresh_all(self) -> None:
+        """The profile changed or the model changed: resync and redraw everything."""
+        s = self.app.session
+        self.typing.predictor = s.predictor
+        self.typing.resync()
+        self.query_one(SuggestionStrip).show(self.typing.suggestions)
+        self.sub_title = s.user_id
+        who = "simulated user" if s.simulated else "you"
+        info = s.delta_info()
+        line = f"Profile [b]{s.user_id}[/b] ({who})  ·  history {len(s.device.history())} messages  ·  personal words {len(s.device.personal_words())}"
+        if info.get("after"):
+            line += f"  ·  last learn: {_summary(info['before'])} → {_summary(info['after'])} on {info.get('eval_on', '')}"
+        self.query_one("#profile", Static).update(line)
+        self.show_stats()
+
+    def show_stats(self) -> None:
+        s = self.app.session
+        self.query_one(StatsBar).show(self.typing.stats, s.label, s.user_id, s.incognito)
+
+    # -- typing ------------------------------------------------------------------------
+    @on(Input.Changed, "#text")
+    def typed(self, event: Input.Changed) -> None:
+        update = self.typing.update(event.value)
+        if update.new_words and self.app.session.add_personal_words(update.new_words):
+            self.typing.resync()
+        self.query_one(SuggestionStrip).show(self.typing.suggestions)
+        self.show_stats()
+
+    @on(Input.Submitted, "#text")
+    def send(self, event: Input.Submitted) -> None:
+        text = self.typing.finish()
+        if text.strip():
+            stored = self.app.session.finish_message(text)
+            if not stored and self.app.session.incognito:
+                self.notify("incognito: message not stored", timeout=2)
+        inp = self.query_one(Input)
+        inp.value = ""
+        self.query_one(SuggestionStrip).show(self.typing.suggestions)
+        self.show_stats()
+
+    def action_accept(self, rank: int) -> None:
+        update = self.typing.accept(rank)
+        if update is None:
+            return
+        inp = self.query_one(Input)
+        with inp.prevent(Input.Changed):
+            inp.value = self.typing.text
+        inp.cursor_position = len(inp.value)
+        self.query_one(SuggestionStrip).show(self.typing.suggestions)
+        self.show_stats()
+
+    @on(SuggestionStrip.Picked)
+    def picked(self, event: SuggestionStrip.Picked) -> None:
+        self.action_accept(event.rank)
+
+    # -- controls ----------------------------------------------------------------------
+    def action_forget(self, word: str | None = None) -> None:
+        word = word or (self.typing.suggestions[0] if self.typing.suggestions else None)
+        if not word:
+            self.notify("no suggestion to forget", severity="warning")
+            return
+        self.app.session.forget(word)
+        self.typing.refresh()
+        self.query_one(SuggestionStrip).show(self.typing.suggestions)
+        self.notify(f"'{word}' will not be suggested again on this device", timeout=3)
+
+    def action_incognito(self) -> None:
+        self.app.action_incognito()
+
+    def action_learn(self) -> None:
+        s = self.app.session
+        if s.incognito:
+            self.notify("incognito: nothing is learned", severity="warning")
+            return
+        if not s.device.history():
+            self.notify("nothing to learn from yet: type and send (Enter) a few messages first", severity="warning")
+            return
+        bar = self.query_one("#learn-progress", ProgressBar)
+        bar.display = True
+        bar.update(total=None, progress=0)
+        self.query_one("#learn-result", Static).update("Learning on this device…")
+        self.learn()
+
+    @work(thread=True, exclusive=True, group="learn")
+    def learn(self) -> None:
+        """Fine-tune in a worker thread; the live model changes only in `_learned`, on the UI thread."""
+        worker = get_current_worker()
+        bar = self.query_one("#learn-progress", ProgressBar)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            if not worker.is_cancelled:
+                self.app.call_from_thread(bar.update, total=total, progress=step)
+
+        try:
+            result, personal = self.app.session.learn(on_step=on_step)
+        except FedkbError as e:
+            self.app.call_from_thread(self._learn_failed, str(e))
+            return
+        if not worker.is_cancelled:
+            self.app.call_from_thread(self._learned, result, personal)
+
+    def _learn_failed(self, why: str) -> None:
+        self.query_one("#learn-progress").display = False
+        self.query_one("#learn-result", Static).update(f"[b]Learning failed:[/b] {why}")
+
+    def _learned(self, result, personal) -> None:
+        self.app.session.apply_params(personal)
+        self.query_one("#learn-progress").display = False
+        self.query_one("#learn-result", Static).update(
+            f"Learned from {result.messages} messages in {result.seconds:.1f}s. On {result.eval_on}: "
+            f"before {_summary(result.before)}  →  after [b]{_summary(result.after)}[/b]")
+        self.refresh_all()
+        self.app.post_message(self.app.Learned(result))

@@ -1,0 +1,300 @@
+"""The keyboard's state outside the UI: which device (profile), which model, the personal delta.
+
+A profile is a device folder (federation/device.py): "me" (the person at the
+terminal) or one simulated user of the federated population, whose folder is
+laid out from its UserData (history + held-out future) the first time it is
+opened.  The model in use is the global checkpoint (base, or global round N)
+plus, if the device has one, its personal delta:
+
+    params = global + delta          (delta = local - global, models/params.py)
+
+stored on the device as `personal/delta.safetensors` + `personal/delta.json`
+(never leaves it).  Personalisation by fine-tuning the global model on the
+device's own history follows Wang et al. 2019, "Federated Evaluation of
+On-device Personalization".  Like the typing logic, this module never imports
+Textual: the app runs `learn` in a worker thread and the module takes care
+that the live predictor is only touched by `apply_params`, called from the UI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from federation.client import local_finetune
+from federation.config import ClientConfig
+from federation.device import Device
+from models import atomic, params
+from models.checkpoint import load_model, load_tensors, save_tensors
+from models.datasets import UserData, load_users
+from models.errors import FedkbError
+from models.evaluate import simulate_typing
+from models.lm import WordLM
+from models.predictor import Predictor
+from models.text import is_word
+
+ME = "me"
+DELTA_FILE = "delta.safetensors"
+DELTA_META = "delta.json"
+
+
+def default_devices_root() -> Path:
+    """$FEDKB_HOME/devices if FEDKB_HOME is set, else ~/.local/share/fedkb/devices."""
+    home = os.environ.get("FEDKB_HOME")
+    if home:
+        return Path(home).expanduser() / "devices"
+    return Path.home() / ".local" / "share" / "fedkb" / "devices"
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """On-device fine-tuning of the personal delta ("Learn now")."""
+
+    client: ClientConfig = field(default_factory=ClientConfig)  # the same local step as a federated client
+    max_messages: int = 2000  # most recent messages trained on
+    eval_messages: int = 200  # messages of held-out text for before/after accuracy
+    seed: int = 0  # of the fine-tuning generator (dropout, ...)
+
+
+@dataclass(frozen=True)
+class LearnResult:
+    before: dict  # simulate_typing summary with the model in use before learning
+    after: dict  # ... with the new personal model
+    eval_on: str  # "held-out future text" or "typed history"
+    messages: int  # messages trained on
+    seconds: float
+
+
+def model_label(meta: dict) -> str:
+    """"base" or "global round N" from a checkpoint's meta."""
+    kind = meta.get("kind", "base")
+    if kind == "base":
+        return "base"
+    rnd = meta.get("round")
+    return f"{kind} round {rnd}" if rnd is not None else str(kind)
+
+
+class KeyboardSession:
+    """One open profile: device folder + global model + personal delta + predictor."""
+
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        tokenizer_path: Path | None = None,
+        devices_root: Path | None = None,
+        user_id: str = ME,
+        incognito: bool = False,
+        users_file: Path | None = None,
+        learn_cfg: LearnConfig = LearnConfig(),
+    ):
+        ckpt, self.tokenizer = load_model(model_dir, tokenizer_path)
+        self.model_dir = model_dir
+        self.meta = ckpt.meta
+        self.vocab = ckpt.vocab
+        self.model = ckpt.model
+        self.global_params = params.clone(self.model.state_dict())
+        self.devices_root = Path(devices_root) if devices_root else default_devices_root()
+        self.users_file = users_file
+        self.learn_cfg = learn_cfg
+        self.incognito = incognito
+        self._users: dict[str, UserData] | None = None
+        self.has_delta = False
+        self.predictor = Predictor(self.model, self.vocab, self.tokenizer)
+        self.open(user_id)
+
+    # -- profiles ----------------------------------------------------------------------
+    def users(self) -> dict[str, UserData]:
+        """The simulated population (loaded once)."""
+        if self._users is None:
+            self._users = {u.id: u for u in load_users(self.users_file)}
+        return self._users
+
+    def profile_ids(self) -> list[str]:
+        return [ME, *self.users()]
+
+    def open(self, user_id: str) -> None:
+        """Switch to profile `user_id` ("me" or a simulated user); lays out a simulated device if absent."""
+        device = Device(self.devices_root, user_id)
+        self.user: UserData | None = None
+        if user_id != ME:
+            try:
+                user = self.users().get(user_id)
+            except FedkbError:
+                user = None
+            if user is None and not device.exists():
+                raise FedkbError(f"unknown user {user_id!r}: use 'me' or a simulated user id such as "
+                                 f"{', '.join(list(self.users())[:3]) or '(none found)'}")
+            self.user = user
+            if user is not None and not device.history_file.exists():
+                device.write_simulated(user.history, user.future)
+        self.device = device
+        self.user_id = user_id
+        self.predictor.blocked = set(device.blocked_words())
+        self.predictor.vocab = self.vocab.add(device.personal_words())  # the caches are rebuilt once, below
+        self.predictor.base_vocab = self.vocab
+        self.apply_params(self._load_delta())
+
+    @property
+    def simulated(self) -> bool:
+        return self.user_id != ME
+
+    @property
+    def label(self) -> str:
+        """The model in use, as the stats bar shows it."""
+        return model_label(self.meta) + (" + personal delta" if self.has_delta else "")
+
+    # -- the personal delta ------------------------------------------------------------
+    def _load_delta(self) -> dict | None:
+        f = self.device.delta_dir / DELTA_FILE
+        if not f.exists():
+            return None
+        try:
+            delta = load_tensors(f, reference=self.global_params)
+        except FedkbError:
+            return None  # a delta for another model shape or a corrupt file: run on the global model
+        return params.add(self.global_params, delta)
+
+    def delta_info(self) -> dict:
+        try:
+            return json.loads((self.device.delta_dir / DELTA_META).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def apply_params(self, personal: dict | None) -> None:
+        """Load global (None) or personal params into the live model; call from the UI thread."""
+        self.model.load_state_dict(personal if personal is not None else self.global_params)
+        self.model.eval()
+        self.has_delta = personal is not None
+        self.predictor.refresh_model()
+
+    def _save_delta(self, personal: dict, info: dict) -> None:
+        d = self.device.delta_dir
+        d.mkdir(parents=True, exist_ok=True)
+        save_tensors(d / DELTA_FILE, params.delta(personal, self.global_params),
+                     meta={"global": model_label(self.meta)})
+        atomic.write_json(d / DELTA_META, info)
+
+    # -- typing side effects -----------------------------------------------------------
+    def finish_message(self, text: str) -> bool:
+        """Store a finished message in the device history (not in incognito). True if stored."""
+        if self.incognito or not text.strip():
+            return False
+        self.device.append_message(text, vocab=self.vocab)
+        return True
+
+    def add_personal_words(self, words: Sequence[str]) -> list[str]:
+        """Words the vocabulary lacks become personal words of this device (not in incognito)."""
+        if self.incognito:
+            return []
+        fresh = [w for w in words if is_word(w) and w not in self.vocab and w not in self.predictor.blocked]
+        if not fresh:
+            return []
+        added = self.device.add_personal_words(fresh)
+        if added:
+            self.predictor.add_personal_words(added)
+        return added
+
+    def forget(self, word: str) -> None:
+        """Never suggest `word` again on this device."""
+        word = word.lower()
+        self.predictor.block(word)
+        if not self.incognito:
+            self.device.block_word(word)
+
+    def clear(self) -> None:
+        """Delete everything typed and learned on this device; back to the global model."""
+        self.device.clear()
+        if self.user is not None:  # a simulated user keeps its (public, simulated) data
+            self.device.write_simulated(self.user.history, self.user.future)
+        self.predictor.blocked = set()
+        self.predictor.vocab = self.predictor.base_vocab = self.vocab
+        self.apply_params(None)
+
+    # -- evaluation and learning -------------------------------------------------------
+    def eval_texts(self) -> tuple[list[str], str]:
+        """Text to measure the model on: a simulated user's held-out future, else 'me''s own history."""
+        n = self.learn_cfg.eval_messages
+        if self.simulated:
+            fut = self.device.future()
+            if fut:
+                return fut[:n], "held-out future text"
+        return self.device.history()[-n:], "typed history"
+
+    def _predictor_for(self, state: dict) -> Predictor:
+        model = WordLM(self.model.cfg)
+        model.load_state_dict(state)
+        return Predictor(model.eval(), self.vocab, self.tokenizer,
+                         personal_words=self.device.personal_words(), blocked=self.device.blocked_words())
+
+    def evaluate(self, state: dict | None = None) -> dict:
+        """simulate_typing on eval_texts() with `state` (default: the model in use); safe in a worker."""
+        texts, _ = self.eval_texts()
+        state = state if state is not None else params.clone(self.model.state_dict())
+        return simulate_typing(self._predictor_for(state), texts)
+
+    def evaluate_user(self, user_id: str) -> dict:
+        """How the models do on a simulated user's held-out future text (worker-safe; touches no live state).
+
+        {"user", "messages", "global": summary, "personal": summary or None (if that device has a delta)}.
+        """
+        user = self.users().get(user_id)
+        if user is None:
+            raise FedkbError(f"unknown user {user_id!r}")
+        device = Device(self.devices_root, user_id)
+        texts = list(user.future[: self.learn_cfg.eval_messages])
+        words = device.personal_words() if device.exists() else []
+        blocked = device.blocked_words() if device.exists() else set()
+
+        def run(state: dict) -> dict:
+            model = WordLM(self.model.cfg)
+            model.load_state_dict(state)
+            return simulate_typing(Predictor(model.eval(), self.vocab, self.tokenizer, words, blocked), texts)
+
+        out = {"user": user_id, "messages": len(texts), "history": len(user.history),
+               "global": run(self.global_params), "personal": None}
+        f = device.delta_dir / DELTA_FILE
+        if f.exists():
+            try:
+                out["personal"] = run(params.add(self.global_params, load_tensors(f, reference=self.global_params)))
+            except FedkbError:
+                pass
+        return out
+
+    def learn(self, on_step: Callable[[int, int, float], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> tuple[LearnResult, dict]:
+        """Fine-tune a personal model on the device history (in a worker thread).
+
+        Returns (result, personal params).  Saves the delta on the device; the
+        caller applies the params to the live model with `apply_params` (UI thread).
+        """
+        if self.incognito:
+            raise FedkbError("incognito: nothing is learned")
+        texts = self.device.history()[-self.learn_cfg.max_messages:]
+        if not texts:
+            raise FedkbError("nothing to learn from yet: type and send (Enter) a few messages first")
+        t0 = time.perf_counter()
+        current = params.clone(self.model.state_dict())
+        before = self.evaluate(current)
+        personal = finetune(self.model.cfg, self.global_params, self.vocab, self.tokenizer, texts, self.learn_cfg, on_step)
+        after = self.evaluate(personal)
+        _, eval_on = self.eval_texts()
+        result = LearnResult(before, after, eval_on, len(texts), time.perf_counter() - t0)
+        self._save_delta(personal, {"global": model_label(self.meta), "messages": len(texts),
+                                    "config": asdict(self.learn_cfg), "before": before, "after": after,
+                                    "eval_on": eval_on})
+        return result, personal
+
+
+def finetune(cfg, global_params: dict, vocab, tokenizer, texts: list[str], learn: LearnConfig,
+             on_step: Callable[[int, int, float], None] | None = None) -> dict:
+    """New personal params: the global model fine-tuned on `texts` (federation.client.local_finetune)."""
+    model = WordLM(cfg)
+    model.load_state_dict(global_params)
+    gen = torch.Generator().manual_seed(learn.seed)
+    return local_finetune(model, vocab, tokenizer, texts, learn.client, gen, on_step=on_step)

@@ -1,0 +1,233 @@
+"""The keyboard app through Textual's pilot: typing, accepting, learning, incognito, forget, profiles."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import pytest
+import torch
+from textual.widgets import Input
+
+from keyboard.app import FedkbApp
+from keyboard.screens.profiles import ProfilesScreen
+from keyboard.session import DELTA_FILE, LearnConfig
+from keyboard.widgets.suggestions import SuggestionStrip
+from federation.config import ClientConfig
+from models.errors import FedkbError
+from tests.conftest import FIXTURES
+
+
+
+def sync(fn):
+    """Run an async test with asyncio (no pytest-asyncio here); fixtures pass through."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
+
+
+USERS = FIXTURES / "users.jsonl.gz"
+FAST = LearnConfig(client=ClientConfig(epochs=1.0, batch_size=2, bptt=8), eval_messages=5)
+
+
+def make_app(tiny, tmp_path, **kw) -> FedkbApp:
+    model, tok = tiny
+    return FedkbApp(model, tok, devices_root=tmp_path / "devices", users_file=USERS, learn_cfg=FAST,
+                    cursor_blink=False, **kw)
+
+
+def strip(app) -> list[str]:
+    return app.screen.query_one(SuggestionStrip).words
+
+
+def text(app) -> str:
+    return app.screen.query_one(Input).value
+
+
+async def type_(pilot, s: str) -> None:
+    await pilot.press(*["space" if c == " " else c for c in s])
+    await pilot.pause()
+
+
+@sync
+async def test_typing_shows_suggestions_and_tab_accepts(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        assert len(strip(app)) == 3 and all(w[0].isupper() for w in strip(app))  # sentence start
+        await type_(pilot, "and th")
+        sugg = strip(app)
+        assert sugg and all(w.lower().startswith("th") for w in sugg)
+        await pilot.press("tab")
+        await pilot.pause()
+        assert text(app) == f"and {sugg[0]} "
+        assert app.screen.typing.stats.accepted == 1
+
+
+@sync
+async def test_function_keys_accept_left_and_right(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "and ")
+        second = strip(app)[1]
+        await pilot.press("f1")  # left slot shows the second-best
+        await pilot.pause()
+        assert text(app) == f"and {second} "
+
+
+@sync
+async def test_enter_stores_message_unless_incognito(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "and the king")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert text(app) == ""
+        assert app.session.device.history() == ["and the king"]
+        await pilot.press("ctrl+o")  # incognito on
+        await type_(pilot, "secret words zorblaxian here")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.session.device.history() == ["and the king"]
+        assert "zorblaxian" not in app.session.device.personal_words()
+
+
+@sync
+async def test_incognito_stores_nothing_on_disk(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, incognito=True)
+    async with app.run_test() as pilot:
+        await type_(pilot, "my friend zorblaxian said hi ")
+        await pilot.press("enter")
+        await pilot.press("ctrl+l")  # learn: refused
+        await pilot.pause()
+        assert "zorblaxian" not in app.session.predictor
+    assert not any(p.is_file() for p in (tmp_path / "devices").rglob("*"))
+
+
+@sync
+async def test_new_word_becomes_personal_and_is_suggested(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "my friend zorblaxian ")
+        assert app.session.device.personal_words() == ["zorblaxian"]
+        await type_(pilot, "and zorb")
+        assert strip(app)[0] == "zorblaxian"
+
+
+@sync
+async def test_forget_blocks_the_best_suggestion(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "and ")
+        best = strip(app)[0]
+        await pilot.press("f4")
+        await pilot.pause()
+        assert best not in strip(app)
+        assert best.lower() in app.session.device.blocked_words()
+    # a new app on the same device still never suggests it
+    app2 = make_app(tiny, tmp_path)
+    async with app2.run_test() as pilot:
+        await type_(pilot, "and ")
+        assert best not in strip(app2)
+
+
+@sync
+async def test_learn_now_changes_the_personal_model(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, user_id="u0001")
+    async with app.run_test() as pilot:
+        before = {k: v.clone() for k, v in app.session.model.state_dict().items()}
+        assert app.session.label == "base"
+        await pilot.press("ctrl+l")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        after = app.session.model.state_dict()
+        assert any(not before[k].equal(after[k]) for k in before)
+        assert app.session.label == "base + personal delta"
+        assert (app.session.device.delta_dir / DELTA_FILE).is_file()
+        assert "before" in str(app.screen.query_one("#learn-result").render())
+    # reopened: the delta is loaded from the device folder
+    app2 = make_app(tiny, tmp_path, user_id="u0001")
+    assert app2.session.label == "base + personal delta"
+    assert all(torch.allclose(app2.session.model.state_dict()[k], after[k], atol=1e-6) for k in after)
+
+
+@sync
+async def test_clear_removes_learned_data(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "hello zorblaxian ")
+        await pilot.press("enter")
+        await pilot.press("f8")
+        await pilot.press("y")
+        await pilot.pause()
+        assert app.session.device.history() == [] and app.session.device.personal_words() == []
+        assert "zorblaxian" not in app.session.predictor
+
+
+@sync
+async def test_profiles_screen_switches_user(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.press("f5")
+        await pilot.pause()
+        assert isinstance(app.screen, ProfilesScreen)
+        await pilot.press("down", "down")  # me -> u0000 -> u0001
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "top-3" in str(app.screen.query_one("#profile-eval").render())
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.session.user_id == "u0001"
+        assert app.session.device.future()  # the simulated device was laid out
+
+
+@sync
+async def test_palette_provider_lists_controls(tiny, tmp_path):
+    from keyboard.palette import KeyboardCommands
+
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "and ")
+        names = [n for n, _, _ in KeyboardCommands(app.screen)._commands()]
+        assert {"Learn now", "Clear all learned data", "Incognito: turn on"} <= set(names)
+        assert f"Forget '{strip(app)[0]}'" in names
+
+
+def test_unknown_user_is_a_clear_error(tiny, tmp_path):
+    with pytest.raises(FedkbError, match="unknown user 'nobody'"):
+        make_app(tiny, tmp_path, user_id="nobody")
+
+
+def test_missing_model_is_a_clear_error(tmp_path, tiny):
+    with pytest.raises(FedkbError, match="no model"):
+        FedkbApp(tmp_path / "nope", tiny[1], devices_root=tmp_path)
+
+
+def test_corrupt_model_is_a_clear_error(tmp_path, tiny):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny[0], bad)
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(FedkbError, match="not a valid safetensors"):
+        FedkbApp(bad, tiny[1], devices_root=tmp_path)
+
+
+@sync
+async def test_megabyte_paste_is_cut_to_one_message(tiny, tmp_path):
+    from textual import events
+
+    from federation.device import MAX_MESSAGE_CHARS
+
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        app.screen.query_one(Input).post_message(events.Paste("the king and the queen " * 50_000))
+        await pilot.pause()
+        assert len(text(app)) == MAX_MESSAGE_CHARS
+        await type_(pilot, " and")
+        assert len(strip(app)) <= 3
+        await pilot.press("enter")
+        await pilot.pause()
+        assert len(app.session.device.history()[0]) <= MAX_MESSAGE_CHARS

@@ -1,0 +1,40 @@
+"""`fedkb predict`: one process, the 3 suggestions, no Textual or federation imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from keyboard.cli import main
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_predict_json_completions(tiny, capsys):
+    model, tok = tiny
+    assert main(["predict", "and th", "--model", str(model), "--tokenizer", str(tok), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["partial"] == "th" and len(out["suggestions"]) == 3
+    assert all(w.lower().startswith("th") for w in out["suggestions"])
+
+
+def test_predict_plain_next_words_capitalised_at_sentence_start(tiny, capsys):
+    model, tok = tiny
+    assert main(["predict", "and so. ", "--model", str(model), "--tokenizer", str(tok)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(w[0].isupper() for w in lines)
+
+
+def test_predict_missing_model_is_one_line(tmp_path, tiny, capsys):
+    assert main(["predict", "hi", "--model", str(tmp_path), "--tokenizer", str(tiny[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedkb predict: error: no model") and "Traceback" not in err
+
+
+def test_predict_imports_neither_textual_nor_federation(tiny):
+    model, tok = tiny
+    code = ("import sys; from keyboard.cli import main; main(['predict', 'hello', '--model', sys.argv[1], "
+            "'--tokenizer', sys.argv[2]]); print('textual' in sys.modules, 'federation' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(model), str(tok)], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "False False"

@@ -1,0 +1,42 @@
+"""Snapshots of the keyboard's screens (cursor blink off; tiny fixture model, so the words are stable).
+
+Update after an intended UI change: pytest tests/test_keyboard_snapshots.py --snapshot-update
+"""
+
+from __future__ import annotations
+
+from federation.config import ClientConfig
+from keyboard.app import FedkbApp
+from keyboard.session import LearnConfig
+from tests.conftest import FIXTURES
+
+SIZE = (100, 24)
+
+
+def make_app(tiny, tmp_path, **kw) -> FedkbApp:
+    model, tok = tiny
+    return FedkbApp(model, tok, devices_root=tmp_path / "devices", users_file=FIXTURES / "users.jsonl.gz",
+                    learn_cfg=LearnConfig(client=ClientConfig(epochs=1.0, batch_size=2, bptt=8), eval_messages=5),
+                    cursor_blink=False, extra_screens=False, **kw)
+
+
+class TestTypingScreen:
+    def test_empty(self, snap_compare, tiny, tmp_path):
+        assert snap_compare(make_app(tiny, tmp_path), terminal_size=SIZE)
+
+    def test_partial_word(self, snap_compare, tiny, tmp_path):
+        assert snap_compare(make_app(tiny, tmp_path), press=[*"and th"], terminal_size=SIZE)
+
+    def test_incognito(self, snap_compare, tiny, tmp_path):
+        assert snap_compare(make_app(tiny, tmp_path, incognito=True), press=[*"and", "space"], terminal_size=SIZE)
+
+
+class TestProfilesScreen:
+    def test_profiles(self, snap_compare, tiny, tmp_path):
+        async def open_profiles(pilot):
+            await pilot.press("f5")
+            await pilot.pause()
+            await pilot.app.workers.wait_for_complete()
+            await pilot.pause()
+
+        assert snap_compare(make_app(tiny, tmp_path), run_before=open_profiles, terminal_size=(110, 24))
