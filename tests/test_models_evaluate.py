@@ -1,0 +1,84 @@
+"""models.evaluate: the batched simulation equals a slow reference typing word by word
+through the Predictor the keyboard uses (commit / suggest), for the LSTM and the KN 3-gram."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.evaluate import TypingStats, simulate_message, simulate_typing
+from models.predictor import Predictor
+from models.text import BOS, sentence_tokens
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def slow_reference(pred: Predictor, messages, k: int = 3) -> TypingStats:
+    """Type every word through Predictor.suggest/commit, one keystroke at a time (Presage's rule)."""
+    st = TypingStats()
+    for m in messages:
+        pred.reset()
+        for word in sentence_tokens(m)[1:201]:
+            if word == BOS:
+                pred.commit(BOS)
+                continue
+            st.words += 1
+            st.keys_without += len(word) + 1
+            known = word in pred.vocab and word not in pred.blocked
+            st.oov += not known
+            first = pred.suggest("", k)
+            st.top1_hits += known and first[:1] == [word]
+            st.top3_hits += known and word in first
+            for typed in range(len(word) if known else 0):
+                if word in pred.suggest(word[:typed], k):
+                    st.keys_typed += typed
+                    st.keys_selected += 1
+                    break
+            else:
+                st.keys_typed += len(word) + 1
+            pred.commit(word)
+    return st
+
+
+def _messages(fixture_users, n=40):
+    msgs = [m for u in fixture_users for m in u.future][:n]
+    return msgs + ["", "!!!", "Hi. How are you? zzqxw I'm fine."]
+
+
+def test_simulation_equals_the_slow_reference_lstm(tiny_loaded, fixture_users):
+    ckpt, tok = tiny_loaded
+    pred = Predictor(ckpt.model, ckpt.vocab, tok)
+    msgs = _messages(fixture_users)
+    fast = TypingStats()
+    for m in msgs:
+        fast.add(simulate_message(pred, m))
+    assert fast == slow_reference(pred, msgs)
+    assert fast.words > 100 and 0 < fast.top1_hits <= fast.top3_hits
+
+
+def test_simulation_equals_the_slow_reference_kn(tiny_loaded, fixture_users):
+    from models.datasets import load_pretrain_lines
+    from models.ngram import kn_predictor
+
+    ckpt, tok = tiny_loaded
+    pred = kn_predictor(ckpt.vocab, tok, load_pretrain_lines(FIXTURES / "pretrain.txt.gz"))
+    msgs = _messages(fixture_users)
+    fast = TypingStats()
+    for m in msgs:
+        fast.add(simulate_message(pred, m))
+    assert fast == slow_reference(pred, msgs)
+    assert fast.top1_hits > 0
+
+
+def test_summary_numbers():
+    st = TypingStats(words=4, top1_hits=1, top3_hits=2, oov=1, keys_typed=10, keys_selected=2, keys_without=20)
+    s = st.summary()
+    assert (s["top1"], s["top3"], s["ksr"], s["oov_rate"]) == (25.0, 50.0, 40.0, 25.0)
+
+
+def test_hand_counted_keystrokes(tiny_loaded):
+    """Blocked words count as misses: a whole word plus its space; KSR 0 when nothing is ever suggested."""
+    ckpt, tok = tiny_loaded
+    pred = Predictor(ckpt.model, ckpt.vocab, tok, blocked=[w for w in ckpt.vocab.words[2:]])
+    r = simulate_typing(pred, ["hello how are you", "fine."])
+    assert r["words"] == 5 and r["keys_without"] == 6 + 4 + 4 + 4 + 5 == r["keys_typed"]
+    assert r["top1"] == r["top3"] == r["ksr"] == 0.0 and r["messages"] == 2

@@ -1,0 +1,133 @@
+"""`fedkb vocab RUN` and the VocabScreen (through the pilot)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from federation.discovery import DiscoveryConfig, make_discovery_step
+from keyboard.cli import main
+from models.text import SPECIALS
+from models.vocab import Vocabulary
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    pop = [Counter({"yeet": 5, "sus": 2}) for _ in range(9)] + [Counter({"yeet": 3}) for _ in range(3)]
+    pop += [Counter({"rizz": 9}) for _ in range(3)]
+    step = make_discovery_step(DiscoveryConfig(theta=4, population=200), tmp_path, ["yeet the sus a", "rizz the"])
+    vocab, gen = Vocabulary(SPECIALS + ("the", "a"), 0, 4), torch.Generator().manual_seed(0)
+    for r in range(1, 15):
+        vocab, _ = step(vocab, pop, r, gen)
+    return tmp_path
+
+
+def test_vocab_prints_the_timeline(run_dir, capsys):
+    assert main(["vocab", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "yeet (12)" in out and "sus (9)" in out and "rizz" not in out
+    assert "2 words added in 14 rounds" in out
+
+
+def test_vocab_json_and_when_added(run_dir, capsys):
+    assert main(["vocab", str(run_dir), "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["summary"]["words_added"] == 2 and obj["summary"]["vocab_size"] == [4, 6]
+    assert len(obj["timeline"]) == 15 and all("trie" not in r for r in obj["timeline"])
+    assert main(["vocab", str(run_dir), "--word", "YEET", "--json"]) == 0
+    ans = json.loads(capsys.readouterr().out)
+    assert ans == {"word": "yeet", "added": True, "round": 5, "vocab_version": 1, "votes": 12, "theta": 4}
+    assert main(["vocab", str(run_dir), "--word", "rizz"]) == 1
+    assert "never added" in capsys.readouterr().out
+
+
+def test_vocab_on_a_folder_without_history_is_one_clear_error(tmp_path, capsys):
+    assert main(["vocab", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--discover" in err and "Traceback" not in err
+
+
+def test_vocab_screen_shows_timeline_search_and_plots(run_dir):
+    asyncio.run(_screen_checks(run_dir))
+
+
+async def _screen_checks(run_dir):
+    from textual.app import App
+    from textual.widgets import DataTable, Input, Sparkline, Static
+
+    from keyboard.screens.vocab import VocabScreen
+
+    class Host(App):
+        def on_mount(self) -> None:
+            self.push_screen(VocabScreen(run_dir))
+
+    app = Host()
+    async with app.run_test() as pilot:
+        await pilot.pause()
+        screen = app.screen
+        table = screen.query_one(DataTable)
+        assert table.row_count == 3  # round 0 + the two rounds that added words
+        assert list(screen.query_one("#size-spark", Sparkline).data) == [4.0] * 5 + [5.0] * 4 + [6.0] * 6
+        assert screen.query_one("#oov-spark", Sparkline).data[-1] == pytest.approx(100 / 6, abs=1e-3)
+        screen.query_one(Input).focus()
+        await pilot.press("s", "u")
+        assert table.row_count == 1
+        await pilot.press("s", "enter")
+        await pilot.pause()
+        assert "added in round 9" in str(screen.query_one("#vocab-answer", Static).render())
+        await pilot.press("ctrl+a", "backspace", *"rizz", "enter")
+        await pilot.pause()
+        assert "never added" in str(screen.query_one("#vocab-answer", Static).render())
+        assert table.row_count == 0
+
+
+def test_bench_vocab_discovery_runs_on_the_fixtures(tiny, monkeypatch, capsys):
+    import runpy
+
+    from tests.conftest import FIXTURES, REPO
+
+    monkeypatch.setattr("sys.argv", ["bench", "--model", str(tiny[0]), "--tokenizer", str(tiny[1]),
+                                     "--users-file", str(FIXTURES / "users.jsonl.gz"), "--theta", "4",
+                                     "--held-out", "5", "--min-rank", "50", "--rounds", "12", "--cohorts", "dp,all",
+                                     "--eval-rounds", "0,12", "--eval-messages", "30"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "bench" / "bench_vocab_discovery.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["held_out_words"] == 5 and set(out["settings"]) == {"dp", "all"}
+    full = out["settings"]["all"]
+    assert full["precision"] in (None, 1.0)  # every word added was typed by >= theta users
+    assert full["typing_on_affected_users_future"][0]["round"] == 0
+    assert out["settings"]["dp"]["privacy"]["theorem_applies"] is True
+
+
+def test_f7_in_the_keyboard_opens_the_latest_runs_timeline(tiny, tmp_path, run_dir, monkeypatch):
+    from textual.widgets import DataTable
+
+    from keyboard.app import FedkbApp
+    from keyboard.screens import vocab as screen_mod
+    from tests.conftest import FIXTURES
+
+    import shutil
+
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    shutil.copy(run_dir / "vocab.jsonl", tmp_path / "runs" / "r1" / "vocab.jsonl")
+    monkeypatch.setattr(screen_mod, "RUNS_DIRS", [tmp_path / "runs"])
+
+    async def go():
+        app = FedkbApp(*tiny, devices_root=tmp_path / "devices", users_file=FIXTURES / "users.jsonl.gz",
+                       cursor_blink=False)
+        async with app.run_test() as pilot:
+            await pilot.press("f7")
+            await pilot.pause()
+            assert isinstance(app.screen, screen_mod.VocabScreen)
+            assert app.screen.run_dir == tmp_path / "runs" / "r1" and app.screen.query_one(DataTable).row_count == 3
+            await pilot.press("escape")
+            await pilot.pause()
+            assert not isinstance(app.screen, screen_mod.VocabScreen)
+
+    asyncio.run(go())

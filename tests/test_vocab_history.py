@@ -1,0 +1,134 @@
+"""The vocabulary history (federation/vocab_history.py): append-only JSONL, queries, resume."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from federation import vocab_history as vh
+from federation.discovery import DiscoveryConfig, make_discovery_step
+from models.errors import FedkbError
+from models.text import SPECIALS
+from models.vocab import Vocabulary
+
+BASE = Vocabulary(SPECIALS + ("the", "a"), 0, 4)
+
+
+def population():
+    # 12 users type "yeet" most, 9 type "sus", 3 type "rizz" (never enough for theta = 4)
+    pop = [Counter({"yeet": 5, "sus": 2}) for _ in range(9)] + [Counter({"yeet": 3}) for _ in range(3)]
+    return pop + [Counter({"rizz": 9}) for _ in range(3)]
+
+
+HELDOUT = ["yeet the sus a", "rizz the"]
+
+
+def run_rounds(run_dir, first, last, vocab, gen, pop):
+    step = make_discovery_step(DiscoveryConfig(theta=4, population=len(pop)), run_dir, HELDOUT)
+    for r in range(first, last + 1):
+        vocab, _ = step(vocab, pop, r, gen)
+    return vocab
+
+
+def test_history_survives_a_killed_and_resumed_run_unchanged(tmp_path):
+    pop = population()
+    # uninterrupted run of 14 rounds
+    ref = run_rounds(tmp_path / "ref", 1, 14, BASE, torch.Generator().manual_seed(7), pop)
+    # run 6 rounds, "checkpoint" (vocab + generator state), run 3 more rounds, kill
+    gen = torch.Generator().manual_seed(7)
+    vocab6 = run_rounds(tmp_path / "run", 1, 6, BASE, gen, pop)
+    ckpt = (vocab6.to_json(), gen.get_state())
+    run_rounds(tmp_path / "run", 7, 9, vocab6, gen, pop)
+    with open(vh.path_of(tmp_path / "run"), "a") as f:
+        f.write('{"round": 10, "vocab_ver')  # torn line from the kill
+    # resume from the checkpoint in a fresh step (new process): rounds 7..14 again
+    gen2 = torch.Generator()
+    gen2.set_state(ckpt[1])
+    resumed = run_rounds(tmp_path / "run", 7, 14, Vocabulary.from_json(ckpt[0]), gen2, pop)
+    assert resumed == ref
+    assert vh.path_of(tmp_path / "run").read_bytes() == vh.path_of(tmp_path / "ref").read_bytes()
+    assert [r["round"] for r in vh.read(tmp_path / "run")] == list(range(15))
+    assert "yeet" in ref and "sus" in ref and "rizz" not in ref
+
+
+def test_timeline_and_when_added(tmp_path):
+    pop = population()
+    run_rounds(tmp_path, 1, 14, BASE, torch.Generator().manual_seed(7), pop)
+    rows = vh.timeline(tmp_path)
+    assert rows[0] == {"round": 0, "vocab_version": 0, "vocab_size": 4, "added": [], "oov_rate": 50.0}
+    rec = vh.when_added(tmp_path, "YEET")
+    assert rec is not None and rec["round"] >= len("yeet$")
+    assert [a["word"] for a in rec["added"]] == ["yeet"]
+    assert vh.when_added(tmp_path, "rizz") is None
+    assert rows[-1]["oov_rate"] == pytest.approx(100 * 1 / 6, abs=1e-3)  # only "rizz" left out
+    sizes = [r["vocab_size"] for r in rows]
+    assert sizes == sorted(sizes) and sizes[-1] == 6
+
+
+def test_truncate_keeps_rounds_up_to_the_checkpoint(tmp_path):
+    vh.start(tmp_path, BASE, Counter({"the": 1}))
+    for r in (1, 2, 3):
+        vh.append(tmp_path, r, {"vocab_version": 0, "vocab_size": 4, "added": [], "oov_rate": 0.0})
+    vh.truncate(tmp_path, 1)
+    assert [r["round"] for r in vh.read(tmp_path)] == [0, 1]
+
+
+def test_a_history_from_another_vocabulary_is_refused(tmp_path):
+    vh.start(tmp_path, BASE, Counter())
+    vh.append(tmp_path, 1, {"vocab_version": 3, "vocab_size": 9, "added": []})
+    with pytest.raises(FedkbError, match="inconsistent"):
+        vh.resume(tmp_path, 2, BASE, Counter(), DiscoveryConfig())
+
+
+def test_missing_history_is_a_clear_error(tmp_path):
+    with pytest.raises(FedkbError, match="--discover"):
+        vh.timeline(tmp_path)
+    with pytest.raises(FedkbError, match="not a run folder"):
+        vh.timeline(tmp_path / "nope")
+
+
+def _users_file(tmp_path, fixture_users):
+    """The fixture users, most of whom also typed a word no vocabulary has."""
+    import gzip
+    import json
+
+    path = tmp_path / "users.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, u in enumerate(fixture_users):
+            extra = ["zorblax is great", "more zorblax please", "zorblax"] if i % 4 else []
+            f.write(json.dumps({"id": u.id, "history": list(u.history) + extra, "future": list(u.future)}) + "\n")
+    return path
+
+
+def _simulate(run_dir, tiny, users_file, rounds, resume=False, theta=3):
+    from federation.config import ClientConfig, SimulationConfig
+    from federation.run import Simulation
+
+    sim = SimulationConfig(rounds=rounds, clients_per_round=10, eval_users=2, eval_every=1000, seed=3,
+                           client=ClientConfig(max_words=100))
+    step = make_discovery_step(DiscoveryConfig(theta=theta), run_dir)
+    s = Simulation(run_dir, sim, tiny[0], tiny[1], users_file, run_dir.parent / f"{run_dir.name}-dev",
+                   resume=resume, discover=step)
+    step.bind(s)
+    s.run()
+    return s
+
+
+@pytest.mark.slow
+def test_history_of_a_simulation_survives_kill_and_resume(tmp_path, tiny, fixture_users):
+    users = _users_file(tmp_path, fixture_users)
+    ref = _simulate(tmp_path / "ref", tiny, users, 8)
+    _simulate(tmp_path / "run", tiny, users, 5)
+    # killed in round 6 after discovery wrote its line, before the round's checkpoint
+    with open(vh.path_of(tmp_path / "run"), "a") as f:
+        f.write('{"round": 6, "vocab_version": 99, "added": [{"word": "zzz", "votes": 9}]}\n')
+    resumed = _simulate(tmp_path / "run", tiny, users, 8, resume=True, theta=7)  # stored theta (3) wins
+    assert vh.path_of(tmp_path / "run").read_bytes() == vh.path_of(tmp_path / "ref").read_bytes()
+    assert resumed.state.vocab == ref.state.vocab
+    rows = vh.read(tmp_path / "run")
+    assert [r["round"] for r in rows] == list(range(9)) and all(r.get("theta", 3) == 3 for r in rows)
+    assert rows[-1]["vocab_version"] == ref.state.vocab.version
+    assert rows[-1]["vocab_size"] == len(ref.state.vocab) > rows[0]["vocab_size"]  # it found words
+    assert vh.when_added(tmp_path / "run", "zorblax")["round"] == len("zorblax$")
