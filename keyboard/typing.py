@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from models.predictor import MAX_CONTEXT_WORDS, Predictor, split_partial
-from models.text import BOS, is_word, sentence_tokens
+from models.text import BOS, MAX_CONTEXT_WORDS, is_word, sentence_tokens, split_partial
+
+if TYPE_CHECKING:  # the keystroke logic works with any predictor of this interface (models/predictor.py or models/numpy_predictor.py)
+    from models.predictor import Predictor
 
 TAIL_CHARS = 4000  # only the end of the text matters for the next word
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s*$")

@@ -16,25 +16,9 @@ from collections.abc import Iterable
 import torch
 
 from models.lm import WordLM, WordTable
-from models.text import BOS, SPECIALS, UNK, normalize_text, sentence_tokens
+from models.text import BOS, MAX_CONTEXT_WORDS, SPECIALS, UNK, sentence_tokens, split_partial  # noqa: F401 (re-exported)
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
-
-MAX_CONTEXT_WORDS = 100  # only the last words of a huge paste are fed to the LSTM
-_WORD_END = (" ", "\n", "\t", ".", ",", "!", "?", ";", ":", '"', ")", "(")
-
-
-def split_partial(text: str) -> tuple[str, str]:
-    """("context", "partial word"): the last word is partial if the text doesn't end in a separator."""
-    ends_word = not text or text.endswith(_WORD_END) or not (text[-1].isalnum() or text[-1] == "'")
-    text = normalize_text(text)
-    if ends_word or not text:
-        return text, ""
-    i = len(text)
-    while i > 0 and (text[i - 1].isalnum() or text[i - 1] == "'"):
-        i -= 1
-    return text[:i], text[i:].lower()
-
 
 class Predictor:
     def __init__(

@@ -58,3 +58,19 @@ def sentence_tokens(text: str) -> list[str]:
 def is_word(token: str) -> bool:
     """True for a string the model could have as a vocabulary word."""
     return 0 < len(token) <= MAX_WORD_CHARS and _WORD.fullmatch(token) is not None
+
+
+MAX_CONTEXT_WORDS = 100  # only the last words of a huge paste are fed to the LSTM
+_WORD_END = (" ", "\n", "\t", ".", ",", "!", "?", ";", ":", '"', ")", "(")
+
+
+def split_partial(text: str) -> tuple[str, str]:
+    """("context", "partial word"): the last word is partial if the text doesn't end in a separator."""
+    ends_word = not text or text.endswith(_WORD_END) or not (text[-1].isalnum() or text[-1] == "'")
+    text = normalize_text(text)
+    if ends_word or not text:
+        return text, ""
+    i = len(text)
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] == "'"):
+        i -= 1
+    return text[:i], text[i:].lower()

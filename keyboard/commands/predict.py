@@ -3,7 +3,8 @@
 A partial last word ("how are y") gets completions; text ending in a space or
 punctuation gets next-word predictions.  Suggestions are cased as the keyboard
 inserts them (sentence start, "I").  Imports only the model side (no Textual,
-no federation), so a whole process answers in about the time torch takes to import.
+no federation, no torch): inference runs on NumPy (models/numpy_predictor.py),
+so a whole process answers in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -24,23 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from keyboard.typing import TypingSession
-    from models.checkpoint import load_model
+    from models.datasets import DATA_DIR
     from models.errors import FedkbError
-    from models.predictor import Predictor
+    from models.numpy_predictor import NumpyPredictor
+    from models.tokenizer import Tokenizer
 
     if args.k < 1:
         raise FedkbError("-k must be at least 1")
-    torch.set_num_threads(1)  # one sequence, one step at a time: threads only add overhead
-    ckpt, tokenizer = load_model(args.model, args.tokenizer)
-    session = TypingSession(Predictor(ckpt.model, ckpt.vocab, tokenizer, k=args.k), k=args.k)
+    tokenizer = Tokenizer(args.tokenizer or DATA_DIR / "tokenizer.model")
+    pred = NumpyPredictor(args.model or DATA_DIR / "base", tokenizer, k=args.k)
+    session = TypingSession(pred, k=args.k)
     update = session.update(args.text)
     if args.json:
         print(json.dumps({"text": args.text, "partial": update.partial, "suggestions": update.suggestions,
-                          "model": ckpt.meta.get("kind", "?"), "round": ckpt.meta.get("round"),
-                          "vocab_version": ckpt.vocab.version}, ensure_ascii=False))
+                          "model": pred.meta.get("kind", "?"), "round": pred.meta.get("round"),
+                          "vocab_version": pred.vocab.version}, ensure_ascii=False))
     else:
         for word in update.suggestions:
             print(word)

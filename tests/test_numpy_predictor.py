@@ -1,0 +1,39 @@
+"""The torch-free predictor (used by `fedkb predict`) gives the Predictor's suggestions."""
+
+import numpy as np
+import pytest
+
+from models.errors import FedkbError
+from models.numpy_predictor import NumpyPredictor
+from models.predictor import Predictor
+from models.tokenizer import Tokenizer
+
+CONTEXTS = [("how", "are", "you"), ("i",), ("<s>", "what"), ("the", "zzqx")]
+
+
+def test_same_scores_and_suggestions(tiny, tiny_loaded):
+    ckpt, tok = tiny_loaded
+    ref = Predictor(ckpt.model, ckpt.vocab, tok)
+    fast = NumpyPredictor(tiny[0], Tokenizer(tiny[1]))
+    for words in CONTEXTS:
+        ref.reset()
+        fast.reset()
+        for w in words:
+            ref.commit(w)
+            fast.commit(w)
+        a, b = ref.scores().numpy(), fast.scores()
+        finite = np.isfinite(a)
+        assert np.array_equal(finite, np.isfinite(b))
+        assert np.allclose(a[finite], b[finite], atol=1e-4)
+        for prefix in ("", "t", "th", "a", "qqq"):
+            assert fast.suggest(prefix) == ref.suggest(prefix)
+
+
+def test_bad_files_are_clear_errors(tiny, tmp_path):
+    tok = Tokenizer(tiny[1])
+    with pytest.raises(FedkbError, match="no model"):
+        NumpyPredictor(tmp_path, tok)
+    (tmp_path / "model.json").write_text((tiny[0] / "model.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(FedkbError, match="not a valid safetensors"):
+        NumpyPredictor(tmp_path, tok)
