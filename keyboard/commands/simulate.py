@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp", type=float, default=0.0, metavar="NOISE_MULTIPLIER", help="Gaussian noise multiplier z (needs --clip) (default: 0)")
     parser.add_argument("--clip", type=float, default=None, help="L2 clip per client update (default: none)")
     parser.add_argument("--delta", type=float, default=1e-5, help="report epsilon at this delta (default: 1e-5)")
-    parser.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavgm")
+    parser.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavg")
     parser.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: 1.0; fedadam 0.01)")
     parser.add_argument("--client-lr", type=float, default=None, help="client SGD learning rate (default: ClientConfig.lr)")
     parser.add_argument("--client-epochs", type=float, default=None, help="local epochs (default: 1)")

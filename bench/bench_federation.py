@@ -1,0 +1,176 @@
+"""Benchmark of the federated simulation (prints one JSON object).
+
+    python bench/bench_federation.py [--k 100] [--model DIR] [--tokenizer F] [--users-file F] [--workers 2]
+
+* engines: one round's client updates (K clients) with the sequential engine (the
+  naive loop, torch using every core) and the parallel engine (W workers x 1 thread):
+  clients/s, tokens/s, their ratio; achieved FLOP/s (analytic count of the LSTM LM's
+  training FLOPs) against the float32 matmul peak measured in this same run.
+* memory: peak RSS of a process that builds a population of 1,000 vs 10,000 (resampled)
+  users and runs rounds over it.
+* scaling: seconds per round (sequential) at several K, and seconds per client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def matmul_peak(threads: int, n: int = 1024, reps: int = 20) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def train_flops_per_token(cfg, vocab_size: int) -> float:
+    """Forward FLOPs of one word (LSTM gates + projection + tied softmax), x3 for forward+backward."""
+    d, h = cfg.embed_dim, cfg.hidden
+    fwd = 2 * 4 * h * (d + d) + 2 * h * d + 2 * vocab_size * d
+    return 3.0 * fwd
+
+
+def setup(args, root: Path, size: int = 0):
+    from federation.config import ClientConfig
+    from federation.sampling import build_population
+    from models.checkpoint import load_model
+    from models.datasets import load_users
+
+    ck, tok = load_model(args.model, args.tokenizer)
+    users = load_users(args.users_file)
+    pop = build_population(root, users, size or len(users))
+    return ck, tok, pop, ClientConfig()
+
+
+def tasks_for(pop, k: int, seed: int = 0):
+    from federation.engine_sequential import ClientTask
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(pop.size, generator=g)[:k].tolist()
+    return [ClientTask(i, u, pop.real_id(u), 1000 + i) for i, u in enumerate(idx)]
+
+
+def time_engine(engine, ck, tasks) -> dict:
+    words = [0]
+
+    def consume(task, res):
+        words[0] += res.num_words
+
+    engine.run(ck.model.state_dict(), ck.vocab, tasks[:2], lambda t, r: None)  # warm-up (tables, caches, workers)
+    t = time.perf_counter()
+    engine.run(ck.model.state_dict(), ck.vocab, tasks, consume)
+    s = time.perf_counter() - t
+    return {"seconds": round(s, 3), "clients_per_s": round(len(tasks) / s, 3), "tokens_per_s": round(words[0] / s, 1), "tokens": words[0]}
+
+
+def memory_child(args) -> None:
+    """Build a population of args.memory_child users and run 2 rounds of --memory-k clients; print peak RSS."""
+    from federation.config import SimulationConfig
+    from federation.engine_sequential import SequentialEngine
+    from federation.rounds import run_round
+    from federation.server import init_state
+
+    from federation.memory import pin_mmap_threshold
+
+    torch.set_num_threads(1)
+    pin_mmap_threshold()
+    with tempfile.TemporaryDirectory() as d:
+        ck, tok, pop, client = setup(args, Path(d), args.memory_child)
+        sim = SimulationConfig(clients_per_round=args.memory_k, users=pop.size)
+        state = init_state(ck.model.state_dict(), ck.vocab, sim.server)
+        g = torch.Generator().manual_seed(0)
+        with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as eng:
+            for _ in range(2):
+                state, _ = run_round(state, pop, sim, eng, g)
+    print(json.dumps({"population": pop.size, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def main() -> None:
+    from models.checkpoint import default_paths
+
+    p = argparse.ArgumentParser()
+    base, tokp = default_paths()
+    p.add_argument("--model", type=Path, default=base if (base / "model.json").exists() else Path("/tmp/smoke_base"))
+    p.add_argument("--tokenizer", type=Path, default=tokp)
+    p.add_argument("--users-file", type=Path, default=None)
+    p.add_argument("--k", type=int, default=100, help="clients in the engine comparison (default: 100)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--scaling-k", default="5,10,20", help="K values for time per round (default: 5,10,20)")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-k", type=int, default=5, help="clients per round in the memory runs (default: 5)")
+    p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        return memory_child(args)
+
+    from federation.engine_parallel import ParallelEngine
+    from federation.engine_sequential import SequentialEngine
+
+    cores = os.cpu_count() or 1
+    out: dict = {"cores": cores, "k": args.k, "workers": args.workers, "model": str(args.model)}
+    with tempfile.TemporaryDirectory() as d:
+        ck, tok, pop, client = setup(args, Path(d))
+        tasks = tasks_for(pop, args.k)
+        flops_tok = train_flops_per_token(ck.model.cfg, len(ck.vocab))
+        out["peak_matmul_flops"] = {"threads_all": matmul_peak(cores), "threads_1": matmul_peak(1)}
+        torch.set_num_threads(cores)
+        with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as eng:
+            seq = time_engine(eng, ck, tasks)
+        torch.set_num_threads(1)
+        with ParallelEngine(ck.model.cfg, tok.path, pop.root, client, args.workers) as eng:
+            par = time_engine(eng, ck, tasks)
+        peak = max(out["peak_matmul_flops"].values())  # the machine's best float32 matmul rate
+        for r in (seq, par):
+            r["flops"] = r["tokens_per_s"] * flops_tok
+            r["share_of_peak"] = round(r["flops"] / peak, 3)
+        out["sequential"], out["parallel"] = seq, par
+        out["parallel_over_sequential"] = round(par["clients_per_s"] / seq["clients_per_s"], 3)
+        out["train_flops_per_token"] = flops_tok
+
+        torch.set_num_threads(cores)
+        scaling = []
+        with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as eng:
+            eng.run(ck.model.state_dict(), ck.vocab, tasks[:2], lambda t, r: None)
+            for k in [int(x) for x in args.scaling_k.split(",")]:
+                t = time.perf_counter()
+                eng.run(ck.model.state_dict(), ck.vocab, tasks_for(pop, k, seed=k), lambda t, r: None)
+                s = time.perf_counter() - t
+                scaling.append({"k": k, "seconds": round(s, 3), "seconds_per_client": round(s / k, 4)})
+        out["time_per_round_vs_k"] = scaling
+
+    if not args.skip_memory:
+        mem = {}
+        for n in (1000, 10000):
+            cmd = [sys.executable, __file__, "--memory-child", str(n), "--memory-k", str(args.memory_k), "--model", str(args.model),
+                   "--tokenizer", str(args.tokenizer)]
+            if args.users_file:
+                cmd += ["--users-file", str(args.users_file)]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            mem[n] = json.loads(r.stdout.strip().splitlines()[-1])["max_rss_mb"]
+        out["memory_mb"] = {"clients_per_round": args.memory_k, "population_1000": round(mem[1000], 1), "population_10000": round(mem[10000], 1),
+                            "ratio_10000_over_1000": round(mem[10000] / mem[1000], 3)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The weighted mean of client updates, as a running sum, with validation at the door.
+
+Each arriving update goes through named steps (pfl-research style: clip each user, sum,
+noise once):
+  validate  -> reject (and count) NaN/Inf, wrong keys/shape/dtype: never enters the sum
+  robust    -> clip (and count) norms above `max_update_norm`: a huge update cannot blow up the model
+  dp clip   -> privacy.clip (per-client L2 bound, McMahan et al. 2018)
+  weight    -> privacy.client_weight (words; capped with DP noise)
+  sum       -> running sum, float64 or securely aggregated (secagg.py)
+The running sum keeps memory flat in the number of clients (as in FedJAX's
+`fed_avg`): nothing is kept per client but its norm.  The server learns only the
+sum and the total weight (both through secure aggregation when it is on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from federation import privacy
+from federation.config import AggregationConfig, PrivacyConfig
+from federation.secagg import SecAggRound
+from models import params as P
+
+
+def validate(update: dict[str, Tensor], reference: dict[str, Tensor]) -> str | None:
+    """None if the update can enter the sum, else why not."""
+    why = P.check_compatible(update, reference)
+    if why:
+        return why
+    if not P.all_finite(update):
+        return "contains NaN or Inf"
+    return None
+
+
+@dataclass
+class Aggregator:
+    """Accumulates one round's updates.  `reference` is the global parameter dict (shapes/dtypes)."""
+
+    reference: dict[str, Tensor]
+    agg: AggregationConfig
+    dp: PrivacyConfig
+    secagg: SecAggRound | None = None
+    total: Tensor | None = None  # float64 running sum of weight * update (flat) + weight as the last element
+    count: int = 0
+    rejected: int = 0
+    robust_clipped: int = 0
+    dp_clipped: int = 0
+    norms: list[float] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(v.numel() for v in self.reference.values()) + 1
+
+    def add(self, device: int, update: dict[str, Tensor], num_words: int) -> bool:
+        """Validate, clip, weight and sum one update; False if it was rejected."""
+        why = validate(update, self.reference)
+        if why is None and num_words < 0:
+            why = "negative weight"
+        if why:
+            self.rejected += 1
+            self.reasons.append(why)
+            return False
+        norm = P.global_norm(update)
+        self.norms.append(norm)
+        if self.agg.max_update_norm is not None and norm > self.agg.max_update_norm:
+            update, _ = P.clip_by_norm(update, self.agg.max_update_norm)
+            self.robust_clipped += 1
+        update, was = privacy.clip(update, self.dp)
+        self.dp_clipped += int(was)
+        w = privacy.client_weight(num_words, self.dp)
+        vec = torch.cat([P.flatten(update).double() * w, torch.tensor([w], dtype=torch.float64)])
+        if self.secagg is not None:
+            self.secagg.add(device, self.secagg.mask(device, vec))
+        elif self.total is None:
+            self.total = vec
+        else:
+            self.total += vec
+        self.count += 1
+        return True
+
+    def result(self, alive: set[int], generator: torch.Generator) -> tuple[dict[str, Tensor] | None, float]:
+        """(weighted mean update in the reference dtype, total weight); None if nothing arrived.
+
+        Noise is added once to the weighted sum (not to the weight), then divided by the total weight.
+        """
+        if self.count == 0:
+            return None, 0.0
+        total = self.secagg.unmask(alive) if self.secagg is not None else self.total
+        weight = float(total[-1])
+        s = privacy.add_noise(total[:-1], self.dp, generator)
+        if weight <= 0:
+            return None, 0.0
+        mean = P.unflatten(s / weight, self.reference)
+        return {k: v.to(self.reference[k].dtype) for k, v in mean.items()}, weight

@@ -1,0 +1,153 @@
+"""The parallel engine: persistent worker processes, one torch thread each.
+
+    main                                    worker w (started once, spawn)
+    ----                                    --------
+    params -> shared flat buffer  ------->  reads the global model from it (no copy, no pickle)
+    control[w] <- (round, vocab if new)     loads model, tokenizer, user streams once, keeps them
+    tasks <- ClientTask x K, then W stops   takes tasks until a stop: trains, writes its delta
+    results -> consume(task, delta) <-----  into ITS shared delta buffer, reports, waits for ack
+    ack[w].release()                        (so the buffer is reused: only deltas travel)
+
+Clients are handed out dynamically (a shared queue), so a slow client does not hold up
+a whole worker's share.  Each client's generator is seeded from its task, so results do
+not depend on which worker ran it: the engines agree bit for bit (tests/test_federation_engines.py).
+"""
+
+from __future__ import annotations
+
+import queue as queue_mod
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from torch import Tensor
+
+from federation.client import ClientResult
+from federation.config import ClientConfig
+from federation.engine_sequential import ClientRunner, ClientTask, Consume
+from federation.memory import pin_mmap_threshold
+from models import params as P
+from models.errors import FedkbError
+from models.lm import LMConfig, WordLM
+from models.vocab import Vocabulary
+
+_STOP = None
+
+
+def _views(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Parameter-shaped views into one flat buffer (sorted key order, as params.flatten)."""
+    out, i = {}, 0
+    for k in sorted(like):
+        n = like[k].numel()
+        out[k] = flat[i : i + n].view_as(like[k])
+        i += n
+    return out
+
+
+def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_buf, control, tasks, results, ack):
+    torch.set_num_threads(1)
+    pin_mmap_threshold()
+    try:
+        runner = ClientRunner(model_cfg, tokenizer_path, devices_root, cfg)
+        like = runner.model.state_dict()
+        global_params = _views(params_buf, like)
+        while True:
+            msg = control.get()
+            if msg is _STOP:
+                return
+            _round, vocab_json = msg
+            if vocab_json is not None:
+                runner.set_vocab(Vocabulary.from_json(vocab_json))
+            while True:
+                task = tasks.get()
+                if task is _STOP:
+                    break
+                res = runner.run(global_params, task)
+                delta_buf.copy_(P.flatten(res.delta))
+                results.put((wid, task, res.num_words, res.loss, res.steps, res.seconds, None))
+                ack.acquire()
+    except BaseException:  # report, don't hang the main process
+        results.put((wid, None, 0, 0.0, 0, 0.0, traceback.format_exc()))
+
+
+class ParallelEngine:
+    name = "parallel"
+
+    def __init__(self, model_cfg: LMConfig, tokenizer_path: Path, devices_root: Path, cfg: ClientConfig, workers: int = 2):
+        ctx = mp.get_context("spawn")
+        like = WordLM(model_cfg).state_dict()
+        self.like = {k: v.detach() for k, v in like.items()}
+        n = sum(v.numel() for v in like.values())
+        self.params_buf = torch.zeros(n).share_memory_()
+        self.delta_bufs = [torch.zeros(n).share_memory_() for _ in range(workers)]
+        self.tasks = ctx.Queue()
+        self.results = ctx.Queue()
+        self.controls = [ctx.Queue() for _ in range(workers)]
+        self.acks = [ctx.Semaphore(0) for _ in range(workers)]
+        self.procs = [ctx.Process(target=_worker, daemon=True,
+                                  args=(w, model_cfg, Path(tokenizer_path), Path(devices_root), cfg, self.params_buf,
+                                        self.delta_bufs[w], self.controls[w], self.tasks, self.results, self.acks[w]))
+                      for w in range(workers)]
+        for p in self.procs:
+            p.start()
+        self._vocab_key = None
+        self._round = 0
+
+    def run(self, global_params: dict[str, Tensor], vocab: Vocabulary, tasks: Sequence[ClientTask], consume: Consume) -> None:
+        self.params_buf.copy_(P.flatten(global_params))  # the broadcast: workers read this buffer
+        key = (vocab.version, len(vocab))
+        vocab_json = vocab.to_json() if key != self._vocab_key else None
+        self._vocab_key = key
+        self._round += 1
+        for c in self.controls:
+            c.put((self._round, vocab_json))
+        for t in tasks:
+            self.tasks.put(t)
+        for _ in self.procs:
+            self.tasks.put(_STOP)
+        for _ in range(len(tasks)):
+            wid, task, num_words, loss, steps, seconds, err = self._get()
+            if err is not None:
+                self.close()
+                raise RuntimeError(f"parallel engine worker {wid} failed:\n{err}")
+            delta = P.unflatten(self.delta_bufs[wid], self.like)  # a copy: the worker may reuse its buffer
+            self.acks[wid].release()
+            consume(task, ClientResult(delta, num_words, loss, steps, seconds, task.slot))
+
+    def _get(self):
+        while True:
+            try:
+                return self.results.get(timeout=5.0)
+            except queue_mod.Empty:
+                dead = [i for i, p in enumerate(self.procs) if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise FedkbError(f"parallel engine: worker(s) {dead} died (out of memory?)")
+
+    def close(self) -> None:
+        for c, p in zip(self.controls, self.procs):
+            if p.is_alive():
+                c.put(_STOP)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+        self.procs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_engine(name: str, model_cfg: LMConfig, tokenizer_path: Path, devices_root: Path, cfg: ClientConfig, workers: int = 2):
+    from federation.engine_sequential import SequentialEngine
+
+    if name == "sequential":
+        return SequentialEngine(model_cfg, tokenizer_path, devices_root, cfg)
+    if name == "parallel":
+        return ParallelEngine(model_cfg, tokenizer_path, devices_root, cfg, workers)
+    raise FedkbError(f"unknown engine {name!r} (sequential or parallel)")

@@ -1,0 +1,201 @@
+"""Plots and studies of a simulation run (server-side numbers only; no user text).
+
+`plot_run` draws per-round curves from metrics.jsonl (matplotlib, Agg backend).
+`personalization_study` compares, for each user, three models on that user's future
+(held-out) text: the base model the run started from, the run's final global model,
+and the global model fine-tuned on the user's own history on the device
+(`local_finetune`, as the keyboard's "Learn now" does) - Wang et al. 2019,
+"Federated Evaluation of On-device Personalization".  Per-user numbers are kept
+without ids; the text never leaves the device folders.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from federation.client import local_finetune
+from federation.config import ClientConfig, SimulationConfig
+from federation.device import Device
+from federation.run import CONFIG, checkpoint_dir, latest_round, read_metrics
+from models import atomic
+from models.checkpoint import load_checkpoint
+from models.errors import FedkbError
+from models.evaluate import simulate_typing
+from models.lm import WordLM, WordTable
+from models.predictor import Predictor
+from models.tokenizer import Tokenizer
+from models.train import encode, evaluate_loss
+
+
+def _series(ms: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(m["round"], m[key]) for m in ms if m.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
+    """accuracy.png, ksr.png, loss.png and (with DP) epsilon.png; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = read_metrics(run_dir)
+    if not ms:
+        raise FedkbError(f"{run_dir}: no metrics (is it a `fedkb simulate` run folder?)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    panels = [
+        ("accuracy.png", "next-word accuracy of the global model (held-out users)", "%", [("top1", "top-1"), ("top3", "top-3")]),
+        ("ksr.png", "keystroke savings (3 suggestions)", "%", [("ksr", "KSR")]),
+        ("loss.png", "loss", "nats / word", [("loss", "client training loss"), ("eval_loss", "held-out loss")]),
+        ("epsilon.png", "privacy spent (RDP accountant)", "epsilon", [("epsilon", "epsilon")]),
+    ]
+    for name, title, ylabel, keys in panels:
+        series = [(label, *_series(ms, k)) for k, label in keys]
+        if not any(xs for _, xs, _ in series):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        for label, xs, ys in series:
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        written.append(out_dir / name)
+    return written
+
+
+def summarize(run_dir: Path) -> dict:
+    ms = read_metrics(run_dir)
+    if not ms:
+        raise FedkbError(f"{run_dir}: no metrics")
+    first = next((m for m in ms if "top1" in m), {})
+    last = next((m for m in reversed(ms) if "top1" in m), {})
+    rounds = [m for m in ms if m["round"] > 0]
+    return {
+        "rounds": ms[-1]["round"],
+        "start": {k: first.get(k) for k in ("round", "top1", "top3", "ksr", "eval_loss")},
+        "end": {k: last.get(k) for k in ("round", "top1", "top3", "ksr", "eval_loss")},
+        "epsilon": ms[-1].get("epsilon"),
+        "rejected": sum(m.get("rejected", 0) for m in rounds),
+        "clipped": sum(m.get("clipped", 0) for m in rounds),
+        "dropouts": sum(m.get("dropouts", 0) for m in rounds),
+        "aggregated": sum(m.get("aggregated", 0) for m in rounds),
+        "mean_round_s": round(statistics.mean(m["timings"]["round_s"] for m in rounds), 3) if rounds else None,
+    }
+
+
+def _score(model: WordLM, ck_vocab, tokenizer: Tokenizer, future: list[str]) -> dict:
+    s = simulate_typing(Predictor(model, ck_vocab, tokenizer), future)
+    table = WordTable.build(ck_vocab, tokenizer, model.cfg.base_vocab)
+    return {"top1": s["top1"], "ksr": s["ksr"], "loss": evaluate_loss(model, table, encode(future, ck_vocab)), "words": s["words"]}
+
+
+def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig | None = None, seed: int = 0,
+                          min_future_words: int = 20) -> dict:
+    """Per user: base vs global vs personalized on the user's future text (held-out users first)."""
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / CONFIG).read_text())
+    sim = SimulationConfig.from_json(cfg["simulation"])
+    client = client or sim.client
+    tok = Tokenizer(Path(cfg["tokenizer"]))
+    base = load_checkpoint(Path(cfg["model"]), tok)
+    rnd = latest_round(run_dir)
+    glob = load_checkpoint(checkpoint_dir(run_dir, rnd), tok)
+    root = Path(cfg["devices"])
+    ids = list(cfg.get("eval_users", []))
+    ids += sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in set(ids))
+    rows = []
+    for uid in ids:
+        if len(rows) >= users:
+            break
+        dev = Device(root, uid)
+        hist, fut = dev.history(), dev.future()
+        if sum(len(m.split()) for m in fut) < min_future_words or not hist:
+            continue
+        g = torch.Generator().manual_seed(seed + len(rows))
+        personal = WordLM(glob.model.cfg)
+        personal.load_state_dict(local_finetune(glob.model, glob.vocab, tok, hist, client, g))
+        rows.append({
+            "held_out": uid in cfg.get("eval_users", []),
+            "base": _score(base.model, base.vocab, tok, fut),
+            "global": _score(glob.model, glob.vocab, tok, fut),
+            "personalized": _score(personal, glob.vocab, tok, fut),
+        })
+    if not rows:
+        raise FedkbError("no user with enough future text for the personalization study")
+
+    def gains(a: str, b: str, key: str) -> list[float]:
+        return [r[b][key] - r[a][key] for r in rows]
+
+    def rel(a: str, b: str) -> list[float]:
+        return [(r[b]["top1"] - r[a]["top1"]) / r[a]["top1"] for r in rows if r[a]["top1"] > 0]
+
+    def mean(key: str, model: str) -> float:
+        return round(statistics.mean(r[model][key] for r in rows), 3)
+
+    out = {
+        "round": rnd,
+        "users": len(rows),
+        "mean": {m: {k: mean(k, m) for k in ("top1", "ksr", "loss")} for m in ("base", "global", "personalized")},
+        "personalized_vs_global": {
+            "top1_gain_points": gains("global", "personalized", "top1"),
+            "median_top1_gain_points": statistics.median(gains("global", "personalized", "top1")),
+            "median_relative_top1_gain": statistics.median(rel("global", "personalized")) if rel("global", "personalized") else None,
+            "share_better_top1": sum(g > 0 for g in gains("global", "personalized", "top1")) / len(rows),
+            "share_worse_top1": sum(g < 0 for g in gains("global", "personalized", "top1")) / len(rows),
+            "share_better_loss": sum(g < 0 for g in gains("global", "personalized", "loss")) / len(rows),
+        },
+        "global_vs_base": {
+            "median_top1_gain_points": statistics.median(gains("base", "global", "top1")),
+            "share_worse_top1": sum(g < 0 for g in gains("base", "global", "top1")) / len(rows),
+        },
+    }
+    return out
+
+
+def plot_personalization(study: dict, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = study["personalized_vs_global"]["top1_gain_points"]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(g, bins=min(30, max(5, len(g) // 2)), color="tab:green", alpha=0.8)
+    ax.axvline(0, color="black", linewidth=1)
+    pv = study["personalized_vs_global"]
+    ax.set_title(f"personalized - global, top-1 per user (n={study['users']}): "
+                 f"{100 * pv['share_worse_top1']:.0f}% worse", fontsize=9)
+    ax.set_xlabel("top-1 gain (points)")
+    ax.set_ylabel("users")
+    fig.tight_layout()
+    path = out_dir / "personalization.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, personalization: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    if latest_round(run_dir) is None:
+        raise FedkbError(f"{run_dir} is not a simulation run folder (no latest.json)")
+    out_dir = Path(out_dir or run_dir / "report")
+    files = plot_run(run_dir, out_dir)
+    rep = {"summary": summarize(run_dir)}
+    if personalization and users > 0:
+        rep["personalization"] = personalization_study(run_dir, users)
+        files.append(plot_personalization(rep["personalization"], out_dir))
+    rep["files"] = [str(f) for f in files]
+    atomic.write_json(out_dir / "report.json", rep)
+    return rep

@@ -1,0 +1,226 @@
+"""A simulation run folder: resumable, append-only, free of user text.
+
+    RUN/config.json                     the SimulationConfig + model / tokenizer / users paths
+    RUN/metrics.jsonl                   one JSON line per round, appended (then fsynced)
+    RUN/checkpoints/round-NNNN/         model.safetensors + model.json (save_checkpoint: records the
+                                        vocabulary and its version), server.safetensors (server
+                                        optimizer state), rng.safetensors (the server generator)
+    RUN/latest.json                     {"round": N}: written last, atomically: the commit point
+
+A round is committed by: checkpoint files (each atomic) -> metrics line -> latest.json.
+`resume` reloads the latest committed round, drops metrics lines past it, and continues;
+because every random draw comes from the saved generator, a killed and resumed run ends
+with exactly the parameters of an uninterrupted one.  Device folders (users' text) live
+OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from federation.config import SimulationConfig
+from federation.engine_parallel import make_engine
+from federation.memory import pin_mmap_threshold
+from federation.rounds import Discover, Evaluator, run_round
+from federation.sampling import Population, build_population, eval_users
+from federation.server import ServerState, init_state
+from models import atomic
+from models.checkpoint import load_checkpoint, load_tensors, save_checkpoint, save_tensors
+from models.datasets import UserData, load_users
+from models.errors import FedkbError
+from models.lm import WordLM
+from models.tokenizer import Tokenizer
+from models.vocab import Vocabulary
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LATEST = "latest.json"
+
+
+def checkpoint_dir(run_dir: Path, rnd: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"round-{rnd:04d}"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The metrics lines of a run (a torn last line is skipped)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "round" in obj:
+            out.append(obj)
+    return out
+
+
+def latest_round(run_dir: Path) -> int | None:
+    try:
+        return int(json.loads((Path(run_dir) / LATEST).read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def split_users(users: list[UserData], sim: SimulationConfig) -> tuple[list[UserData], list[UserData]]:
+    """(training population, held-out evaluation users): a fixed seeded subset is held out."""
+    if len(users) < 2:
+        raise FedkbError("need at least 2 users")
+    n_eval = min(sim.eval_users, len(users) // 2)
+    probe = Population(Path("."), tuple(u.id for u in users), len(users))
+    held = set(eval_users(probe, n_eval, sim.seed))
+    return [u for i, u in enumerate(users) if i not in held], [u for i, u in enumerate(users) if i in held]
+
+
+class Simulation:
+    """Owns a run folder, the engine and the server state; `step()` runs and commits one round."""
+
+    def __init__(self, run_dir: Path, sim: SimulationConfig | None = None, model_dir: Path | None = None,
+                 tokenizer_path: Path | None = None, users_file: Path | None = None, devices_root: Path | None = None,
+                 resume: bool = False, discover: Discover | None = None):
+        from models.checkpoint import default_paths
+
+        pin_mmap_threshold()  # memory flat across rounds (see federation/memory.py)
+        self.run_dir = Path(run_dir)
+        cfg_path = self.run_dir / CONFIG
+        if cfg_path.exists() and not resume and latest_round(self.run_dir) is not None:
+            raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        if resume and cfg_path.exists():
+            stored = json.loads(cfg_path.read_text())
+            base = SimulationConfig.from_json(stored["simulation"])
+            sim = replace(base, rounds=sim.rounds) if sim is not None else base  # only the round count may change
+            model_dir = Path(stored["model"])
+            tokenizer_path = Path(stored["tokenizer"])
+            users_file = Path(stored["users_file"]) if stored.get("users_file") else None
+            devices_root = Path(stored["devices"])
+        elif resume:
+            raise FedkbError(f"nothing to resume in {self.run_dir} ({CONFIG} missing)")
+        d_model, d_tok = default_paths()
+        self.sim = sim or SimulationConfig()
+        self.model_dir = Path(model_dir or d_model).resolve()
+        self.tokenizer_path = Path(tokenizer_path or d_tok).resolve()
+        self.users_file = Path(users_file).resolve() if users_file else None
+        self.devices_root = Path(devices_root or self.run_dir.parent / f"{self.run_dir.name}-devices").resolve()
+        if self.devices_root == self.run_dir.resolve() or self.run_dir.resolve() in self.devices_root.parents:
+            raise FedkbError("device folders must live outside the run folder")
+        self.discover = discover
+        self.tokenizer = Tokenizer(self.tokenizer_path)
+        base = load_checkpoint(self.model_dir, self.tokenizer)
+        self.model_cfg = base.model.cfg
+
+        if self.sim.users < 0 or self.sim.clients_per_round < 1 or self.sim.rounds < 0:
+            raise FedkbError("--users must be >= 0, --clients-per-round >= 1, --rounds >= 0")
+        users = load_users(self.users_file)
+        train, held = split_users(users, self.sim)
+        build_population(self.devices_root, users)  # every user's device folder (held-out ones too)
+        self.population = build_population(self.devices_root, train, self.sim.users if self.sim.users else len(train))
+        self.eval_ids = [u.id for u in held]
+        msgs = [m for u in held for m in u.future[: self.sim.eval_messages]]
+        self.evaluator = Evaluator(WordLM(self.model_cfg), self.tokenizer, msgs) if msgs and self.sim.eval_users else None
+
+        self.generator = torch.Generator().manual_seed(self.sim.seed)
+        start = latest_round(self.run_dir) if resume else None
+        if start is None:
+            self.state = init_state(base.model.state_dict(), base.vocab, self.sim.server)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_json(cfg_path, {
+                "simulation": self.sim.to_json(), "model": str(self.model_dir), "tokenizer": str(self.tokenizer_path),
+                "users_file": str(self.users_file) if self.users_file else None, "devices": str(self.devices_root),
+                "eval_users": self.eval_ids, "population": self.population.size,
+            })
+            (self.run_dir / METRICS).write_text("")
+            m0 = {"round": 0, "kind": "base"}
+            if self.evaluator is not None:
+                m0.update(self.evaluator(self.state.params, self.state.vocab))
+            self._commit(m0)
+        else:
+            self._load(start)
+        self.engine = None
+
+    # -- persistence ------------------------------------------------------------------------
+    def _commit(self, metrics: dict | None) -> None:
+        s = self.state
+        d = checkpoint_dir(self.run_dir, s.round)
+        model = WordLM(self.model_cfg)
+        model.load_state_dict(s.params)
+        save_checkpoint(d, model, s.vocab, self.tokenizer, meta={
+            "kind": "global", "round": s.round, "vocab_version": s.vocab.version, "server_optimizer": s.config.optimizer})
+        opt = {f"{name}.{k}": v for name, p in s.opt_state.items() for k, v in p.items()}
+        save_tensors(d / "server.safetensors", opt or {"_empty": torch.zeros(1)})
+        save_tensors(d / "rng.safetensors", {"server": self.generator.get_state()})
+        if metrics is not None:
+            with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        atomic.write_json(self.run_dir / LATEST, {"round": s.round, "checkpoint": str(d.relative_to(self.run_dir))})
+        self._prune(s.round)
+
+    def _prune(self, rnd: int) -> None:
+        keep = self.sim.keep_checkpoints
+        for r in range(1, rnd - keep + 1):
+            d = checkpoint_dir(self.run_dir, r)
+            if d.exists():
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _load(self, rnd: int) -> None:
+        d = checkpoint_dir(self.run_dir, rnd)
+        ck = load_checkpoint(d, self.tokenizer)
+        opt_flat = load_tensors(d / "server.safetensors")
+        opt: dict[str, dict] = {}
+        for key, v in opt_flat.items():
+            if key == "_empty":
+                continue
+            name, k = key.split(".", 1)
+            opt.setdefault(name, {})[k] = v
+        self.state = ServerState(ck.model.state_dict(), ck.vocab, rnd, self.sim.server, opt)
+        self.generator.set_state(load_tensors(d / "rng.safetensors")["server"])
+        lines = [m for m in read_metrics(self.run_dir) if m["round"] <= rnd]  # drop rounds never committed
+        atomic.write_text(self.run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in lines))
+
+    # -- running ----------------------------------------------------------------------------
+    @property
+    def round(self) -> int:
+        return self.state.round
+
+    @property
+    def done(self) -> bool:
+        return self.state.round >= self.sim.rounds
+
+    def latest_checkpoint(self) -> Path:
+        return checkpoint_dir(self.run_dir, self.state.round)
+
+    def step(self) -> dict:
+        if self.engine is None:
+            self.engine = make_engine(self.sim.engine, self.model_cfg, self.tokenizer_path, self.devices_root,
+                                      self.sim.client, self.sim.workers)
+        self.state, m = run_round(self.state, self.population, self.sim, self.engine, self.generator,
+                                  self.evaluator, self.discover)
+        self._commit(m)
+        return m
+
+    def evaluate_current(self) -> dict | None:
+        return self.evaluator(self.state.params, self.state.vocab) if self.evaluator else None
+
+    def run(self, on_round: Callable[[dict], None] | None = None) -> None:
+        try:
+            while not self.done:
+                m = self.step()
+                if on_round:
+                    on_round(m)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None

@@ -1,0 +1,78 @@
+"""The population and who takes part in a round.
+
+Population: N simulated users over R real ones.  User i is real user `i % R`'s device
+folder with its own seed ("resampled" when N > R), so memory stays flat in N: only R
+ids are held, and a user's text is read from its device folder when it is selected.
+
+A round (Bonawitz et al. 2019, "Towards Federated Learning at Scale"): the server
+selects ceil(over_selection * K) devices uniformly without replacement; each drops
+out with probability r ~ U[dropout_min, dropout_max]; the survivors report in a random
+order and the first K are aggregated, the rest are told they are not needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from federation.device import Device
+from models.datasets import UserData
+
+
+@dataclass(frozen=True)
+class Population:
+    root: Path  # device folders live here (never inside a run folder)
+    real_ids: tuple[str, ...]  # R real users, in a fixed order
+    size: int  # N simulated users
+
+    def real_id(self, user: int) -> str:
+        return self.real_ids[user % len(self.real_ids)]
+
+    def device(self, user: int) -> Device:
+        return Device(self.root, self.real_id(user))
+
+    def user_seed(self, user: int) -> int:
+        """Distinguishes resampled copies of one real user (0 for the original)."""
+        return user // len(self.real_ids)
+
+
+def build_population(root: Path, users: list[UserData], size: int | None = None) -> Population:
+    """Write each real user's device folder (history + held-out future) once; return the population."""
+    root = Path(root)
+    for u in users:
+        dev = Device(root, u.id)
+        if not (dev.history_file.exists() and dev.future_file.exists()):
+            dev.write_simulated(u.history, u.future)
+    ids = tuple(u.id for u in users)
+    return Population(root, ids, size or len(ids))
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    selected: tuple[int, ...]  # population indices selected (over-selection included)
+    dropped: tuple[int, ...]  # selected devices that dropped out
+    reporting: tuple[int, ...]  # aggregated, in report order (at most K)
+    surplus: tuple[int, ...]  # survived but not needed
+    dropout_rate: float
+
+
+def plan_round(population_size: int, k: int, over_selection: float, dropout_min: float, dropout_max: float,
+               generator: torch.Generator) -> RoundPlan:
+    n_sel = min(population_size, max(k, math.ceil(over_selection * k - 1e-9)))
+    perm = torch.randperm(population_size, generator=generator)[:n_sel].tolist()
+    rate = dropout_min + (dropout_max - dropout_min) * float(torch.rand((), generator=generator, dtype=torch.float64))
+    drops = (torch.rand(n_sel, generator=generator, dtype=torch.float64) < rate).tolist()
+    survivors = [u for u, d in zip(perm, drops) if not d]
+    order = torch.randperm(len(survivors), generator=generator).tolist()
+    survivors = [survivors[i] for i in order]
+    return RoundPlan(tuple(perm), tuple(u for u, d in zip(perm, drops) if d), tuple(survivors[:k]), tuple(survivors[k:]), rate)
+
+
+def eval_users(population: Population, count: int, seed: int) -> list[int]:
+    """A fixed seeded subset of the real users whose future text scores the global model."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    r = len(population.real_ids)
+    return sorted(torch.randperm(r, generator=g)[: min(count, r)].tolist())

@@ -1,0 +1,53 @@
+"""The client update and on-device fine-tuning."""
+
+import torch
+
+from federation.client import client_update, local_finetune
+from federation.config import ClientConfig
+from models import params as P
+from models.lm import WordLM, WordTable
+from models.train import encode, evaluate_loss
+
+
+def test_local_finetune_leaves_the_model_and_is_seeded(tiny_loaded, fixture_users):
+    ck, tok = tiny_loaded
+    before = P.clone(ck.model.state_dict())
+    u = fixture_users[1]
+    a = local_finetune(ck.model, ck.vocab, tok, u.history, ClientConfig(), torch.Generator().manual_seed(1))
+    b = local_finetune(ck.model, ck.vocab, tok, u.history, ClientConfig(), torch.Generator().manual_seed(1))
+    assert all(torch.equal(before[k], v) for k, v in ck.model.state_dict().items())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert P.global_norm(P.delta(a, before)) > 0
+
+
+def test_client_update_reports_local_minus_global(tiny_loaded, fixture_users):
+    ck, tok = tiny_loaded
+    g = P.clone(ck.model.state_dict())
+    u = fixture_users[1]
+    cfg = ClientConfig()
+    res = client_update(g, WordLM(ck.model.cfg), ck.vocab, tok, u.history, cfg, torch.Generator().manual_seed(2))
+    local = local_finetune(ck.model, ck.vocab, tok, u.history, cfg, torch.Generator().manual_seed(2))
+    assert all(torch.equal(res.delta[k], local[k] - g[k]) for k in g)
+    assert res.num_words == len(encode(u.history, ck.vocab)) and res.steps > 0 and res.loss > 0
+
+
+def test_too_little_history_gives_zero_weight(tiny_loaded):
+    ck, tok = tiny_loaded
+    g = P.clone(ck.model.state_dict())
+    res = client_update(g, WordLM(ck.model.cfg), ck.vocab, tok, [], ClientConfig(), torch.Generator())
+    assert res.num_words == 0 and res.steps == 0 and P.global_norm(res.delta) == 0
+
+
+def test_personalization_lowers_most_users_loss(tiny_loaded, fixture_users):
+    """Fine-tuning on a user's history helps on the same user's future text (lr tuned for the tiny model)."""
+    ck, tok = tiny_loaded
+    table = WordTable.build(ck.vocab, tok, ck.model.cfg.base_vocab)
+    users = [u for u in fixture_users if len(u.history) >= 40][:8]
+    better = 0
+    for i, u in enumerate(users):
+        fut = encode(u.future, ck.vocab)
+        before = evaluate_loss(ck.model, table, fut)
+        m = WordLM(ck.model.cfg)
+        m.load_state_dict(local_finetune(ck.model, ck.vocab, tok, u.history, ClientConfig(lr=0.1), torch.Generator().manual_seed(i)))
+        better += evaluate_loss(m, table, fut) < before
+    assert better > len(users) / 2
