@@ -98,6 +98,18 @@ class FedkbApp(App):
     def push_extra(self, name: str) -> None:
         self.action_push_extra(name)
 
+    def use_global(self, checkpoint_dir: Path) -> None:
+        """A new global model arrived (a federated round finished): type with it from now on."""
+        try:
+            self.session.use_global(checkpoint_dir)
+        except FedkbError as e:
+            self.notify(f"cannot use {checkpoint_dir}: {e}", severity="error")
+            return
+        t = self.typing_screen
+        if t is not None:
+            t.refresh_all()
+        self.notify(f"typing with {self.session.label}")
+
     def action_push_extra(self, name: str) -> None:
         cls = self._extras.get(name)
         if cls is None:
@@ -105,7 +117,7 @@ class FedkbApp(App):
             return
         offer = {"session": self.session, "model_dir": self.session.model_dir,
                  "tokenizer_path": self.session.tokenizer.path, "devices_root": self.session.devices_root,
-                 "users_file": self.session.users_file}
+                 "users_file": self.session.users_file, "on_new_global": self.use_global}
         try:
             params = inspect.signature(cls).parameters
             kwargs = {k: v for k, v in offer.items() if k in params}

@@ -31,7 +31,7 @@ from federation.client import local_finetune
 from federation.config import ClientConfig
 from federation.device import Device
 from models import atomic, params
-from models.checkpoint import load_model, load_tensors, save_tensors
+from models.checkpoint import load_checkpoint, load_model, load_tensors, save_tensors
 from models.datasets import UserData, load_users
 from models.errors import FedkbError
 from models.evaluate import simulate_typing
@@ -139,6 +139,19 @@ class KeyboardSession:
         self.predictor.vocab = self.vocab.add(device.personal_words())  # the caches are rebuilt once, below
         self.predictor.base_vocab = self.vocab
         self.apply_params(self._load_delta())
+
+    def use_global(self, model_dir: Path) -> None:
+        """Switch to another global model (e.g. a new federated round); call from the UI thread.
+
+        The device's personal delta, if any, is applied on top of the new global model
+        (personal = global + delta, as on a phone whose base model was updated).
+        """
+        ckpt = load_checkpoint(Path(model_dir), self.tokenizer)
+        if ckpt.model.cfg != self.model.cfg:
+            raise FedkbError(f"{model_dir} has another architecture than the model in use")
+        self.model_dir, self.meta, self.vocab = Path(model_dir), ckpt.meta, ckpt.vocab
+        self.global_params = params.clone(ckpt.model.state_dict())
+        self.open(self.user_id)  # same model and predictor objects: new params, vocabulary, personal words
 
     @property
     def simulated(self) -> bool:

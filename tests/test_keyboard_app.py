@@ -231,3 +231,23 @@ async def test_megabyte_paste_is_cut_to_one_message(tiny, tmp_path):
         await pilot.press("enter")
         await pilot.pause()
         assert len(app.session.device.history()[0]) <= MAX_MESSAGE_CHARS
+
+
+@sync
+async def test_new_global_model_from_federation_is_used_for_typing(tiny, tmp_path):
+    from models.checkpoint import load_model, save_checkpoint
+
+    ckpt, tok = load_model(*tiny)
+    with torch.no_grad():
+        ckpt.model.word_bias[ckpt.vocab.index["zebra"] if "zebra" in ckpt.vocab else 10] += 50.0
+    new = ckpt.vocab.add(["quokkaword"])
+    save_checkpoint(tmp_path / "round3", ckpt.model, new, tok, meta={"kind": "global", "round": 3})
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        before = list(strip(app))
+        app.use_global(tmp_path / "round3")
+        await pilot.pause()
+        assert app.session.label == "global round 3"
+        assert "quokkaword" in app.session.predictor.vocab  # the new vocabulary version came with it
+        boosted = ckpt.vocab.words[ckpt.vocab.index.get("zebra", 10)]
+        assert strip(app)[0].lower() == boosted and strip(app) != before
