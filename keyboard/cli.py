@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from models.errors import FedkbError
 
@@ -52,6 +53,28 @@ def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def toml_defaults(path: Path, command: str, parser: argparse.ArgumentParser) -> dict:
+    """Option defaults from a TOML file: `rounds = 50` or `[simulate]\nrounds = 50` (dashes or underscores)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FedkbError(f"cannot read {path}: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FedkbError(f"{path} is not valid TOML: {e}") from None
+    table = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    table.update(data.get(command, {}))
+    known = {a.dest for a in parser._actions}
+    out = {}
+    for key, value in table.items():
+        dest = key.replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise FedkbError(f"{path}: unknown option {key!r} for `fedkb {command}`")
+        out[dest] = value
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
@@ -63,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     module = _load(name)
     parser = argparse.ArgumentParser(prog=f"fedkb {name}", description=_HELP[name])
     module.add_arguments(parser)
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
+                        help="defaults for these options from a TOML file (keys = option names, "
+                             "top level or under a [COMMAND] table); flags given on the command line win")
+    try:
+        pre, _ = parser.parse_known_args(argv[1:])
+        if pre.config is not None:
+            parser.set_defaults(**toml_defaults(pre.config, name, parser))
+    except FedkbError as e:
+        print(f"fedkb {name}: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)

@@ -1,0 +1,45 @@
+"""The CLI dispatcher: TOML config defaults, clear errors."""
+
+import argparse
+
+import pytest
+
+from keyboard.cli import main, toml_defaults
+from models.errors import FedkbError
+
+
+def _parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--server-opt", default="fedavg")
+    return p
+
+
+def test_toml_defaults_top_level_and_command_table(tmp_path):
+    f = tmp_path / "sim.toml"
+    f.write_text('rounds = 3\n[simulate]\nserver-opt = "fedadam"\n')
+    assert toml_defaults(f, "simulate", _parser()) == {"rounds": 3, "server_opt": "fedadam"}
+    p = _parser()
+    p.set_defaults(**toml_defaults(f, "simulate", p))
+    assert p.parse_args(["--rounds", "7"]).rounds == 7  # the command line wins
+    assert p.parse_args([]).server_opt == "fedadam"
+
+
+def test_toml_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3")
+    with pytest.raises(FedkbError, match="not valid TOML"):
+        toml_defaults(bad, "simulate", _parser())
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("roundz = 3")
+    with pytest.raises(FedkbError, match="unknown option 'roundz'"):
+        toml_defaults(unknown, "simulate", _parser())
+
+
+def test_config_flag_reaches_a_command(tmp_path, capsys, tiny):
+    f = tmp_path / "p.toml"
+    f.write_text(f'model = "{tiny[0]}"\ntokenizer = "{tiny[1]}"\njson = true\n')
+    assert main(["predict", "how are ", "--config", str(f)]) == 0
+    assert '"suggestions"' in capsys.readouterr().out
+    assert main(["predict", "x", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
