@@ -18,7 +18,6 @@ the keyboard would see (a test holds them equal).
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -57,17 +56,6 @@ class TypingStats:
         }
 
 
-def _prefix_top(pred: Predictor, scores: torch.Tensor, prefix: str, k: int) -> list[str]:
-    lo = bisect.bisect_left(pred._sorted, prefix)
-    hi = bisect.bisect_left(pred._sorted, prefix + "\U0010ffff", lo)
-    if lo >= hi:
-        return []
-    cand = pred._sorted_idx[lo:hi]
-    sub = scores[cand]
-    top = torch.topk(sub, min(k, len(sub)))
-    return [pred.vocab.words[int(cand[i])] for i, s in zip(top.indices.tolist(), top.values.tolist()) if s > float("-inf")]
-
-
 @torch.no_grad()
 def simulate_message(pred: Predictor, message: str, k: int = 3) -> TypingStats:
     toks = sentence_tokens(message)[: MAX_MESSAGE_WORDS + 1]
@@ -94,7 +82,7 @@ def simulate_message(pred: Predictor, message: str, k: int = 3) -> TypingStats:
         accepted = False
         if known:
             for typed in range(len(word)):
-                cands = sugg if typed == 0 else _prefix_top(pred, scores[j], word[:typed], k)
+                cands = sugg if typed == 0 else pred.rank(scores[j], word[:typed], k)
                 if word in cands:
                     st.keys_typed += typed
                     st.keys_selected += 1

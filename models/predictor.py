@@ -117,20 +117,21 @@ class Predictor:
 
     def suggest(self, prefix: str = "", k: int | None = None) -> list[str]:
         """The k most likely next words starting with `prefix` (lower-cased), best first."""
-        k = k or self.k
-        prefix = prefix.lower()
-        scores = self.scores()
-        if not prefix:
-            top = torch.topk(scores, min(k, len(scores)))
-            return [self.vocab.words[i] for i, s in zip(top.indices.tolist(), top.values.tolist()) if s > float("-inf")]
-        lo = bisect.bisect_left(self._sorted, prefix)
-        hi = bisect.bisect_left(self._sorted, prefix + "\U0010ffff", lo)
-        if lo >= hi:
-            return []
-        cand = self._sorted_idx[lo:hi]
-        sub = scores[cand]
-        top = torch.topk(sub, min(k, len(sub)))
-        return [self.vocab.words[int(cand[i])] for i, s in zip(top.indices.tolist(), top.values.tolist()) if s > float("-inf")]
+        return self.rank(self.scores(), prefix.lower(), k or self.k)
+
+    def rank(self, scores: torch.Tensor, prefix: str, k: int) -> list[str]:
+        """The k best words of `scores` (V,) that start with `prefix`: a binary search in the
+        alphabetical order for the prefix's range, then a top-k over that slice only."""
+        if prefix:
+            lo = bisect.bisect_left(self._sorted, prefix)
+            hi = bisect.bisect_left(self._sorted, prefix + "\U0010ffff", lo)
+            if lo >= hi:
+                return []
+            cand = self._sorted_idx[lo:hi]
+            scores = scores[cand]
+        top = torch.topk(scores, min(k, len(scores)))
+        ids = top.indices if not prefix else cand[top.indices]
+        return [self.vocab.words[i] for i, s in zip(ids.tolist(), top.values.tolist()) if s > float("-inf")]
 
     def suggest_for(self, text: str, k: int | None = None) -> list[str]:
         """Suggestions for everything typed so far (rebuilds the context: for one-off use)."""
