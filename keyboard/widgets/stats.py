@@ -22,4 +22,4 @@ class StatsBar(Static):
         if incognito:
             t.append("  ·  ")
             t.append(" incognito ", style="reverse")
-        self.update(t)
+        self.update(t, layout=False)  # one fixed-height line (app.tcss): no re-layout per keystroke

@@ -49,7 +49,7 @@ class SuggestionStrip(Horizontal):
             word = words[rank] if rank < len(words) else ""
             if word != widget.word:
                 widget.word = word
-                widget.update(word)
+                widget.update(word, layout=False)  # fixed size (app.tcss): no re-layout per keystroke
             widget.set_class(rank == 0, "best")
 
     @property
