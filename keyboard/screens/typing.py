@@ -51,7 +51,7 @@ class TypingScreen(Screen):
             # a message is at most MAX_MESSAGE_CHARS (the device stores no more): a 1 MB paste is cut there,
             # so the Input itself (which re-measures its whole value per key) stays fast
             yield MessageInput(placeholder="Type here: Tab accepts the centre suggestion, Enter sends", id="text",
-                        max_length=MAX_MESSAGE_CHARS)
+                        max_length=MAX_MESSAGE_CHARS, on_change=self.typed)
             yield SuggestionStrip(id="suggestions")
             yield StatsBar(id="stats")
             with Vertical(id="learn-panel"):
@@ -87,9 +87,9 @@ class TypingScreen(Screen):
         self.query_one(StatsBar).show(self.typing.stats, s.label, s.user_id, s.incognito)
 
     # -- typing ------------------------------------------------------------------------
-    @on(Input.Changed, "#text")
-    def typed(self, event: Input.Changed) -> None:
-        update = self.typing.update(event.value)
+    def typed(self, value: str) -> None:
+        """Every change of the text (MessageInput calls this directly: see its docstring)."""
+        update = self.typing.update(value)
         if update.new_words and self.app.session.add_personal_words(update.new_words):
             self.typing.resync()
         self.query_one(SuggestionStrip).show(self.typing.suggestions)

@@ -7,7 +7,21 @@ from textual.widgets import Input
 
 
 class MessageInput(Input):
-    """Input with `max_length`: a paste longer than the room left is truncated (and says so)."""
+    """Input with `max_length`: a paste longer than the room left is truncated (and says so).
+
+    `on_change(value)` is called from the input's own message handler, so a keystroke
+    reaches the typing logic without `Input.Changed` bubbling through the containers to
+    the screen (each hop is another turn of a message queue: ~8 ms p50 per keystroke here).
+    """
+
+    def __init__(self, *args, on_change=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_change = on_change
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if self.on_change is not None and event.input is self:
+            event.stop()
+            self.on_change(event.value)
 
     def _on_paste(self, event: events.Paste) -> None:
         event.stop()
