@@ -37,7 +37,6 @@ from models.datasets import UserData, load_users
 from models.errors import FedkbError
 from models.lm import WordLM
 from models.tokenizer import Tokenizer
-from models.vocab import Vocabulary
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"

@@ -23,7 +23,7 @@ from models.lm import LMConfig, WordLM, WordTable
 from models.text import sentence_tokens
 from models.tokenizer import Tokenizer
 from models.train import TrainConfig, encode, fit, make_optimizer, steps_per_run
-from models.vocab import Vocabulary, build_vocab
+from models.vocab import build_vocab
 
 
 @dataclass(frozen=True)
