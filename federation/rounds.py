@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -47,17 +47,25 @@ class Evaluator:
     model: WordLM  # workspace for the global parameters
     tokenizer: Tokenizer
     messages: list[str]  # the evaluation users' future messages (kept in memory, never written)
+    _cache: tuple = field(default=(None, None, None), init=False, repr=False)  # (vocab, table, encoded messages)
+
+    def _inputs(self, vocab: Vocabulary):
+        from models.lm import WordTable
+
+        if self._cache[0] != vocab:  # vocabularies are immutable (frozen), so equal ones share the inputs
+            table = WordTable.build(vocab, self.tokenizer, self.model.cfg.base_vocab)
+            self._cache = (vocab, table, encode(self.messages, vocab))
+        return self._cache[1], self._cache[2]
 
     def __call__(self, params: dict[str, Tensor], vocab: Vocabulary) -> dict:
         from models.evaluate import simulate_typing
-        from models.lm import WordTable
         from models.predictor import Predictor
 
         self.model.load_state_dict(params)
         pred = Predictor(self.model, vocab, self.tokenizer)
         s = simulate_typing(pred, self.messages)
-        table = WordTable.build(vocab, self.tokenizer, self.model.cfg.base_vocab)
-        loss = evaluate_loss(self.model, table, encode(self.messages, vocab))
+        table, stream = self._inputs(vocab)
+        loss = evaluate_loss(self.model, table, stream)
         return {"top1": s["top1"], "top3": s["top3"], "ksr": s["ksr"], "eval_loss": round(loss, 5), "eval_words": s["words"]}
 
 

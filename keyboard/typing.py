@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from models.ksr import keystroke_savings
 from models.text import BOS, MAX_CONTEXT_WORDS, is_word, sentence_tokens, split_partial
 
 if TYPE_CHECKING:  # the keystroke logic works with any predictor of this interface (models/predictor.py or models/numpy_predictor.py)
@@ -90,9 +91,7 @@ class LiveStats:
     @property
     def ksr(self) -> float:
         """Keystroke savings rate in %: 1 - (typed + selected) / without prediction."""
-        if not self.keys_without:
-            return 0.0
-        return 100.0 * (1 - (self.keys_typed + self.keys_selected) / self.keys_without)
+        return keystroke_savings(self.keys_typed, self.keys_selected, self.keys_without)
 
     @property
     def keys_saved(self) -> int:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from models.ksr import keystroke_savings
 from models.predictor import Predictor
 from models.text import BOS, sentence_tokens
 
@@ -45,12 +46,11 @@ class TypingStats:
 
     def summary(self) -> dict:
         w = max(self.words, 1)
-        kw = max(self.keys_without, 1)
         return {
             "words": self.words,
             "top1": round(100.0 * self.top1_hits / w, 3),
             "top3": round(100.0 * self.top3_hits / w, 3),
-            "ksr": round(100.0 * (1 - (self.keys_typed + self.keys_selected) / kw), 3),
+            "ksr": round(keystroke_savings(self.keys_typed, self.keys_selected, self.keys_without), 3),
             "oov_rate": round(100.0 * self.oov / w, 3),
             **{k: v for k, v in asdict(self).items() if k.startswith("keys")},
         }

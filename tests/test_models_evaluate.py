@@ -82,3 +82,15 @@ def test_hand_counted_keystrokes(tiny_loaded):
     r = simulate_typing(pred, ["hello how are you", "fine."])
     assert r["words"] == 5 and r["keys_without"] == 6 + 4 + 4 + 4 + 5 == r["keys_typed"]
     assert r["top1"] == r["top3"] == r["ksr"] == 0.0 and r["messages"] == 2
+
+
+def test_one_ksr_formula_for_offline_and_live_counts():
+    from keyboard.typing import LiveStats
+    from models.ksr import keystroke_savings
+
+    assert keystroke_savings(3, 1, 8) == 50.0
+    assert keystroke_savings(0, 0, 0) == 0.0  # nothing typed: nothing saved, no division by zero
+    live = LiveStats(keys_typed=3, keys_selected=1, keys_without=8)
+    offline = TypingStats(words=2, keys_typed=3, keys_selected=1, keys_without=8).summary()
+    assert live.ksr == offline["ksr"] == 50.0
+    assert LiveStats().ksr == TypingStats().summary()["ksr"] == 0.0
