@@ -8,7 +8,8 @@
   training FLOPs) against the float32 matmul peak measured in this same run.
 * memory: peak RSS of a process that builds a population of 1,000 vs 10,000 (resampled)
   users and runs rounds over it.
-* scaling: seconds per round (sequential) at several K, and seconds per client.
+* scaling: seconds per round's client updates (sequential) at several K, several random
+  cohorts each, with a least-squares line and its R^2, and seconds per 1,000 words.
 """
 
 from __future__ import annotations
@@ -83,6 +84,43 @@ def time_engine(engine, ck, tasks) -> dict:
     return {"seconds": round(s, 3), "clients_per_s": round(len(tasks) / s, 3), "tokens_per_s": round(words[0] / s, 1), "tokens": words[0]}
 
 
+def time_vs_k(ck, pop, client, tok, ks: list[int], reps: int) -> dict:
+    """Seconds per round's client updates (sequential engine) at each K, `reps` random cohorts each.
+
+    Users' histories differ ~25x in length, so one cohort per K is mostly noise; the mean
+    over cohorts, a least-squares line seconds = a + b K with its R^2, and seconds per
+    1,000 training words (which should not depend on K) show whether time is linear in K.
+    """
+    from federation.engine_sequential import SequentialEngine
+
+    rows, xs, ys = [], [], []
+    with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as eng:
+        eng.run(ck.model.state_dict(), ck.vocab, tasks_for(pop, 2, seed=99), lambda t, r: None)  # warm-up
+        for k in ks:
+            secs, words = [], []
+            for rep in range(reps):
+                n = [0]
+                t = time.perf_counter()
+                eng.run(ck.model.state_dict(), ck.vocab, tasks_for(pop, k, seed=1000 * k + rep),
+                        lambda task, res: n.__setitem__(0, n[0] + res.num_words))
+                secs.append(time.perf_counter() - t)
+                words.append(n[0])
+                xs.append(k)
+                ys.append(secs[-1])
+            rows.append({"k": k, "seconds_mean": round(sum(secs) / reps, 3), "seconds": [round(x, 3) for x in secs],
+                         "seconds_per_client": round(sum(secs) / reps / k, 4),
+                         "seconds_per_1000_words": round(1000 * sum(secs) / sum(words), 4)})
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else float("nan")
+    a = my - b * mx
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    fit = {"intercept_s": round(a, 3), "seconds_per_client": round(b, 4), "r2": round(1 - ss_res / ss_tot, 4) if ss_tot else None}
+    return {"reps": reps, "rows": rows, "linear_fit": fit}
+
+
 def memory_child(args) -> None:
     """Build a population of args.memory_child users and run 2 rounds of --memory-k clients; print peak RSS."""
     from federation.config import SimulationConfig
@@ -116,6 +154,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=100, help="clients in the engine comparison (default: 100)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--scaling-k", default="5,10,20", help="K values for time per round (default: 5,10,20)")
+    p.add_argument("--scaling-reps", type=int, default=3, help="random cohorts per K (default: 3)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-k", type=int, default=5, help="clients per round in the memory runs (default: 5)")
     p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
@@ -148,15 +187,7 @@ def main() -> None:
         out["train_flops_per_token"] = flops_tok
 
         torch.set_num_threads(cores)
-        scaling = []
-        with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as eng:
-            eng.run(ck.model.state_dict(), ck.vocab, tasks[:2], lambda t, r: None)
-            for k in [int(x) for x in args.scaling_k.split(",")]:
-                t = time.perf_counter()
-                eng.run(ck.model.state_dict(), ck.vocab, tasks_for(pop, k, seed=k), lambda t, r: None)
-                s = time.perf_counter() - t
-                scaling.append({"k": k, "seconds": round(s, 3), "seconds_per_client": round(s / k, 4)})
-        out["time_per_round_vs_k"] = scaling
+        out["time_per_round_vs_k"] = time_vs_k(ck, pop, client, tok, [int(x) for x in args.scaling_k.split(",")], args.scaling_reps)
 
     if not args.skip_memory:
         mem = {}

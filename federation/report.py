@@ -12,6 +12,7 @@ without ids; the text never leaves the device folders.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -137,8 +138,11 @@ def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig |
     def gains(a: str, b: str, key: str) -> list[float]:
         return [r[b][key] - r[a][key] for r in rows]
 
-    def rel(a: str, b: str) -> list[float]:
-        return [(r[b]["top1"] - r[a]["top1"]) / r[a]["top1"] for r in rows if r[a]["top1"] > 0]
+    def rel(a: str, b: str, key: str = "top1") -> list[float]:
+        return [(r[b][key] - r[a][key]) / r[a][key] for r in rows if r[a][key] > 0]
+
+    def median_or_none(xs: list[float]) -> float | None:
+        return statistics.median(xs) if xs else None
 
     def mean(key: str, model: str) -> float:
         return round(statistics.mean(r[model][key] for r in rows), 3)
@@ -150,9 +154,14 @@ def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig |
         "personalized_vs_global": {
             "top1_gain_points": gains("global", "personalized", "top1"),
             "median_top1_gain_points": statistics.median(gains("global", "personalized", "top1")),
-            "median_relative_top1_gain": statistics.median(rel("global", "personalized")) if rel("global", "personalized") else None,
+            "median_relative_top1_gain": median_or_none(rel("global", "personalized")),
             "share_better_top1": sum(g > 0 for g in gains("global", "personalized", "top1")) / len(rows),
             "share_worse_top1": sum(g < 0 for g in gains("global", "personalized", "top1")) / len(rows),
+            "median_relative_ksr_gain": median_or_none(rel("global", "personalized", "ksr")),
+            "share_better_ksr": sum(g > 0 for g in gains("global", "personalized", "ksr")) / len(rows),
+            "share_worse_ksr": sum(g < 0 for g in gains("global", "personalized", "ksr")) / len(rows),
+            # perplexity ratio personalized / global, per user: exp(loss difference)
+            "median_relative_perplexity_change": statistics.median(math.expm1(g) for g in gains("global", "personalized", "loss")),
             "share_better_loss": sum(g < 0 for g in gains("global", "personalized", "loss")) / len(rows),
         },
         "global_vs_base": {

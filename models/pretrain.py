@@ -4,7 +4,10 @@ The vocabulary (the `base_vocab` most frequent words of the pretraining text)
 and the model are built here; training state (weights, Adam moments, the
 generator, the step) is saved atomically every `save_every` steps under
 `work_dir`, so a killed run resumes where it stopped.  The finished model is
-written as a checkpoint directory (shipped as `data/base/`).
+written as a checkpoint directory (shipped as `data/base/`).  A second stage
+continues a finished model (`init`), e.g. with the exact softmax after a
+sampled-softmax first stage (Jean et al. 2015, "On Using Very Large Target
+Vocabulary for Neural Machine Translation").
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 from models import atomic
-from models.checkpoint import load_tensors, save_checkpoint, save_tensors
+from models.checkpoint import WEIGHTS, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from models.lm import LMConfig, WordLM, WordTable
 from models.text import sentence_tokens
 from models.tokenizer import Tokenizer
@@ -56,19 +59,30 @@ def pretrain(
     work_dir: Path,
     cfg: PretrainConfig = PretrainConfig(),
     on_step: Callable[[int, int, float], None] | None = None,
+    init: Path | None = None,
 ) -> None:
+    """Train from scratch, or, with `init` (a checkpoint directory), continue training that
+    model with its vocabulary and architecture (a second stage, e.g. with the exact softmax;
+    `cfg.model` is then ignored)."""
     work_dir = Path(work_dir)
-    vocab = build_vocab((sentence_tokens(l) for l in lines), cfg.model.base_vocab)
-    model_cfg = LMConfig(**{**asdict(cfg.model), "num_pieces": tokenizer.num_pieces})
-    model = WordLM(model_cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model.reset_parameters(gen)
+    init_id, parent = None, None
+    if init is not None:
+        parent = load_checkpoint(init, tokenizer)
+        model, vocab, model_cfg = parent.model, parent.vocab, parent.model.cfg
+        init_id = hashlib.sha256((Path(init) / WEIGHTS).read_bytes()).hexdigest()
+    else:
+        vocab = build_vocab((sentence_tokens(l) for l in lines), cfg.model.base_vocab)
+        model_cfg = LMConfig(**{**asdict(cfg.model), "num_pieces": tokenizer.num_pieces})
+        model = WordLM(model_cfg)
+        model.reset_parameters(gen)
     table = WordTable.build(vocab, tokenizer, model_cfg.base_vocab)
     stream = encode(lines, vocab)
     opt = make_optimizer(model, cfg.train)
     total = steps_per_run(len(stream), cfg.train)
 
-    fingerprint = hashlib.sha256(json.dumps([asdict(cfg), tokenizer.sha256, len(stream), int(stream.sum())], sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([asdict(cfg), tokenizer.sha256, len(stream), int(stream.sum()), init_id],
+                                            sort_keys=True).encode()).hexdigest()[:16]
     start, lstm_state = 0, None
     carried: dict[str, tuple] = {}
     state_json = work_dir / "state.json"
@@ -110,4 +124,5 @@ def pretrain(
         "final_loss": losses[-1] if losses else None,
         "train": asdict(cfg.train),
         "seed": cfg.seed,
+        **({"init": {"weights_sha256": init_id, "meta": parent.meta}} if parent else {}),
     })

@@ -106,6 +106,8 @@ def test_report_writes_plots_and_personalization_study(reference_run, tmp_path):
     assert all(Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in rep["files"])
     p = rep["personalization"]
     assert p["users"] == 4 and len(p["personalized_vs_global"]["top1_gain_points"]) == 4
-    assert 0.0 <= p["personalized_vs_global"]["share_worse_top1"] <= 1.0
+    pv = p["personalized_vs_global"]
+    assert 0.0 <= pv["share_worse_top1"] <= 1.0 and 0.0 <= pv["share_better_ksr"] + pv["share_worse_ksr"] <= 1.0
+    assert pv["median_relative_perplexity_change"] > -1.0  # a ratio of perplexities minus one
     assert rep["summary"]["rounds"] == 4 and rep["summary"]["aggregated"] > 0
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["summary"] == rep["summary"]

@@ -57,3 +57,18 @@ def test_pretrain_restarts_when_config_changes(tiny, tmp_path):
     other = PretrainConfig(model=_cfg().model, train=TrainConfig(epochs=0.5, batch_size=8, bptt=8, sampled_softmax=64), seed=4, save_every=4)
     pretrain(lines, tok, tmp_path / "m", tmp_path / "work", other, on_step=lambda s, n, l: steps.append(s))
     assert steps[0] == 1
+
+
+def test_second_stage_continues_a_model_with_its_vocabulary(tiny, tmp_path):
+    tok = Tokenizer(tiny[1])
+    lines = load_pretrain_lines(FIXTURES / "pretrain.txt.gz")[:300]
+    pretrain(lines, tok, tmp_path / "stage1", tmp_path / "work1", _cfg())
+    first = load_checkpoint(tmp_path / "stage1", tok)
+    exact = PretrainConfig(train=TrainConfig(epochs=0.5, batch_size=8, bptt=8, lr=1e-3, lr_decay=True, sampled_softmax=0), seed=5, save_every=4)
+    pretrain(lines[:150], tok, tmp_path / "stage2", tmp_path / "work2", exact, init=tmp_path / "stage1")
+    second = load_checkpoint(tmp_path / "stage2", tok)
+    assert second.vocab == first.vocab and second.model.cfg == first.model.cfg  # `exact.model` is ignored
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained
+    assert second.meta["init"]["meta"]["train"]["sampled_softmax"] == 64
+    assert second.meta["train"]["sampled_softmax"] == 0

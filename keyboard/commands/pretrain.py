@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: all cores; 1 is faster when other jobs share the cores)")
+    parser.add_argument("--init", type=Path, default=None, metavar="DIR",
+                        help="continue training this checkpoint (its vocabulary and size) instead of starting from scratch")
     parser.add_argument("--limit-lines", type=int, default=0, help="use only the first N lines (smoke tests)")
 
 
@@ -62,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from models.errors import FedkbError
+
+    if args.init is not None and args.init.resolve() == args.out.resolve():
+        raise FedkbError(f"--init and --out are the same directory ({args.out}); write the continued model elsewhere")
     if args.threads:
         torch.set_num_threads(args.threads)
     _, tok_path = default_paths()
@@ -82,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, loss=loss)
 
-        pretrain(lines, tokenizer, args.out, args.work, cfg, on_step=on_step)
+        pretrain(lines, tokenizer, args.out, args.work, cfg, on_step=on_step, init=args.init)
     print(f"wrote {args.out}")
     return 0

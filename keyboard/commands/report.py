@@ -15,6 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1)
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -32,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
     if p:
         m, pv = p["mean"], p["personalized_vs_global"]
         print(f"personalization ({p['users']} users): mean top-1 base {m['base']['top1']}% / global {m['global']['top1']}% / "
-              f"personalized {m['personalized']['top1']}%; median relative top-1 gain {pv['median_relative_top1_gain']}; "
+              f"personalized {m['personalized']['top1']}%; median relative top-1 gain {_pct(pv['median_relative_top1_gain'])}; "
               f"{100 * pv['share_better_top1']:.0f}% better, {100 * pv['share_worse_top1']:.0f}% worse (top-1), "
-              f"{100 * pv['share_better_loss']:.0f}% lower loss")
+              f"{100 * pv['share_better_loss']:.0f}% lower loss (median perplexity change "
+              f"{100 * pv['median_relative_perplexity_change']:+.1f}%); KSR {100 * pv['share_better_ksr']:.0f}% better, "
+              f"{100 * pv['share_worse_ksr']:.0f}% worse, median relative gain {_pct(pv['median_relative_ksr_gain'])}")
     for f in rep["files"]:
         print(f"wrote {f}")
     return 0
