@@ -128,10 +128,7 @@ def memory_child(args) -> None:
     from federation.rounds import run_round
     from federation.server import init_state
 
-    from federation.memory import pin_mmap_threshold
-
     torch.set_num_threads(1)
-    pin_mmap_threshold()
     with tempfile.TemporaryDirectory() as d:
         ck, tok, pop, client = setup(args, Path(d), args.memory_child)
         sim = SimulationConfig(clients_per_round=args.memory_k, users=pop.size)

@@ -27,7 +27,7 @@ from torch import Tensor
 from federation.client import ClientResult
 from federation.config import ClientConfig
 from federation.engine_sequential import ClientRunner, ClientTask, Consume
-from federation.memory import pin_mmap_threshold
+from federation.memory import TRIM_EVERY, release_free_memory
 from models import params as P
 from models.errors import FedkbError
 from models.lm import LMConfig, WordLM
@@ -48,7 +48,6 @@ def _views(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_buf, control, tasks, results, ack):
     torch.set_num_threads(1)
-    pin_mmap_threshold()
     try:
         runner = ClientRunner(model_cfg, tokenizer_path, devices_root, cfg)
         like = runner.model.state_dict()
@@ -60,12 +59,18 @@ def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta
             _round, vocab_json = msg
             if vocab_json is not None:
                 runner.set_vocab(Vocabulary.from_json(vocab_json))
+            done = 0
             while True:
                 task = tasks.get()
                 if task is _STOP:
+                    release_free_memory()
                     break
                 res = runner.run(global_params, task)
                 delta_buf.copy_(P.flatten(res.delta))
+                del res.delta
+                done += 1
+                if done % TRIM_EVERY == 0:
+                    release_free_memory()  # memory flat within and across rounds (federation/memory.py)
                 results.put((wid, task, res.num_words, res.loss, res.steps, res.seconds, None))
                 ack.acquire()
     except BaseException:  # report, don't hang the main process

@@ -2,24 +2,38 @@
 
 Each round allocates and frees many 8-16 MB vectors (deltas, fixed-point reports, masks).
 glibc raises its mmap threshold dynamically after such a free, so later vectors come from
-the heap, where small tensors allocated in between pin the freed holes: measured here, the
-resident size grew ~400 MB per round at K = 30 with secure aggregation, and stayed flat
-(433 -> 436 MB over 3 rounds) with the threshold pinned at 1 MB.  Pinning it means big
-buffers are always mmapped and returned to the OS on free.
+the heap, where small tensors allocated in between pin the freed holes: the resident size
+grows round after round (measured: ~25 MB a round in the server process and ~100 MB a round
+in each parallel worker at K = 30 with secure aggregation).
+
+The fix is `malloc_trim(0)` after every `TRIM_EVERY` client updates and at the end of each
+round: glibc hands every free page back to the OS (``MADV_DONTNEED`` on whole free pages,
+holes included) while the heap stays in place for the next allocation.  Measured at K = 30
+over 5-8 rounds: the server process flat at 363 MB (parallel engine) / 429-430 MB (sequential),
+each worker flat at 415-416 MB.  An earlier fix pinned the mmap threshold at 1 MB (every big
+buffer mmapped and returned on free); it kept memory flat too, but every training step then
+page-faulted its logits and gradients in afresh and local training ran 1.8x slower.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
-M_MMAP_THRESHOLD = -3  # from <malloc.h>
+TRIM_EVERY = 8  # client updates between trims: a trim makes the next update fault its buffers in again (~10 % if every client)
 
 
-def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """mallopt(M_MMAP_THRESHOLD, nbytes) on glibc; False (and nothing changed) elsewhere."""
+@functools.cache
+def _libc():
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
-    except (OSError, AttributeError):
-        return False
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> bool:
+    """malloc_trim(0) on glibc (free heap pages back to the OS); False, doing nothing, elsewhere."""
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

@@ -28,6 +28,7 @@ from federation import privacy
 from federation.aggregate import Aggregator
 from federation.config import SimulationConfig
 from federation.device import Device
+from federation.memory import TRIM_EVERY, release_free_memory
 from federation.engine_sequential import ClientTask
 from federation.sampling import Population, plan_round
 from federation.secagg import SecAggAborted, SecAggRound
@@ -107,6 +108,9 @@ def run_round(
         if agg.add(task.device, delta, res.num_words) and res.steps:
             losses.append((res.loss, res.num_words))
         client_s.append(res.seconds)
+        del delta, res
+        if len(client_s) % TRIM_EVERY == 0:
+            release_free_memory()  # memory flat within and across rounds (federation/memory.py)
 
     t_train = time.perf_counter()
     engine.run(state.params, state.vocab, tasks, consume)
@@ -148,6 +152,8 @@ def run_round(
     }
     if discovery is not None:
         m["discovery"] = discovery
+    del agg, secagg, mean
+    release_free_memory()
     t_eval = time.perf_counter()
     if evaluator is not None and (rnd % sim.eval_every == 0 or rnd == sim.rounds):
         m.update(evaluator(new_state.params, new_state.vocab))

@@ -27,7 +27,6 @@ import torch
 
 from federation.config import SimulationConfig
 from federation.engine_parallel import make_engine
-from federation.memory import pin_mmap_threshold
 from federation.rounds import Discover, Evaluator, run_round
 from federation.sampling import Population, build_population, eval_users
 from federation.server import ServerState, init_state
@@ -88,7 +87,6 @@ class Simulation:
                  resume: bool = False, discover: Discover | None = None):
         from models.checkpoint import default_paths
 
-        pin_mmap_threshold()  # memory flat across rounds (see federation/memory.py)
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / CONFIG
         if cfg_path.exists() and not resume and latest_round(self.run_dir) is not None:
