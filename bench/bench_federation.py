@@ -7,7 +7,7 @@
   clients/s, tokens/s, their ratio; achieved FLOP/s (analytic count of the LSTM LM's
   training FLOPs) against the float32 matmul peak measured in this same run.
 * memory: peak RSS of a process that builds a population of 1,000 vs 10,000 (resampled)
-  users and runs rounds over it.
+  users and runs rounds over it (median of --memory-reps runs each).
 * scaling: seconds per round's client updates (sequential) at several K, several random
   cohorts each, with a least-squares line and its R^2, and seconds per 1,000 words.
 """
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,7 @@ def main() -> None:
     p.add_argument("--scaling-reps", type=int, default=3, help="random cohorts per K (default: 3)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--memory-k", type=int, default=5, help="clients per round in the memory runs (default: 5)")
+    p.add_argument("--memory-reps", type=int, default=3, help="peak-RSS runs per population size (default: 3)")
     p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -187,16 +189,19 @@ def main() -> None:
         out["time_per_round_vs_k"] = time_vs_k(ck, pop, client, tok, [int(x) for x in args.scaling_k.split(",")], args.scaling_reps)
 
     if not args.skip_memory:
-        mem = {}
-        for n in (1000, 10000):
-            cmd = [sys.executable, __file__, "--memory-child", str(n), "--memory-k", str(args.memory_k), "--model", str(args.model),
-                   "--tokenizer", str(args.tokenizer)]
-            if args.users_file:
-                cmd += ["--users-file", str(args.users_file)]
-            r = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            mem[n] = json.loads(r.stdout.strip().splitlines()[-1])["max_rss_mb"]
-        out["memory_mb"] = {"clients_per_round": args.memory_k, "population_1000": round(mem[1000], 1), "population_10000": round(mem[10000], 1),
-                            "ratio_10000_over_1000": round(mem[10000] / mem[1000], 3)}
+        mem: dict[int, list[float]] = {1000: [], 10000: []}
+        for _ in range(args.memory_reps):  # peak RSS varies +-30 MB run to run (allocation timing): medians
+            for n in mem:
+                cmd = [sys.executable, __file__, "--memory-child", str(n), "--memory-k", str(args.memory_k), "--model", str(args.model),
+                       "--tokenizer", str(args.tokenizer)]
+                if args.users_file:
+                    cmd += ["--users-file", str(args.users_file)]
+                r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                mem[n].append(round(json.loads(r.stdout.strip().splitlines()[-1])["max_rss_mb"], 1))
+        med = {n: statistics.median(v) for n, v in mem.items()}
+        out["memory_mb"] = {"clients_per_round": args.memory_k, "population_1000": mem[1000], "population_10000": mem[10000],
+                            "median_1000": med[1000], "median_10000": med[10000],
+                            "ratio_10000_over_1000": round(med[10000] / med[1000], 3)}
     print(json.dumps(out, indent=1))
 
 
