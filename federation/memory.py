@@ -6,13 +6,14 @@ the heap, where small tensors allocated in between pin the freed holes: the resi
 grows round after round (measured: ~25 MB a round in the server process and ~100 MB a round
 in each parallel worker at K = 30 with secure aggregation).
 
-The fix is `malloc_trim(0)` after every `TRIM_EVERY` client updates and at the end of each
+The fix is `malloc_trim(0)` after every `TRIM_EVERY` client updates and at the start of each
 round: glibc hands every free page back to the OS (``MADV_DONTNEED`` on whole free pages,
 holes included) while the heap stays in place for the next allocation.  Measured at K = 30
-over 5-8 rounds: the server process flat at 363 MB (parallel engine) / 429-430 MB (sequential),
-each worker flat at 415-416 MB.  An earlier fix pinned the mmap threshold at 1 MB (every big
-buffer mmapped and returned on free); it kept memory flat too, but every training step then
-page-faulted its logits and gradients in afresh and local training ran 1.8x slower.
+over 5 rounds (parallel engine): each worker flat at 415-416 MB, the server's resident size
+after a round between 459 and 513 MB with no trend, where untuned it climbed 473 -> 592 MB.
+An earlier fix pinned the mmap threshold at 1 MB (every big buffer mmapped and returned on
+free); it kept memory flat too, but every training step then page-faulted its logits and
+gradients in afresh and local training ran 1.8x slower.
 """
 
 from __future__ import annotations

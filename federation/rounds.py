@@ -89,6 +89,7 @@ def run_round(
     `tamper(task, delta) -> delta` lets tests play a faulty or malicious client.
     """
     t0 = time.perf_counter()
+    release_free_memory()  # the previous round's buffers: memory flat across rounds (federation/memory.py)
     rnd = state.round + 1
     k = sim.clients_per_round
     plan = plan_round(population.size, k, sim.over_selection, sim.dropout_min, sim.dropout_max, generator)
@@ -152,8 +153,6 @@ def run_round(
     }
     if discovery is not None:
         m["discovery"] = discovery
-    del agg, secagg, mean
-    release_free_memory()
     t_eval = time.perf_counter()
     if evaluator is not None and (rnd % sim.eval_every == 0 or rnd == sim.rounds):
         m.update(evaluator(new_state.params, new_state.vocab))
