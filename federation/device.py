@@ -137,18 +137,5 @@ class Device:
 
 
 def _read_jsonl(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                v = json.loads(line)
-            except ValueError:
-                continue  # a torn last line after a crash: skip it, keep the rest
-            if isinstance(v, str):
-                out.append(v)
-    return out
+    """The messages of a history/future file (a torn last line after a crash is skipped)."""
+    return [v for v in atomic.read_jsonl(path) if isinstance(v, str)]

@@ -17,7 +17,6 @@ OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -48,18 +47,7 @@ def checkpoint_dir(run_dir: Path, rnd: int) -> Path:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The metrics lines of a run (a torn last line is skipped)."""
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and "round" in obj:
-            out.append(obj)
-    return out
+    return [obj for obj in atomic.read_jsonl(Path(run_dir) / METRICS) if isinstance(obj, dict) and "round" in obj]
 
 
 def latest_round(run_dir: Path) -> int | None:
@@ -155,10 +143,7 @@ class Simulation:
         save_tensors(d / "server.safetensors", opt or {"_empty": torch.zeros(1)})
         save_tensors(d / "rng.safetensors", {"server": self.generator.get_state()})
         if metrics is not None:
-            with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            atomic.append_line(self.run_dir / METRICS, json.dumps(metrics))
         atomic.write_json(self.run_dir / LATEST, {"round": s.round, "checkpoint": str(d.relative_to(self.run_dir))})
         self._prune(s.round)
 

@@ -16,7 +16,6 @@ uninterrupted one.  No user text is stored: only words that >= theta users typed
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -51,19 +50,7 @@ def oov_rate(counts: Mapping[str, int], vocab) -> float | None:
 # -- the file -----------------------------------------------------------------------------------
 def read(run_dir: Path) -> list[dict]:
     """All records in round order (a torn last line after a crash is skipped)."""
-    p = path_of(run_dir)
-    if not p.exists():
-        return []
-    out = []
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("round"), int):
-                out.append(rec)
-    return out
+    return [rec for rec in atomic.read_jsonl(path_of(run_dir)) if isinstance(rec, dict) and isinstance(rec.get("round"), int)]
 
 
 def _write_all(run_dir: Path, records: list[dict]) -> None:
@@ -73,12 +60,7 @@ def _write_all(run_dir: Path, records: list[dict]) -> None:
 def append(run_dir: Path, round: int, info: Mapping) -> dict:
     """Append round `round`'s record (from discovery's info dict); returns it."""
     rec = {"round": int(round), **{k: v for k, v in info.items() if k != "round"}}
-    p = path_of(run_dir)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    atomic.append_line(path_of(run_dir), json.dumps(rec, ensure_ascii=False))
     return rec
 
 

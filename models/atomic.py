@@ -1,4 +1,9 @@
-"""Atomic file writes: write a temporary file beside the target, fsync, rename."""
+"""Crash-safe files.
+
+* `write_*`: atomic replace (write a temporary file beside the target, fsync, rename);
+* `append_line`: durable append (write, fsync): a crash leaves at most a torn last line;
+* `read_jsonl`: the matching reader, which skips a torn (or blank) line and keeps the rest.
+"""
 
 from __future__ import annotations
 
@@ -33,3 +38,35 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` and a newline, then fsync."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list:
+    """Every JSON value of a one-per-line file, in order; [] if it does not exist.
+
+    A line that does not parse (a torn last line after a crash) is skipped, and bytes
+    that are not UTF-8 (a character cut in two) are replaced, so a crash never makes
+    the rest of the file unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
