@@ -44,6 +44,7 @@ PRESAGE_CONFIGS = (Path("/etc/presage.xml"), Path("/usr/local/etc/presage.xml"))
 
 def run_presage(messages: list[str], timeout: float) -> dict:
     """KSR of presage_simulator (3 suggestions, stock config, fresh online-learning DB) on `messages`."""
+    from models.ksr import keystroke_savings
     from models.text import words
 
     exe = shutil.which("presage_simulator")
@@ -74,7 +75,7 @@ def run_presage(messages: list[str], timeout: float) -> dict:
     words_n = sum(len(l.split()) for l in lines)
     return {
         "ksr": round(float(vals["KSR"]), 3),
-        "ksr_corrected": round(100.0 * (1 - (ki - 1 + ks - 1) / (kn - 1)), 3),
+        "ksr_corrected": round(keystroke_savings(ki - 1, ks - 1, kn - 1), 3),
         "ki": ki, "ks": ks, "kn": kn, "words": words_n, "seconds": round(secs, 1),
         "ms_per_word": round(1000 * secs / max(words_n, 1), 2),
         "config": f"{config} with SUGGESTIONS=3, fresh user DB (online learning on)",

@@ -111,14 +111,11 @@ def time_vs_k(ck, pop, client, tok, ks: list[int], reps: int) -> dict:
             rows.append({"k": k, "seconds_mean": round(sum(secs) / reps, 3), "seconds": [round(x, 3) for x in secs],
                          "seconds_per_client": round(sum(secs) / reps / k, 4),
                          "seconds_per_1000_words": round(1000 * sum(secs) / sum(words), 4)})
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else float("nan")
-    a = my - b * mx
-    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    fit = {"intercept_s": round(a, 3), "seconds_per_client": round(b, 4), "r2": round(1 - ss_res / ss_tot, 4) if ss_tot else None}
+    fit = {"intercept_s": None, "seconds_per_client": None, "r2": None}  # a line needs two K values
+    if len(set(xs)) > 1:
+        b, a = statistics.linear_regression(xs, ys)
+        r2 = statistics.correlation(xs, ys) ** 2 if len(set(ys)) > 1 else None  # R^2 of a fitted line = r^2
+        fit = {"intercept_s": round(a, 3), "seconds_per_client": round(b, 4), "r2": round(r2, 4) if r2 is not None else None}
     return {"reps": reps, "rows": rows, "linear_fit": fit}
 
 

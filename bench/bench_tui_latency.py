@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     from keyboard.typing import TypingSession
     from keyboard.widgets.suggestions import SuggestionStrip
     from models.datasets import load_users
-    from models.predictor import Predictor, split_partial
+    from models.predictor import Predictor
+    from models.text import split_partial
 
     torch.set_num_threads(args.threads)
     text = " ".join(m for u in load_users(args.users) for m in u.future if m.isascii())

@@ -51,10 +51,6 @@ class Aggregator:
     norms: list[float] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
 
-    @property
-    def size(self) -> int:
-        return sum(v.numel() for v in self.reference.values()) + 1
-
     def add(self, device: int, update: dict[str, Tensor], num_words: int) -> bool:
         """Validate, clip, weight and sum one update; False if it was rejected."""
         why = validate(update, self.reference)

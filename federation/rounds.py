@@ -109,7 +109,6 @@ def run_round(
         if agg.add(task.device, delta, res.num_words) and res.steps:
             losses.append((res.loss, res.num_words))
         client_s.append(res.seconds)
-        del delta, res
         if len(client_s) % TRIM_EVERY == 0:
             release_free_memory()  # memory flat within and across rounds (federation/memory.py)
 

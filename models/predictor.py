@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from models.lm import WordLM, WordTable
-from models.text import BOS, MAX_CONTEXT_WORDS, SPECIALS, UNK, sentence_tokens, split_partial  # noqa: F401 (re-exported)
+from models.text import BOS, MAX_CONTEXT_WORDS, SPECIALS, UNK, sentence_tokens, split_partial
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from models.lm import WordTable
-from models.predictor import Predictor, split_partial
-from models.text import BOS, sentence_tokens
+from models.predictor import Predictor
+from models.text import BOS, sentence_tokens, split_partial
 
 
 def test_adding_words_changes_no_parameter_shape(tiny_loaded):
