@@ -3,9 +3,11 @@
     python bench/bench_federation.py [--k 100] [--model DIR] [--tokenizer F] [--users-file F] [--workers 2]
 
 * engines: one round's client updates (K clients) with the sequential engine (the
-  naive loop, torch using every core) and the parallel engine (W workers x 1 thread):
+  naive loop, torch using every core) and the parallel engine (W workers x 1 thread),
+  alternated --engine-reps times, medians compared:
   clients/s, tokens/s, their ratio; achieved FLOP/s (analytic count of the LSTM LM's
-  training FLOPs) against the float32 matmul peak measured in this same run.
+  training FLOPs) against the float32 matmul peak measured in this same run (best of one
+  measurement before and one after the engines).
 * memory: peak RSS of a process that builds a population of 1,000 vs 10,000 (resampled)
   users and runs rounds over it (median of --memory-reps runs each).
 * scaling: seconds per round's client updates (sequential) at several K, several random
@@ -72,17 +74,40 @@ def tasks_for(pop, k: int, seed: int = 0):
     return [ClientTask(i, u, pop.real_id(u), 1000 + i) for i, u in enumerate(idx)]
 
 
-def time_engine(engine, ck, tasks) -> dict:
+def time_engine(engine, ck, tasks) -> tuple[float, int]:
+    """Seconds for one round's client updates, and the words trained on."""
     words = [0]
 
     def consume(task, res):
         words[0] += res.num_words
 
-    engine.run(ck.model.state_dict(), ck.vocab, tasks[:2], lambda t, r: None)  # warm-up (tables, caches, workers)
     t = time.perf_counter()
     engine.run(ck.model.state_dict(), ck.vocab, tasks, consume)
-    s = time.perf_counter() - t
-    return {"seconds": round(s, 3), "clients_per_s": round(len(tasks) / s, 3), "tokens_per_s": round(words[0] / s, 1), "tokens": words[0]}
+    return time.perf_counter() - t, words[0]
+
+
+def compare_engines(seq_engine, par_engine, ck, tasks, reps: int, cores: int) -> tuple[dict, dict]:
+    """The two engines on the same clients, alternated `reps` times (seq, par, seq, par, ...).
+
+    Neighbours on a shared VM slow either engine by up to ~40 % for a minute at a time, so each
+    engine's median over alternating runs is compared, not one run against one.
+    """
+    runs: dict[str, list[float]] = {"sequential": [], "parallel": []}
+    for name, eng, threads in (("sequential", seq_engine, cores), ("parallel", par_engine, 1)):
+        torch.set_num_threads(threads)
+        eng.run(ck.model.state_dict(), ck.vocab, tasks[:2], lambda t, r: None)  # warm-up (tables, caches, workers)
+    words = 0
+    for _ in range(reps):
+        for name, eng, threads in (("sequential", seq_engine, cores), ("parallel", par_engine, 1)):
+            torch.set_num_threads(threads)  # sequential: torch on every core; parallel: 1 thread per process
+            s, words = time_engine(eng, ck, tasks)
+            runs[name].append(s)
+    out = []
+    for name in ("sequential", "parallel"):
+        s = statistics.median(runs[name])
+        out.append({"seconds": round(s, 3), "seconds_runs": [round(x, 3) for x in runs[name]],
+                    "clients_per_s": round(len(tasks) / s, 3), "tokens_per_s": round(words / s, 1), "tokens": words})
+    return out[0], out[1]
 
 
 def time_vs_k(ck, pop, client, tok, ks: list[int], reps: int) -> dict:
@@ -148,6 +173,7 @@ def main() -> None:
     p.add_argument("--users-file", type=Path, default=None)
     p.add_argument("--k", type=int, default=100, help="clients in the engine comparison (default: 100)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--engine-reps", type=int, default=3, help="alternating runs of each engine; medians compared (default: 3)")
     p.add_argument("--scaling-k", default="5,10,20", help="K values for time per round (default: 5,10,20)")
     p.add_argument("--scaling-reps", type=int, default=3, help="random cohorts per K (default: 3)")
     p.add_argument("--skip-memory", action="store_true")
@@ -167,14 +193,17 @@ def main() -> None:
         ck, tok, pop, client = setup(args, Path(d))
         tasks = tasks_for(pop, args.k)
         flops_tok = train_flops_per_token(ck.model.cfg, len(ck.vocab))
-        out["peak_matmul_flops"] = {"threads_all": matmul_peak(cores), "threads_1": matmul_peak(1)}
-        torch.set_num_threads(cores)
-        with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as eng:
-            seq = time_engine(eng, ck, tasks)
-        torch.set_num_threads(1)
-        with ParallelEngine(ck.model.cfg, tok.path, pop.root, client, args.workers) as eng:
-            par = time_engine(eng, ck, tasks)
-        peak = max(out["peak_matmul_flops"].values())  # the machine's best float32 matmul rate
+        peaks = {"threads_all": [matmul_peak(cores)], "threads_1": [matmul_peak(1)]}
+        with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as seq_eng, \
+                ParallelEngine(ck.model.cfg, tok.path, pop.root, client, args.workers) as par_eng:
+            seq, par = compare_engines(seq_eng, par_eng, ck, tasks, args.engine_reps, cores)
+        # the peak again after the engines: on a shared VM one measurement can be 2x off, so the
+        # machine's best float32 matmul rate is the best of both
+        peaks["threads_all"].append(matmul_peak(cores))
+        peaks["threads_1"].append(matmul_peak(1))
+        out["peak_matmul_flops"] = {k: max(v) for k, v in peaks.items()}
+        out["peak_matmul_flops_measured"] = peaks
+        peak = max(out["peak_matmul_flops"].values())
         for r in (seq, par):
             r["flops"] = r["tokens_per_s"] * flops_tok
             r["share_of_peak"] = round(r["flops"] / peak, 3)

@@ -1,8 +1,9 @@
 """The population and who takes part in a round.
 
 Population: N simulated users over R real ones.  User i is real user `i % R`'s device
-folder with its own seed ("resampled" when N > R), so memory stays flat in N: only R
-ids are held, and a user's text is read from its device folder when it is selected.
+folder ("resampled" when N > R; like every client, each copy trains with its own seed,
+drawn by the server), so memory stays flat in N: only R ids are held, and a user's text
+is read from its device folder when it is selected.
 
 A round (Bonawitz et al. 2019, "Towards Federated Learning at Scale"): the server
 selects ceil(over_selection * K) devices uniformly without replacement; each drops
@@ -33,10 +34,6 @@ class Population:
 
     def device(self, user: int) -> Device:
         return Device(self.root, self.real_id(user))
-
-    def user_seed(self, user: int) -> int:
-        """Distinguishes resampled copies of one real user (0 for the original)."""
-        return user // len(self.real_ids)
 
 
 def build_population(root: Path, users: list[UserData], size: int | None = None) -> Population:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.fused import Composition, compose_words, lstm_projected, tied_softmax_cross_entropy
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 
@@ -57,6 +58,13 @@ class WordTable:
     offsets: Tensor  # (V,) long
     residual_rows: int  # words [0, residual_rows) add their residual row
     size: int  # V
+    _compositions: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def composition(self, num_pieces: int) -> Composition:
+        """The sparse layout the training backward uses, built once per table."""
+        if num_pieces not in self._compositions:
+            self._compositions[num_pieces] = Composition.build(self.pieces, self.offsets, num_pieces)
+        return self._compositions[num_pieces]
 
     @classmethod
     def build(cls, vocab: Vocabulary, tokenizer: Tokenizer, base_vocab: int) -> "WordTable":
@@ -98,13 +106,7 @@ class WordLM(nn.Module):
 
     def compose(self, table: WordTable) -> tuple[Tensor, Tensor]:
         """Word embeddings (V, d) and output biases (V,) for one vocabulary."""
-        emb = F.embedding_bag(table.pieces, self.piece_emb, table.offsets, mode="mean")
-        bias = F.embedding_bag(table.pieces, self.piece_bias.unsqueeze(1), table.offsets, mode="mean").squeeze(1)
-        r = table.residual_rows
-        if r:
-            emb = torch.cat([emb[:r] + self.residual[:r], emb[r:]])
-            bias = torch.cat([bias[:r] + self.word_bias[:r], bias[r:]])
-        return emb, bias
+        return compose_words(table, self.piece_emb, self.piece_bias, self.residual, self.word_bias)
 
     def forward(
         self,
@@ -122,12 +124,24 @@ class WordLM(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss, state
 
+    def loss(self, tokens: Tensor, targets: Tensor, emb: Tensor, bias: Tensor, state=None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Training loss (mean next-word cross-entropy, exact softmax) and the new state.
+
+        The same value as `forward(..., targets=...)` up to float rounding, with the fused
+        output-layer backward of models/fused.py and no (B, T, V) logits kept."""
+        h, state = self.hidden(tokens, emb, state, generator)
+        return tied_softmax_cross_entropy(h.reshape(-1, h.size(-1)), emb, bias, targets.reshape(-1)), state
+
     def hidden(self, tokens: Tensor, emb: Tensor, state=None, generator: torch.Generator | None = None):
         """LSTM outputs (B, T, d) before the tied output layer, and the new state."""
         x = emb[tokens]  # (B, T, d)
         if generator is not None:
             x = _dropout(x, self.cfg.dropout, generator)
-        h, state = self.lstm(x, state)  # (B, T, d)
+        if torch.is_grad_enabled():  # training: the same function with a hand-written backward (models/fused.py)
+            h, state = lstm_projected(self.lstm, x, state)  # (B, T, d)
+        else:
+            h, state = self.lstm(x, state)
         if generator is not None:
             h = _dropout(h, self.cfg.dropout, generator)
         return h, state

@@ -116,7 +116,7 @@ def fit(
             h, state = model.hidden(x, emb, state, drop_gen)
             loss = sampled_softmax_loss(h.reshape(-1, h.size(-1)), y.reshape(-1), emb, bias, log_q, cfg.sampled_softmax, generator)
         else:
-            _, loss, state = model(x, emb, bias, state, targets=y, generator=drop_gen)
+            loss, state = model.loss(x, y, emb, bias, state, drop_gen)
         state = (state[0].detach(), state[1].detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()

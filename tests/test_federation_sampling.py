@@ -26,4 +26,3 @@ def test_plan_round_is_seeded():
 def test_population_resamples_real_users():
     pop = Population(Path("/nonexistent"), ("a", "b", "c"), 10_000)
     assert pop.real_id(0) == "a" and pop.real_id(4) == "b" and pop.real_id(9_999) == "a"
-    assert pop.user_seed(1) == 0 and pop.user_seed(4) == 1

@@ -1,0 +1,205 @@
+"""Hand-written backward passes for the three costly parts of a training step on a CPU.
+
+A local training step on a device is small (8 x 20 words) while its vocabulary is
+large (10 k words), and autograd spent more time on bookkeeping around the
+matrix products than on the products themselves.  One step on one thread went
+from 61 ms to 45 ms (bench/bench_federation.py measures the engines):
+
+* **Composing the word table** (`compose_words`): `F.embedding_bag` is fast
+  forwards, but its backward sorts the 23 k piece ids and scatters every step.
+  The composition is a fixed sparse matrix S (V x pieces, each word's row holds
+  1/n for its n pieces), so the backward is one sparse product S^T G with S^T
+  built once per vocabulary (`Composition`).  The forward is unchanged, so the
+  composed table, and with it every prediction and evaluation, is bit for bit
+  what autograd's version gives.
+* **The tied output layer with its cross-entropy** (`tied_softmax_cross_entropy`):
+  logits = h E^T + b, softmax, mean NLL of the targets.  Autograd runs this as
+  matmul, bias add, log-softmax, NLL, then backward through each (a zero-filled
+  N x V gradient for the NLL, a second pass of exponentials for the log-softmax).
+  Here the forward keeps the softmax it computes anyway, and the backward is
+  (softmax - onehot) / N followed by the two matmuls the layer needs: the
+  classic fused softmax-cross-entropy gradient (Bishop 2006, "Pattern
+  Recognition and Machine Learning", sec. 4.3.4).
+* **The LSTM** (`lstm_projected`): see `_LSTMProj`.
+
+Gradients differ from autograd's only by float rounding (summation order); the
+tests in tests/test_models_fused.py hold each pass to autograd's result.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Composition:
+    """How a vocabulary's words are composed from pieces, in the two layouts the passes need."""
+
+    pieces: Tensor  # (nnz,) long, each word's piece ids in order (embedding_bag input)
+    offsets: Tensor  # (V,) long, where each word's pieces start
+    transpose: Tensor  # (num_pieces, V) sparse CSR: S^T, S[w, p] = (count of p in w) / len(w)
+
+    @classmethod
+    def build(cls, pieces: Tensor, offsets: Tensor, num_pieces: int) -> "Composition":
+        V = len(offsets)
+        counts = torch.diff(offsets, append=torch.tensor([len(pieces)]))
+        if V and int(counts.min()) < 1:
+            raise ValueError("every word needs at least one piece")
+        rows = torch.repeat_interleave(torch.arange(V), counts)
+        weights = (1.0 / counts.to(torch.float32))[rows]
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the two calls used here are stable
+            warnings.simplefilter("ignore", UserWarning)
+            st = torch.sparse_coo_tensor(torch.stack([pieces, rows]), weights, (num_pieces, V)).coalesce()
+            transpose = st.to_sparse_csr()
+        return cls(pieces, offsets, transpose)
+
+
+class _Compose(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, piece_emb: Tensor, piece_bias: Tensor, residual: Tensor, word_bias: Tensor):
+        ctx.table, ctx.num_pieces, ctx.base_rows = table, piece_emb.size(0), residual.size(0)
+        emb = F.embedding_bag(table.pieces, piece_emb, table.offsets, mode="mean")
+        bias = F.embedding_bag(table.pieces, piece_bias.unsqueeze(1), table.offsets, mode="mean").squeeze(1)
+        r = table.residual_rows
+        emb[:r] += residual[:r]
+        bias[:r] += word_bias[:r]
+        return emb, bias
+
+    @staticmethod
+    def backward(ctx, g_emb: Tensor, g_bias: Tensor):
+        r, n = ctx.table.residual_rows, ctx.base_rows
+        st = ctx.table.composition(ctx.num_pieces).transpose
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            g_piece_emb = st @ g_emb.contiguous()  # (num_pieces, d)
+            g_piece_bias = (st @ g_bias.unsqueeze(1)).squeeze(1)
+        g_res, g_wbias = g_emb[:r], g_bias[:r]  # the residual rows' gradient is the word's own
+        if r < n:
+            g_res = torch.cat([g_res, g_emb.new_zeros(n - r, g_emb.size(1))])
+            g_wbias = torch.cat([g_wbias, g_bias.new_zeros(n - r)])
+        return None, g_piece_emb, g_piece_bias, g_res, g_wbias
+
+
+def compose_words(table, piece_emb: Tensor, piece_bias: Tensor, residual: Tensor, word_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Word embeddings (V, d) and output biases (V,): the mean of each word's pieces' rows, plus
+    the word's own residual row for the first `table.residual_rows` words (the base vocabulary)."""
+    return _Compose.apply(table, piece_emb, piece_bias, residual, word_bias)
+
+
+class _TiedSoftmaxCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, emb: Tensor, bias: Tensor, targets: Tensor):
+        logits = torch.addmm(bias, h, emb.t())  # (N, V)
+        picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+        top = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(top).exp_()  # in place: the logits are not needed again
+        total = probs.sum(dim=1, keepdim=True)
+        probs.div_(total)
+        loss = (top.squeeze(1) + total.squeeze(1).log() - picked).mean()
+        ctx.save_for_backward(h, emb, probs, targets)
+        ctx.done = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        if ctx.done:
+            raise RuntimeError("tied_softmax_cross_entropy: backward twice through one graph is not supported")
+        ctx.done = True
+        h, emb, probs, targets = ctx.saved_tensors
+        grad = probs  # reused in place: backward runs once (no retain_graph through this node)
+        grad[torch.arange(len(targets)), targets] -= 1.0
+        grad.mul_(g / len(targets))
+        return grad @ emb, grad.t() @ h, grad.sum(0), None
+
+
+def tied_softmax_cross_entropy(h: Tensor, emb: Tensor, bias: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of `targets` (N,) under softmax(h @ emb.T + bias), h (N, d): a scalar."""
+    return _TiedSoftmaxCE.apply(h, emb, bias, targets)
+
+
+class _LSTMProj(torch.autograd.Function):
+    """One LSTM layer with a projection (nn.LSTM's `proj_size`), forwards and backwards by hand.
+
+    Autograd replays the recurrence as ~40 tiny operations per time step.  Here the
+    backward loop does only what must be sequential (the gradient flowing back through
+    h and c) and the weight gradients become four large matrix products over all
+    steps at once: backpropagation through time (Werbos 1990, "Backpropagation
+    Through Time: What It Does and How to Do It") with the LSTM's gate derivatives
+    (Hochreiter & Schmidhuber 1997).  Tensors are time-major inside.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, w_hr: Tensor):
+        T, B = x.size(1), x.size(0)
+        H, P = w_hr.size(1), w_hr.size(0)
+        xs = x.transpose(0, 1).contiguous()  # (T, B, d)
+        gates = torch.addmm(b_ih + b_hh, xs.view(T * B, -1), w_ih.t()).view(T, B, 4 * H)  # input part, all steps at once
+        cs = x.new_empty(T + 1, B, H)  # cell states, cs[0] = c0
+        tcs = x.new_empty(T, B, H)  # tanh(c)
+        hfs = x.new_empty(T, B, H)  # o * tanh(c), before the projection
+        hs = x.new_empty(T + 1, B, P)  # projected outputs, hs[0] = h0
+        cs[0], hs[0] = c0, h0
+        for t in range(T):
+            a = gates[t].addmm_(hs[t], w_hh.t())  # gate pre-activations, then activations in place
+            a[:, : 2 * H].sigmoid_()  # input, forget
+            a[:, 2 * H : 3 * H].tanh_()  # cell candidate
+            a[:, 3 * H :].sigmoid_()  # output
+            i, f, g, o = a.split(H, dim=1)
+            torch.mul(f, cs[t], out=cs[t + 1]).addcmul_(i, g)
+            torch.tanh(cs[t + 1], out=tcs[t])
+            torch.mul(o, tcs[t], out=hfs[t])
+            torch.mm(hfs[t], w_hr.t(), out=hs[t + 1])
+        ctx.save_for_backward(xs, gates, cs, tcs, hfs, hs, w_ih, w_hh, w_hr)
+        return hs[1:].transpose(0, 1).contiguous(), hs[T].clone(), cs[T].clone()
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor, g_hT: Tensor, g_cT: Tensor):
+        xs, acts, cs, tcs, hfs, hs, w_ih, w_hh, w_hr = ctx.saved_tensors
+        T, B, H = tcs.shape
+        # local derivatives of the activations, all steps at once: s(1-s) for sigmoids, 1-g^2 for tanh
+        deriv = acts * (1 - acts)
+        deriv[..., 2 * H : 3 * H] = 1 - acts[..., 2 * H : 3 * H].square()
+        dc_dhf = acts[..., 3 * H :] * (1 - tcs.square())  # d(o * tanh c) / dc
+        # a time-major copy (never the incoming gradient itself: it is updated in place below)
+        g_hs = g_out.transpose(0, 1).clone(memory_format=torch.contiguous_format) if g_out is not None else hs.new_zeros(T, B, hs.size(2))
+        d_gates = torch.empty_like(acts)
+        dh = g_hT.clone() if g_hT is not None else hs.new_zeros(B, hs.size(2))
+        dc = g_cT.clone() if g_cT is not None else cs.new_zeros(B, H)
+        for t in reversed(range(T)):
+            dh_t = g_hs[t].add_(dh)  # total gradient at the projected output of step t (kept for w_hr)
+            dhf = dh_t @ w_hr
+            dc.addcmul_(dhf, dc_dhf[t])
+            i, f, g, _ = acts[t].split(H, dim=1)
+            di, df, dg, do = d_gates[t].split(H, dim=1)
+            torch.mul(dc, g, out=di)
+            torch.mul(dc, cs[t], out=df)
+            torch.mul(dc, i, out=dg)
+            torch.mul(dhf, tcs[t], out=do)
+            d_gates[t].mul_(deriv[t])
+            dc = dc * f
+            dh = d_gates[t] @ w_hh
+        flat = d_gates.view(T * B, 4 * H)
+        g_x = (flat @ w_ih).view(T, B, -1).transpose(0, 1)
+        g_w_ih = flat.t() @ xs.view(T * B, -1)
+        g_w_hh = flat.t() @ hs[:T].reshape(T * B, -1)
+        g_b = flat.sum(0)
+        g_w_hr = g_hs.view(T * B, -1).t() @ hfs.view(T * B, H)
+        return g_x, dh, dc, g_w_ih, g_w_hh, g_b, g_b.clone(), g_w_hr  # two bias vectors, one gradient
+
+
+def lstm_projected(lstm: torch.nn.LSTM, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """`lstm(x, state)` for a one-layer, batch-first LSTM with a projection, with the backward of `_LSTMProj`."""
+    if lstm.num_layers != 1 or lstm.bidirectional or not lstm.batch_first or not lstm.proj_size:
+        raise ValueError("lstm_projected handles one unidirectional, batch-first layer with a projection")
+    B = x.size(0)
+    if state is None:
+        h0, c0 = x.new_zeros(B, lstm.proj_size), x.new_zeros(B, lstm.hidden_size)
+    else:
+        h0, c0 = state[0].squeeze(0), state[1].squeeze(0)
+    out, hT, cT = _LSTMProj.apply(x, h0, c0, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0, lstm.weight_hr_l0)
+    return out, (hT.unsqueeze(0), cT.unsqueeze(0))
