@@ -9,7 +9,7 @@ lr 1.0), available as `fedavgm`; the default here is plain FedAvg, which did bet
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from models.train import TrainConfig
 
@@ -30,6 +30,18 @@ class ClientConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, bptt=self.bptt, lr=self.lr,
                            optimizer=self.optimizer, clip_grad=self.clip_grad, dropout=self.dropout)
+
+
+def personalization_config(client: ClientConfig | None = None) -> ClientConfig:
+    """Fine-tuning one user's own model (the keyboard's "Learn now", the report's personalization
+    study): a federated client's step, gentler and longer (lr 0.1, 3 epochs instead of 0.3, 1).
+
+    A federated client's update is averaged with many others; a personal model is used as it is,
+    so it should fit its user more closely without overshooting. Chosen on a validation split
+    (the last 20 % of each of 100 users' history, their future text untouched; see
+    bench/bench_personalization.py): against the global model it made top-1 better for 43 % and
+    worse for 29 % of users, where lr 0.3 x 1 epoch gave 39 % / 38 %."""
+    return replace(client or ClientConfig(), lr=0.1, epochs=3.0)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from federation.client import local_finetune
-from federation.config import ClientConfig, SimulationConfig
+from federation.config import ClientConfig, SimulationConfig, personalization_config
 from federation.device import Device
 from federation.run import CONFIG, checkpoint_dir, latest_round, read_metrics
 from models import atomic
@@ -107,7 +107,7 @@ def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig |
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / CONFIG).read_text())
     sim = SimulationConfig.from_json(cfg["simulation"])
-    client = client or sim.client
+    client = client or personalization_config(sim.client)
     tok = Tokenizer(Path(cfg["tokenizer"]))
     base = load_checkpoint(Path(cfg["model"]), tok)
     rnd = latest_round(run_dir)

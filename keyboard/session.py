@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from federation.client import local_finetune
-from federation.config import ClientConfig
+from federation.config import ClientConfig, personalization_config
 from federation.device import Device
 from models import atomic, params
 from models.checkpoint import load_checkpoint, load_model, load_tensors, save_tensors
@@ -56,7 +56,7 @@ def default_devices_root() -> Path:
 class LearnConfig:
     """On-device fine-tuning of the personal delta ("Learn now")."""
 
-    client: ClientConfig = field(default_factory=ClientConfig)  # the same local step as a federated client
+    client: ClientConfig = field(default_factory=personalization_config)  # a federated client's step, lr 0.1 x 3 epochs
     max_messages: int = 2000  # most recent messages trained on
     eval_messages: int = 200  # messages of held-out text for before/after accuracy
     seed: int = 0  # of the fine-tuning generator (dropout, ...)

@@ -51,3 +51,18 @@ def test_personalization_lowers_most_users_loss(tiny_loaded, fixture_users):
         m.load_state_dict(local_finetune(ck.model, ck.vocab, tok, u.history, ClientConfig(lr=0.1), torch.Generator().manual_seed(i)))
         better += evaluate_loss(m, table, fut) < before
     assert better > len(users) / 2
+
+
+def test_personal_models_use_the_personalization_setting():
+    """The keyboard's Learn now and the report's personalization study fine-tune with lr 0.1 x 3 epochs,
+    the rest of the client step unchanged (federated clients keep lr 0.3 x 1 epoch)."""
+    import dataclasses
+
+    from federation.config import ClientConfig, personalization_config
+    from keyboard.session import LearnConfig
+
+    fed = ClientConfig(batch_size=4, max_words=123)
+    personal = personalization_config(fed)
+    assert (personal.lr, personal.epochs) == (0.1, 3.0) and (fed.lr, fed.epochs) == (0.3, 1.0)
+    assert dataclasses.replace(personal, lr=fed.lr, epochs=fed.epochs) == fed
+    assert LearnConfig().client == personalization_config()

@@ -1,0 +1,91 @@
+"""How to fine-tune a personal model: learning rates and epochs compared on held-out HISTORY.
+
+    python bench/bench_personalization.py RUN [--users 100] [--grid 0.3:1,0.1:1,0.3:2,0.1:3]
+
+For each user (the run's held-out evaluation users first, as in `fedkb report`), the
+history is split in time: the first 80 % is fine-tuned on, from the run's final global
+model, with each (lr, epochs) of the grid; the last 20 % scores it against the global
+model (top-1 and loss).  The future text that `fedkb report` scores is never read, so
+choosing the personalization setting here does not tune on the test text.  Prints one
+JSON object: per setting, the share of users whose top-1 got better / worse, the median
+relative top-1 change, mean top-1, and the share with lower loss and the median change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def main() -> None:
+    from federation.client import local_finetune
+    from federation.config import SimulationConfig
+    from federation.device import Device
+    from federation.report import _score
+    from federation.run import CONFIG, checkpoint_dir, latest_round
+    from models.checkpoint import load_checkpoint
+    from models.lm import WordLM
+    from models.tokenizer import Tokenizer
+
+    p = argparse.ArgumentParser()
+    p.add_argument("run", type=Path)
+    p.add_argument("--users", type=int, default=100)
+    p.add_argument("--grid", default="0.3:1,0.1:1,0.3:2,0.1:3", help="lr:epochs settings (default: 0.3:1,0.1:1,0.3:2,0.1:3)")
+    p.add_argument("--min-words", type=int, default=20, help="validation words a user needs (default: 20)")
+    args = p.parse_args()
+
+    cfg = json.loads((args.run / CONFIG).read_text())
+    client = SimulationConfig.from_json(cfg["simulation"]).client
+    tok = Tokenizer(Path(cfg["tokenizer"]))
+    glob = load_checkpoint(checkpoint_dir(args.run, latest_round(args.run)), tok)
+    root = Path(cfg["devices"])
+    ids = list(cfg.get("eval_users", []))
+    ids += sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in set(ids))
+    grid = {s: (float(s.split(":")[0]), float(s.split(":")[1])) for s in args.grid.split(",")}
+
+    rows = []
+    for uid in ids:
+        if len(rows) >= args.users:
+            break
+        hist = Device(root, uid).history()
+        cut = int(len(hist) * 0.8)
+        train, val = hist[:cut], hist[cut:]
+        if not train or sum(len(m.split()) for m in val) < args.min_words:
+            continue
+        row = {"global": _score(glob.model, glob.vocab, tok, val)}
+        for name, (lr, epochs) in grid.items():
+            personal = WordLM(glob.model.cfg)
+            g = torch.Generator().manual_seed(len(rows))
+            c = dataclasses.replace(client, lr=lr, epochs=epochs)
+            personal.load_state_dict(local_finetune(glob.model, glob.vocab, tok, train, c, g))
+            row[name] = _score(personal, glob.vocab, tok, val)
+        rows.append(row)
+
+    out = {"run": str(args.run), "users": len(rows), "global_mean_top1": round(statistics.mean(r["global"]["top1"] for r in rows), 3),
+           "settings": {}}
+    for name in grid:
+        d1 = [r[name]["top1"] - r["global"]["top1"] for r in rows]
+        dl = [r[name]["loss"] - r["global"]["loss"] for r in rows]
+        rel = [d / r["global"]["top1"] if r["global"]["top1"] else 0.0 for d, r in zip(d1, rows)]
+        out["settings"][name] = {
+            "share_better_top1": round(sum(d > 0 for d in d1) / len(rows), 3),
+            "share_worse_top1": round(sum(d < 0 for d in d1) / len(rows), 3),
+            "median_relative_top1_change": round(statistics.median(rel), 4),
+            "mean_top1": round(statistics.mean(r[name]["top1"] for r in rows), 3),
+            "share_lower_loss": round(sum(d < 0 for d in dl) / len(rows), 3),
+            "median_loss_change": round(statistics.median(dl), 4),
+        }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
