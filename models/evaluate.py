@@ -63,7 +63,7 @@ def simulate_message(pred: Predictor, message: str, k: int = 3) -> TypingStats:
     if len(toks) < 2:
         return st
     ids = torch.tensor([pred.vocab.id(t) for t in toks], dtype=torch.long)
-    logits, _, _ = pred.model(ids[None, :-1], pred._emb, pred._bias)
+    logits, _ = pred.model(ids[None, :-1], pred._emb, pred._bias)
     scores = torch.log_softmax(logits[0], dim=-1) + pred._mask  # (T-1, V): scores for toks[1:]
     first = torch.topk(scores, k, dim=-1).indices.tolist()
     for j, word in enumerate(toks[1:]):

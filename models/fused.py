@@ -9,7 +9,7 @@ from 61 ms to 45 ms (bench/bench_federation.py measures the engines):
   forwards, but its backward sorts the 23 k piece ids and scatters every step.
   The composition is a fixed sparse matrix S (V x pieces, each word's row holds
   1/n for its n pieces), so the backward is one sparse product S^T G with S^T
-  built once per vocabulary (`Composition`).  The forward is unchanged, so the
+  built once per vocabulary (`composition_transpose`).  The forward is unchanged, so the
   composed table, and with it every prediction and evaluation, is bit for bit
   what autograd's version gives.
 * **The tied output layer with its cross-entropy** (`tied_softmax_cross_entropy`):
@@ -29,34 +29,25 @@ tests in tests/test_models_fused.py hold each pass to autograd's result.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-@dataclass(frozen=True)
-class Composition:
-    """How a vocabulary's words are composed from pieces, in the two layouts the passes need."""
+def composition_transpose(pieces: Tensor, offsets: Tensor, num_pieces: int) -> Tensor:
+    """S^T as a sparse CSR (num_pieces, V) matrix, S[w, p] = (count of piece p in word w) / len(w).
 
-    pieces: Tensor  # (nnz,) long, each word's piece ids in order (embedding_bag input)
-    offsets: Tensor  # (V,) long, where each word's pieces start
-    transpose: Tensor  # (num_pieces, V) sparse CSR: S^T, S[w, p] = (count of p in w) / len(w)
-
-    @classmethod
-    def build(cls, pieces: Tensor, offsets: Tensor, num_pieces: int) -> "Composition":
-        V = len(offsets)
-        counts = torch.diff(offsets, append=torch.tensor([len(pieces)]))
-        if V and int(counts.min()) < 1:
-            raise ValueError("every word needs at least one piece")
-        rows = torch.repeat_interleave(torch.arange(V), counts)
-        weights = (1.0 / counts.to(torch.float32))[rows]
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": the two calls used here are stable
-            warnings.simplefilter("ignore", UserWarning)
-            st = torch.sparse_coo_tensor(torch.stack([pieces, rows]), weights, (num_pieces, V)).coalesce()
-            transpose = st.to_sparse_csr()
-        return cls(pieces, offsets, transpose)
+    `pieces` / `offsets` are a vocabulary's flat piece ids and where each word's start (the
+    `embedding_bag` layout of `models.lm.WordTable`)."""
+    V = len(offsets)
+    counts = torch.diff(offsets, append=torch.tensor([len(pieces)]))
+    if V and int(counts.min()) < 1:
+        raise ValueError("every word needs at least one piece")
+    rows = torch.repeat_interleave(torch.arange(V), counts)
+    weights = (1.0 / counts.to(torch.float32))[rows]
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the two calls used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_coo_tensor(torch.stack([pieces, rows]), weights, (num_pieces, V)).coalesce().to_sparse_csr()
 
 
 class _Compose(torch.autograd.Function):
@@ -73,7 +64,7 @@ class _Compose(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_emb: Tensor, g_bias: Tensor):
         r, n = ctx.table.residual_rows, ctx.base_rows
-        st = ctx.table.composition(ctx.num_pieces).transpose
+        st = ctx.table.composition_transpose(ctx.num_pieces)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             g_piece_emb = st @ g_emb.contiguous()  # (num_pieces, d)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.fused import Composition, compose_words, lstm_projected, tied_softmax_cross_entropy
+from models.fused import compose_words, composition_transpose, lstm_projected, tied_softmax_cross_entropy
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 
@@ -58,13 +58,13 @@ class WordTable:
     offsets: Tensor  # (V,) long
     residual_rows: int  # words [0, residual_rows) add their residual row
     size: int  # V
-    _compositions: dict = field(default_factory=dict, compare=False, repr=False)
+    _transposes: dict = field(default_factory=dict, compare=False, repr=False)  # num_pieces -> S^T
 
-    def composition(self, num_pieces: int) -> Composition:
-        """The sparse layout the training backward uses, built once per table."""
-        if num_pieces not in self._compositions:
-            self._compositions[num_pieces] = Composition.build(self.pieces, self.offsets, num_pieces)
-        return self._compositions[num_pieces]
+    def composition_transpose(self, num_pieces: int) -> Tensor:
+        """The sparse S^T the training backward of the composition uses, built once per table."""
+        if num_pieces not in self._transposes:
+            self._transposes[num_pieces] = composition_transpose(self.pieces, self.offsets, num_pieces)
+        return self._transposes[num_pieces]
 
     @classmethod
     def build(cls, vocab: Vocabulary, tokenizer: Tokenizer, base_vocab: int) -> "WordTable":
@@ -114,21 +114,16 @@ class WordLM(nn.Module):
         emb: Tensor,  # (V, d) from compose()
         bias: Tensor,  # (V,)
         state: tuple[Tensor, Tensor] | None = None,
-        targets: Tensor | None = None,  # (B, T) next-word ids
-        generator: torch.Generator | None = None,  # given => training-mode dropout drawn from it
-    ) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor]]:
-        h, state = self.hidden(tokens, emb, state, generator)
-        logits = h @ emb.t() + bias  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss, state
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Next-word logits (B, T, V) and the new state (evaluation; training uses `loss`)."""
+        h, state = self.hidden(tokens, emb, state)
+        return h @ emb.t() + bias, state
 
     def loss(self, tokens: Tensor, targets: Tensor, emb: Tensor, bias: Tensor, state=None,
              generator: torch.Generator | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Training loss (mean next-word cross-entropy, exact softmax) and the new state.
 
-        The same value as `forward(..., targets=...)` up to float rounding, with the fused
+        The cross-entropy of `forward`'s logits up to float rounding, with the fused
         output-layer backward of models/fused.py and no (B, T, V) logits kept."""
         h, state = self.hidden(tokens, emb, state, generator)
         return tied_softmax_cross_entropy(h.reshape(-1, h.size(-1)), emb, bias, targets.reshape(-1)), state

@@ -135,7 +135,7 @@ class KneserNey3:
         return self.logprob(u, v), (u, v)
 
     def __call__(self, tokens: Tensor, emb=None, bias=None, state=None):
-        """tokens (1, T) -> (log-probs (1, T, V), None, state), like WordLM.forward's (logits, loss, state)."""
+        """tokens (1, T) -> (log-probs (1, T, V), state), like WordLM.forward's (logits, state)."""
         u, v = state if state is not None else (BOS_ID, BOS_ID)
         out = []
         for t in tokens[0].tolist():
@@ -143,7 +143,7 @@ class KneserNey3:
             out.append(self.logprob(u, v))
         V = len(self.vocab)
         logp = torch.stack(out).unsqueeze(0) if out else torch.zeros(1, 0, V)
-        return logp, None, (u, v)
+        return logp, (u, v)
 
 
 def kn_predictor(vocab: Vocabulary, tokenizer, lines: Iterable[str], k: int = 3):

@@ -144,7 +144,7 @@ def evaluate_loss(model: WordLM, table: WordTable, stream: torch.Tensor, batch_s
         x = data[:, i : i + bptt]
         y = data[:, i + 1 : i + 1 + bptt]
         x = x[:, : y.size(1)]
-        logits, _, state = model(x, emb, bias, state)
+        logits, state = model(x, emb, bias, state)
         total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
         count += y.numel()
     return total / count

@@ -55,7 +55,7 @@ def test_incremental_state_equals_batched_forward(tiny_loaded):
     toks = sentence_tokens("how are you? i am fine thanks zzqx")
     ids = torch.tensor([[ckpt.vocab.id(t) for t in toks]])
     with torch.no_grad():
-        logits, _, _ = ckpt.model(ids, pred._emb, pred._bias)
+        logits, _ = ckpt.model(ids, pred._emb, pred._bias)
     full = F.log_softmax(logits[0], dim=-1)  # (T, V)
     pred.reset()
     assert torch.allclose(pred._logp, full[0], atol=1e-5)

@@ -90,6 +90,6 @@ def test_predictor_over_kn_matches_its_probabilities(kn, tiny):
     assert torch.equal(pred.scores()[2:], kn.logprob(S, A)[2:])
     assert pred.suggest() == ["b", "c", "a"]
     assert pred.suggest("c") == ["c"]
-    logp, _, state = kn(torch.tensor([[S, A]]))  # batched = step by step
+    logp, state = kn(torch.tensor([[S, A]]))  # batched = step by step
     assert torch.equal(logp[0, 1], kn.logprob(S, A)) and state == (S, A)
     assert math.isclose(float(logp[0, 0].exp().sum()), 1.0, abs_tol=1e-5)
