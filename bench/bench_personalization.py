@@ -30,7 +30,7 @@ def main() -> None:
     from federation.client import local_finetune
     from federation.config import SimulationConfig
     from federation.device import Device
-    from federation.report import _score
+    from federation.report import _score, study_user_ids
     from federation.run import CONFIG, checkpoint_dir, latest_round
     from models.checkpoint import load_checkpoint
     from models.lm import WordLM
@@ -48,12 +48,10 @@ def main() -> None:
     tok = Tokenizer(Path(cfg["tokenizer"]))
     glob = load_checkpoint(checkpoint_dir(args.run, latest_round(args.run)), tok)
     root = Path(cfg["devices"])
-    ids = list(cfg.get("eval_users", []))
-    ids += sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in set(ids))
     grid = {s: (float(s.split(":")[0]), float(s.split(":")[1])) for s in args.grid.split(",")}
 
     rows = []
-    for uid in ids:
+    for uid in study_user_ids(cfg):
         if len(rows) >= args.users:
             break
         hist = Device(root, uid).history()

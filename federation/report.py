@@ -101,6 +101,13 @@ def _score(model: WordLM, ck_vocab, tokenizer: Tokenizer, future: list[str]) -> 
     return {"top1": s["top1"], "ksr": s["ksr"], "loss": evaluate_loss(model, table, encode(future, ck_vocab)), "words": s["words"]}
 
 
+def study_user_ids(cfg: dict) -> list[str]:
+    """The users a personalization study visits, in order: the run's held-out evaluation users
+    first, then every other device folder of the run's population (`cfg`: the run's config.json)."""
+    ids = list(cfg.get("eval_users", []))
+    return ids + sorted(p.name for p in Path(cfg["devices"]).iterdir() if p.is_dir() and p.name not in set(ids))
+
+
 def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig | None = None, seed: int = 0,
                           min_future_words: int = 20) -> dict:
     """Per user: base vs global vs personalized on the user's future text (held-out users first)."""
@@ -113,10 +120,8 @@ def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig |
     rnd = latest_round(run_dir)
     glob = load_checkpoint(checkpoint_dir(run_dir, rnd), tok)
     root = Path(cfg["devices"])
-    ids = list(cfg.get("eval_users", []))
-    ids += sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in set(ids))
     rows = []
-    for uid in ids:
+    for uid in study_user_ids(cfg):
         if len(rows) >= users:
             break
         dev = Device(root, uid)
