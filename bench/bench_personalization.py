@@ -30,7 +30,7 @@ def main() -> None:
     from federation.client import local_finetune
     from federation.config import SimulationConfig
     from federation.device import Device
-    from federation.report import _score, study_user_ids
+    from federation.report import score_text, study_user_ids
     from federation.run import CONFIG, checkpoint_dir, latest_round
     from models.checkpoint import load_checkpoint
     from models.lm import WordLM
@@ -59,13 +59,13 @@ def main() -> None:
         train, val = hist[:cut], hist[cut:]
         if not train or sum(len(m.split()) for m in val) < args.min_words:
             continue
-        row = {"global": _score(glob.model, glob.vocab, tok, val)}
+        row = {"global": score_text(glob.model, glob.vocab, tok, val)}
         for name, (lr, epochs) in grid.items():
             personal = WordLM(glob.model.cfg)
             g = torch.Generator().manual_seed(len(rows))
             c = dataclasses.replace(client, lr=lr, epochs=epochs)
             personal.load_state_dict(local_finetune(glob.model, glob.vocab, tok, train, c, g))
-            row[name] = _score(personal, glob.vocab, tok, val)
+            row[name] = score_text(personal, glob.vocab, tok, val)
         rows.append(row)
 
     out = {"run": str(args.run), "users": len(rows), "global_mean_top1": round(statistics.mean(r["global"]["top1"] for r in rows), 3),

@@ -95,7 +95,8 @@ def summarize(run_dir: Path) -> dict:
     }
 
 
-def _score(model: WordLM, ck_vocab, tokenizer: Tokenizer, future: list[str]) -> dict:
+def score_text(model: WordLM, ck_vocab, tokenizer: Tokenizer, future: list[str]) -> dict:
+    """One model on one user's text: top-1 and KSR of the typing simulation, mean loss, words."""
     s = simulate_typing(Predictor(model, ck_vocab, tokenizer), future)
     table = WordTable.build(ck_vocab, tokenizer, model.cfg.base_vocab)
     return {"top1": s["top1"], "ksr": s["ksr"], "loss": evaluate_loss(model, table, encode(future, ck_vocab)), "words": s["words"]}
@@ -133,9 +134,9 @@ def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig |
         personal.load_state_dict(local_finetune(glob.model, glob.vocab, tok, hist, client, g))
         rows.append({
             "held_out": uid in cfg.get("eval_users", []),
-            "base": _score(base.model, base.vocab, tok, fut),
-            "global": _score(glob.model, glob.vocab, tok, fut),
-            "personalized": _score(personal, glob.vocab, tok, fut),
+            "base": score_text(base.model, base.vocab, tok, fut),
+            "global": score_text(glob.model, glob.vocab, tok, fut),
+            "personalized": score_text(personal, glob.vocab, tok, fut),
         })
     if not rows:
         raise FedkbError("no user with enough future text for the personalization study")
