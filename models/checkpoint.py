@@ -42,7 +42,7 @@ class Checkpoint:
 
 def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
     """Atomically write tensors (contiguous float copies) as safetensors; `meta` goes in the header as strings."""
-    data = st_save({k: v.detach().contiguous() for k, v in tensors.items()},
+    data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                    metadata={k: str(v) for k, v in (meta or {}).items()})
     atomic.write_bytes(Path(path), data)
 

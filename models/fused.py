@@ -40,10 +40,10 @@ def composition_transpose(pieces: Tensor, offsets: Tensor, num_pieces: int) -> T
     `pieces` / `offsets` are a vocabulary's flat piece ids and where each word's start (the
     `embedding_bag` layout of `models.lm.WordTable`)."""
     V = len(offsets)
-    counts = torch.diff(offsets, append=torch.tensor([len(pieces)]))
+    counts = torch.diff(offsets, append=offsets.new_tensor([len(pieces)]))
     if V and int(counts.min()) < 1:
         raise ValueError("every word needs at least one piece")
-    rows = torch.repeat_interleave(torch.arange(V), counts)
+    rows = torch.repeat_interleave(torch.arange(V, device=offsets.device), counts)
     weights = (1.0 / counts.to(torch.float32))[rows]
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the two calls used here are stable
         warnings.simplefilter("ignore", UserWarning)
@@ -103,7 +103,7 @@ class _TiedSoftmaxCE(torch.autograd.Function):
         ctx.done = True
         h, emb, probs, targets = ctx.saved_tensors
         grad = probs  # reused in place: backward runs once (no retain_graph through this node)
-        grad[torch.arange(len(targets)), targets] -= 1.0
+        grad[torch.arange(len(targets), device=targets.device), targets] -= 1.0
         grad.mul_(g / len(targets))
         return grad @ emb, grad.t() @ h, grad.sum(0), None
 

@@ -66,6 +66,10 @@ class WordTable:
             self._transposes[num_pieces] = composition_transpose(self.pieces, self.offsets, num_pieces)
         return self._transposes[num_pieces]
 
+    def to(self, device: torch.device | str) -> "WordTable":
+        """The same table with its piece ids on `device` (training on a GPU)."""
+        return WordTable(self.pieces.to(device), self.offsets.to(device), self.residual_rows, self.size)
+
     @classmethod
     def build(cls, vocab: Vocabulary, tokenizer: Tokenizer, base_vocab: int) -> "WordTable":
         flat: list[int] = []
@@ -133,7 +137,9 @@ class WordLM(nn.Module):
         x = emb[tokens]  # (B, T, d)
         if generator is not None:
             x = _dropout(x, self.cfg.dropout, generator)
-        if torch.is_grad_enabled():  # training: the same function with a hand-written backward (models/fused.py)
+        if torch.is_grad_enabled() and x.device.type == "cpu":
+            # training on the CPU: the same function with a hand-written backward (models/fused.py);
+            # on a GPU, cuDNN's fused LSTM beats a Python loop over time steps
             h, state = lstm_projected(self.lstm, x, state)  # (B, T, d)
         else:
             h, state = self.lstm(x, state)
@@ -176,7 +182,7 @@ def sampled_softmax_loss(
     sampled = h @ emb[neg].t() + bias[neg] - (log_q[neg] + correction)  # (N, S)
     sampled = sampled.masked_fill(neg.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))  # accidental hits
     logits = torch.cat([true.unsqueeze(1), sampled], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
+    return F.cross_entropy(logits, targets.new_zeros(len(targets)))
 
 
 def num_parameters(model: nn.Module) -> int:

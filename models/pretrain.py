@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, batch_size=64, bptt=32, lr=3e-3, lr_decay=True))
     seed: int = 0
     save_every: int = 200  # steps between resumable training states
+    dropout: float | None = None  # override the model's dropout (also when continuing a model); None = keep it
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -49,7 +50,8 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     params = [p for g in opt.param_groups for p in g["params"]]
     for key, v in tensors.items():
         i, name = key.split(".", 1)
-        opt.state[params[int(i)]][name] = v
+        p = params[int(i)]
+        opt.state[p][name] = v if name == "step" else v.to(p.device)  # Adam keeps its step count on the CPU
 
 
 def pretrain(
@@ -60,10 +62,14 @@ def pretrain(
     cfg: PretrainConfig = PretrainConfig(),
     on_step: Callable[[int, int, float], None] | None = None,
     init: Path | None = None,
+    device: str = "cpu",
 ) -> None:
     """Train from scratch, or, with `init` (a checkpoint directory), continue training that
     model with its vocabulary and architecture (a second stage, e.g. with the exact softmax;
-    `cfg.model` is then ignored)."""
+    `cfg.model` is then ignored; `cfg.dropout` still applies).
+
+    `device` "cuda" trains on a GPU with cuDNN's LSTM: the same recipe, not bit for bit the
+    CPU's result; the weights are initialised on the CPU either way and saved there."""
     work_dir = Path(work_dir)
     gen = torch.Generator().manual_seed(cfg.seed)
     init_id, parent = None, None
@@ -76,13 +82,18 @@ def pretrain(
         model_cfg = LMConfig(**{**asdict(cfg.model), "num_pieces": tokenizer.num_pieces})
         model = WordLM(model_cfg)
         model.reset_parameters(gen)
-    table = WordTable.build(vocab, tokenizer, model_cfg.base_vocab)
-    stream = encode(lines, vocab)
+    if cfg.dropout is not None:
+        model.cfg = replace(model.cfg, dropout=cfg.dropout)
+    table = WordTable.build(vocab, tokenizer, model_cfg.base_vocab).to(device)
+    stream = encode(lines, vocab).to(device)
+    model.to(device)
+    if device != "cpu":  # dropout masks are drawn on the device, from a generator of its own
+        gen = torch.Generator(device).manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg.train)
     total = steps_per_run(len(stream), cfg.train)
 
-    fingerprint = hashlib.sha256(json.dumps([asdict(cfg), tokenizer.sha256, len(stream), int(stream.sum()), init_id],
-                                            sort_keys=True).encode()).hexdigest()[:16]
+    keys = [asdict(cfg), tokenizer.sha256, len(stream), int(stream.sum()), init_id] + ([device] if device != "cpu" else [])
+    fingerprint = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
     start, lstm_state = 0, None
     carried: dict[str, tuple] = {}
     state_json = work_dir / "state.json"
@@ -96,7 +107,7 @@ def pretrain(
             start = int(st["step"])
             if st.get("has_lstm_state"):
                 t = load_tensors(work_dir / "lstm_state.safetensors")
-                lstm_state = (t["h"], t["c"])
+                lstm_state = (t["h"].to(device), t["c"].to(device))
 
     def state_hook(step: int, state: tuple) -> None:
         carried["state"] = state
@@ -116,7 +127,7 @@ def pretrain(
 
     losses = fit(model, table, stream, cfg.train, gen, on_step=step_hook, start_step=start, optimizer=opt,
                  initial_state=lstm_state, on_state=state_hook)
-    save_checkpoint(out_dir, model, vocab, tokenizer, meta={
+    save_checkpoint(out_dir, model.cpu(), vocab, tokenizer, meta={
         "kind": "base",
         "round": 0,
         "trained_words": int(len(stream)),
@@ -124,5 +135,7 @@ def pretrain(
         "final_loss": losses[-1] if losses else None,
         "train": asdict(cfg.train),
         "seed": cfg.seed,
+        **({"dropout": cfg.dropout} if cfg.dropout is not None else {}),
+        **({"device": device} if device != "cpu" else {}),
         **({"init": {"weights_sha256": init_id, "meta": parent.meta}} if parent else {}),
     })

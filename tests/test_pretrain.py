@@ -72,3 +72,55 @@ def test_second_stage_continues_a_model_with_its_vocabulary(tiny, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained
     assert second.meta["init"]["meta"]["train"]["sampled_softmax"] == 64
     assert second.meta["train"]["sampled_softmax"] == 0
+
+
+def test_dropout_override_trains_with_it_and_is_recorded(tiny, tmp_path):
+    tok = Tokenizer(tiny[1])
+    lines = load_pretrain_lines(FIXTURES / "pretrain.txt.gz")[:300]
+    pretrain(lines, tok, tmp_path / "stage1", tmp_path / "work1", _cfg())
+    first = load_checkpoint(tmp_path / "stage1", tok)
+    assert first.model.cfg.dropout == 0.1 and "dropout" not in first.meta
+    exact = PretrainConfig(train=TrainConfig(epochs=0.5, batch_size=8, bptt=8, sampled_softmax=0), seed=5, save_every=4)
+    runs = {}
+    for p in (0.0, 0.4):  # continuing the same model: only the dropout differs
+        cfg = PretrainConfig(train=exact.train, seed=5, save_every=4, dropout=p)
+        pretrain(lines[:150], tok, tmp_path / f"d{p}", tmp_path / f"work{p}", cfg, init=tmp_path / "stage1")
+        runs[p] = load_checkpoint(tmp_path / f"d{p}", tok)
+        assert runs[p].model.cfg.dropout == p and runs[p].meta["dropout"] == p
+    a, b = runs[0.0].model.state_dict(), runs[0.4].model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pretrain_on_a_gpu_resumes_and_saves_a_cpu_checkpoint(tiny, tmp_path):
+    tok = Tokenizer(tiny[1])
+    lines = load_pretrain_lines(FIXTURES / "pretrain.txt.gz")[:600]
+    cfg = PretrainConfig(model=_cfg().model, train=TrainConfig(epochs=1.0, batch_size=8, bptt=8, lr=1e-2, lr_decay=True, sampled_softmax=0),
+                         seed=3, save_every=4, dropout=0.2)
+    pretrain(lines, tok, tmp_path / "a", tmp_path / "work_a", cfg, device="cuda")
+
+    def stop_at_10(step, total, loss):
+        if step == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pretrain(lines, tok, tmp_path / "b", tmp_path / "work_b", cfg, on_step=stop_at_10, device="cuda")
+    steps = []
+    pretrain(lines, tok, tmp_path / "b", tmp_path / "work_b", cfg, on_step=lambda s, n, l: steps.append(s), device="cuda")
+    assert steps[0] == 9  # resumed from the state saved at step 8
+    a, b = load_checkpoint(tmp_path / "a", tok), load_checkpoint(tmp_path / "b", tok)
+    assert a.meta["device"] == "cuda" and a.model.cfg.dropout == 0.2
+    for k, v in a.model.state_dict().items():
+        assert v.device.type == "cpu" and torch.isfinite(v).all()
+        assert torch.allclose(v, b.model.state_dict()[k], atol=1e-4), k  # cuDNN: close, not promised bit for bit
+
+
+def test_pretrain_cli_refuses_a_gpu_it_does_not_have(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from keyboard.cli import main
+
+    assert main(["pretrain", "--device", "cuda", "--out", str(tmp_path / "m"), "--work", str(tmp_path / "w")]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert main(["pretrain", "--dropout", "1.5", "--out", str(tmp_path / "m"), "--work", str(tmp_path / "w")]) == 2
+    assert "--dropout must be in [0, 1)" in capsys.readouterr().err

@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default: all cores; 1 is faster when other jobs share the cores)")
     parser.add_argument("--init", type=Path, default=None, metavar="DIR",
                         help="continue training this checkpoint (its vocabulary and size) instead of starting from scratch")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="dropout on embeddings and LSTM outputs (default: 0.1, or the --init model's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default; seeded runs are bit-for-bit reproducible) or cuda (a GPU, cuDNN's LSTM)")
     parser.add_argument("--limit-lines", type=int, default=0, help="use only the first N lines (smoke tests)")
 
 
@@ -70,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         raise FedkbError(f"--init and --out are the same directory ({args.out}); write the continued model elsewhere")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise FedkbError("--device cuda: this torch sees no CUDA GPU (train with --device cpu)")
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        raise FedkbError(f"--dropout must be in [0, 1), not {args.dropout}")
     _, tok_path = default_paths()
     tokenizer = Tokenizer(tok_path)
     lines = pretraining_lines(args.sotu_words)
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         model=LMConfig(base_vocab=args.vocab_size),
         train=replace(base.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampled_softmax=args.sampled_softmax),
         seed=args.seed,
+        dropout=args.dropout,
     )
     with Progress(TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                   TimeElapsedColumn(), TimeRemainingColumn()) as progress:
@@ -88,6 +97,6 @@ def run(args: argparse.Namespace) -> int:
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, loss=loss)
 
-        pretrain(lines, tokenizer, args.out, args.work, cfg, on_step=on_step, init=args.init)
+        pretrain(lines, tokenizer, args.out, args.work, cfg, on_step=on_step, init=args.init, device=args.device)
     print(f"wrote {args.out}")
     return 0
