@@ -40,7 +40,8 @@ def personalization_config(client: ClientConfig | None = None) -> ClientConfig:
     so it should fit its user more closely without overshooting. Chosen on a validation split
     (the last 20 % of each of 100 users' history, their future text untouched; see
     bench/bench_personalization.py): against the global model it made top-1 better for 43 % and
-    worse for 29 % of users, where lr 0.3 x 1 epoch gave 39 % / 38 %."""
+    worse for 29 % of users, where lr 0.3 x 1 epoch gave 39 % / 38 % (the first base model; with
+    the current one the settings tie within noise, see the README)."""
     return replace(client or ClientConfig(), lr=0.1, epochs=3.0)
 
 
