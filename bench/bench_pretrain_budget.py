@@ -12,8 +12,9 @@ epochs -- from scratch (`--scratch`) or continuing the shipped base -- and after
 first line (epoch 0) is the starting model, the reference measured in the same run: for the
 shipped base it prints what `fedkb eval --users` reports (18.651 % for v1 on the CPU).
 
-It runs on CUDA when there is one (cuDNN's LSTM and autograd: not bit-for-bit the CPU
-`fedkb pretrain`, which would take ~7 min an epoch on 2 cores) and on the CPU otherwise.
+Training is `models.train.fit`, the trainer of `fedkb pretrain`.  It runs on CUDA when there
+is one (cuDNN's LSTM: not bit for bit the CPU's result; on 2 cores an epoch takes ~7 min) and
+on the CPU otherwise.
 `--max-seconds` stops after the epoch that passes the limit.  Results are in the README.
 """
 
@@ -29,17 +30,22 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+
+class _OutOfTime(Exception):
+    pass
 
 
 def main() -> None:
+    from dataclasses import replace
+
     from keyboard.commands.pretrain import pretraining_lines
     from models.checkpoint import load_model, save_checkpoint
     from models.datasets import load_users
     from models.evaluate import MAX_MESSAGE_WORDS
     from models.lm import WordLM, WordTable
     from models.text import SPECIALS, sentence_tokens
-    from models.train import batchify, encode
+    from models.train import TrainConfig, encode, fit, steps_per_run
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=12)
@@ -55,7 +61,6 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=0, help="stop after the epoch that passes this time")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
 
     ck, tok = load_model()
     vocab = ck.vocab
@@ -63,17 +68,9 @@ def main() -> None:
     if args.scratch:
         model = WordLM(model.cfg)
         model.reset_parameters(torch.Generator().manual_seed(0))
+    model.cfg = replace(model.cfg, dropout=args.dropout)
     model = model.to(dev)
-    table = WordTable.build(vocab, tok, model.cfg.base_vocab)
-    pieces, offsets, r = table.pieces.to(dev), table.offsets.to(dev), table.residual_rows
-
-    def compose():  # WordLM.compose with autograd's backward (models/fused.py's is tuned for the CPU)
-        emb = F.embedding_bag(pieces, model.piece_emb, offsets, mode="mean")
-        bias = F.embedding_bag(pieces, model.piece_bias.unsqueeze(1), offsets, mode="mean").squeeze(1)
-        pad = emb.size(0) - r
-        emb = emb + F.pad(model.residual[:r], (0, 0, 0, pad))
-        bias = bias + F.pad(model.word_bias[:r], (0, pad))
-        return emb, bias
+    table = WordTable.build(vocab, tok, model.cfg.base_vocab).to(dev)
 
     # evaluation data: every future message of every user, padded into batches
     msgs = []
@@ -91,7 +88,7 @@ def main() -> None:
     @torch.no_grad()
     def top1() -> tuple[float, int]:
         model.eval()
-        emb, bias = compose()
+        emb, bias = model.compose(table)
         hits = words = 0
         for s in range(0, len(msgs), 512):
             chunk = msgs[s : s + 512]
@@ -104,8 +101,8 @@ def main() -> None:
                 known[i, : len(w)] = torch.tensor(k)
                 count[i, 1 : len(w)] = ~torch.tensor(b[1:])
             ids, known, count = ids.to(dev), known.to(dev), count.to(dev)
-            h, _ = model.lstm(emb[ids[:, :-1]])
-            pred = (h @ emb.t() + bias + mask).argmax(-1)
+            logits, _ = model(ids[:, :-1], emb, bias)
+            pred = (logits + mask).argmax(-1)
             tgt = ids[:, 1:]
             c = count[:, 1:]
             hits += int(((pred == tgt) & known[:, 1:] & c).sum())
@@ -120,42 +117,34 @@ def main() -> None:
     lines = pretraining_lines(400_000)
     if args.limit_lines:
         lines = lines[: args.limit_lines]
-    data = batchify(encode(lines, vocab), args.batch).to(dev)
-    n_chunks = (data.size(1) - 1 + args.bptt - 1) // args.bptt
-    total = n_chunks * args.epochs
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    step = 0
-    for epoch in range(1, args.epochs + 1):
-        state = None
-        losses = []
-        for c in range(n_chunks):
-            i = c * args.bptt
-            x, y = data[:, i : i + args.bptt], data[:, i + 1 : i + 1 + args.bptt]
-            x = x[:, : y.size(1)]
-            for g in opt.param_groups:
-                g["lr"] = args.lr * (1.0 - 0.9 * step / total)
-            emb, bias = compose()
-            h, state = model.lstm(F.dropout(emb[x], args.dropout), state)
-            h = F.dropout(h, args.dropout)
-            loss = F.cross_entropy(h.reshape(-1, h.size(-1)) @ emb.t() + bias, y.reshape(-1))
-            state = (state[0].detach(), state[1].detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.detach())
-            step += 1
+    stream = encode(lines, vocab).to(dev)
+    # the trainer `fedkb pretrain` uses: Adam with linear decay, exact softmax, state carried within an epoch
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, bptt=args.bptt, lr=args.lr, lr_decay=True, sampled_softmax=0)
+    per_epoch = steps_per_run(len(stream), replace(cfg, epochs=1.0))
+    losses: list[float] = []
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        losses.append(loss)
+        if step % per_epoch:
+            return
+        epoch = step // per_epoch
+        line = {"tag": args.tag, "epoch": epoch}
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            acc, _ = top1()
-            print(json.dumps({"tag": args.tag, "epoch": epoch, "top1": round(acc, 3),
-                              "train_loss": round(float(torch.stack(losses).mean()), 4), "s": round(time.time() - t0, 1)}), flush=True)
-        if args.max_seconds and time.time() - t0 > args.max_seconds:
-            if epoch % args.eval_every:
-                acc, _ = top1()
-                print(json.dumps({"tag": args.tag, "epoch": epoch, "top1": round(acc, 3), "stopped": "time"}), flush=True)
-            break
+            line.update(top1=round(top1()[0], 3), train_loss=round(sum(losses[-per_epoch:]) / per_epoch, 4), s=round(time.time() - t0, 1))
+        if args.max_seconds and time.time() - t0 > args.max_seconds and epoch < args.epochs:
+            if "top1" not in line:
+                line.update(top1=round(top1()[0], 3))
+            print(json.dumps(line | {"stopped": "time"}), flush=True)
+            raise _OutOfTime
+        if "top1" in line:
+            print(json.dumps(line), flush=True)
+
+    try:
+        fit(model, table, stream, cfg, torch.Generator(dev).manual_seed(0), on_step=on_step)
+    except _OutOfTime:
+        pass
     if args.save:
-        save_checkpoint(args.save, model.cpu(), vocab, tok, meta={"kind": "probe", "args": vars(args) | {"save": str(args.save)}})
+        save_checkpoint(args.save, model, vocab, tok, meta={"kind": "probe", "args": vars(args) | {"save": str(args.save)}})
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def pretrain(
 
     losses = fit(model, table, stream, cfg.train, gen, on_step=step_hook, start_step=start, optimizer=opt,
                  initial_state=lstm_state, on_state=state_hook)
-    save_checkpoint(out_dir, model.cpu(), vocab, tokenizer, meta={
+    save_checkpoint(out_dir, model, vocab, tokenizer, meta={
         "kind": "base",
         "round": 0,
         "trained_words": int(len(stream)),

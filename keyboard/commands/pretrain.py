@@ -88,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
         lines = lines[: args.limit_lines]
     base = PretrainConfig()
     cfg = PretrainConfig(
-        model=LMConfig(base_vocab=args.vocab_size),
+        model=LMConfig(base_vocab=args.vocab_size, dropout=NEW_MODEL_DROPOUT),
         train=replace(base.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampled_softmax=args.sampled_softmax),
         seed=args.seed,
-        dropout=args.dropout if args.dropout is not None else (None if args.init else NEW_MODEL_DROPOUT),
+        dropout=args.dropout,
     )
     with Progress(TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                   TimeElapsedColumn(), TimeRemainingColumn()) as progress:
