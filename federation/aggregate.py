@@ -23,6 +23,7 @@ from federation import privacy
 from federation.config import AggregationConfig, PrivacyConfig
 from federation.secagg import SecAggRound
 from models import params as P
+from models.lm import START_STATE_KEYS
 
 
 def validate(update: dict[str, Tensor], reference: dict[str, Tensor]) -> str | None:
@@ -82,6 +83,7 @@ class Aggregator:
         """(weighted mean update in the reference dtype, total weight); None if nothing arrived.
 
         Noise is added once to the weighted sum (not to the weight), then divided by the total weight.
+        The model's start state is not trained by clients, so its entries of the mean are zero.
         """
         if self.count == 0:
             return None, 0.0
@@ -91,4 +93,7 @@ class Aggregator:
         if weight <= 0:
             return None, 0.0
         mean = P.unflatten(s / weight, self.reference)
+        for key in START_STATE_KEYS:  # not trained by clients (models/start_state.py): no noise, no tampering
+            if key in mean:
+                mean[key] = torch.zeros_like(mean[key])
         return {k: v.to(self.reference[k].dtype) for k, v in mean.items()}, weight

@@ -16,13 +16,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from models import atomic
 from models.errors import FedkbError
-from models.lm import LMConfig, WordLM
+from models.lm import START_STATE_KEYS, LMConfig, WordLM
 from models.params import Params, all_finite, check_compatible
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
@@ -48,7 +49,10 @@ def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
 
 
 def load_tensors(path: Path, reference: Params | None = None) -> Params:
-    """Read a safetensors file; with `reference`, require the same keys, shapes, dtypes, all finite."""
+    """Read a safetensors file; with `reference`, require the same keys, shapes, dtypes, all finite.
+
+    A model or delta saved before the start state existed lacks its two tensors; they load
+    as zeros, which is what such a model started every message from (and a zero delta)."""
     path = Path(path)
     try:
         tensors = st_load(path.read_bytes())
@@ -57,6 +61,9 @@ def load_tensors(path: Path, reference: Params | None = None) -> Params:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FedkbError(f"{path} is not a valid safetensors file ({e})") from None
     if reference is not None:
+        for key in START_STATE_KEYS:  # written before models/start_state.py: the old all-zero start
+            if key in reference and key not in tensors:
+                tensors[key] = torch.zeros_like(reference[key], device="cpu")
         why = check_compatible(tensors, reference)
         if why:
             raise FedkbError(f"{path} does not fit the model: {why}")

@@ -33,6 +33,8 @@ from models.vocab import Vocabulary
 # PyTorch has no oneDNN kernel for projected LSTMs and says so on every call; the default one is used.
 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
+START_STATE_KEYS = ("start_h", "start_c")  # WordLM's buffers: in every state dict, never trained
+
 
 @dataclass(frozen=True)
 class LMConfig:
@@ -95,6 +97,10 @@ class WordLM(nn.Module):
         self.residual = nn.Parameter(torch.zeros(cfg.base_vocab, d))
         self.word_bias = nn.Parameter(torch.zeros(cfg.base_vocab))
         self.lstm = nn.LSTM(d, cfg.hidden, proj_size=d, batch_first=True)
+        # The state a message starts from when predicting (models/start_state.py); zeros, as
+        # nn.LSTM's default, until computed. Buffers: saved with the weights, never trained.
+        self.register_buffer("start_h", torch.zeros(d))
+        self.register_buffer("start_c", torch.zeros(cfg.hidden))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Deterministic init from `generator` (uniform, as in pytorch/examples word_language_model)."""
@@ -112,6 +118,10 @@ class WordLM(nn.Module):
         """Word embeddings (V, d) and output biases (V,) for one vocabulary."""
         return compose_words(table, self.piece_emb, self.piece_bias, self.residual, self.word_bias)
 
+    def start_state(self, batch: int = 1) -> tuple[Tensor, Tensor]:
+        """The LSTM state (h, c), each (1, batch, size), that a message starts from when predicting."""
+        return (self.start_h.expand(1, batch, -1).contiguous(), self.start_c.expand(1, batch, -1).contiguous())
+
     def forward(
         self,
         tokens: Tensor,  # (B, T) word ids
@@ -119,8 +129,10 @@ class WordLM(nn.Module):
         bias: Tensor,  # (V,)
         state: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Next-word logits (B, T, V) and the new state (evaluation; training uses `loss`)."""
-        h, state = self.hidden(tokens, emb, state)
+        """Next-word logits (B, T, V) and the new state (evaluation; training uses `loss`).
+
+        Without `state` the rows start from `start_state()`."""
+        h, state = self.hidden(tokens, emb, state if state is not None else self.start_state(tokens.size(0)))
         return h @ emb.t() + bias, state
 
     def loss(self, tokens: Tensor, targets: Tensor, emb: Tensor, bias: Tensor, state=None,
@@ -148,9 +160,10 @@ class WordLM(nn.Module):
         return h, state
 
     def step(self, token: int, emb: Tensor, bias: Tensor, state) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """One word in, next-word log-probabilities (V,) out: the keyboard's per-word cost."""
+        """One word in, next-word log-probabilities (V,) out: the keyboard's per-word cost.
+        Without `state` it starts from `start_state()`."""
         x = emb[token].view(1, 1, -1)
-        h, state = self.lstm(x, state)
+        h, state = self.lstm(x, state if state is not None else self.start_state())
         logits = h.view(-1) @ emb.t() + bias
         return torch.log_softmax(logits, dim=-1), state
 

@@ -58,6 +58,12 @@ class NumpyPredictor:
         if not all(np.isfinite(a).all() for a in w.values()):
             raise FedkbError(f"{model_dir / 'model.safetensors'} contains NaN or infinite values")
         self.w = {n: w[n].astype(np.float32) for n in _SHAPES}
+        d, hidden = self.w["lstm.weight_hr_l0"].shape
+        # the state messages start from (models/start_state.py); zeros in models saved before it
+        self._start_h = w["start_h"].astype(np.float32) if "start_h" in w else np.zeros(d, np.float32)
+        self._start_c = w["start_c"].astype(np.float32) if "start_c" in w else np.zeros(hidden, np.float32)
+        if self._start_h.shape != (d,) or self._start_c.shape != (hidden,):
+            raise FedkbError(f"{model_dir / 'model.safetensors'} does not fit the model (start state of the wrong shape)")
         self.tokenizer, self.vocab, self.k, self.meta = tokenizer, vocab, k, meta.get("meta", {})
         self.blocked: set[str] = set()
         self._compose()
@@ -82,9 +88,7 @@ class NumpyPredictor:
         self._mask[[vocab.index[s] for s in SPECIALS]] = -np.inf
 
     def reset(self) -> None:
-        hidden = self.w["lstm.weight_hr_l0"].shape[1]
-        d = self.w["lstm.weight_hr_l0"].shape[0]
-        self._h, self._c = np.zeros(d, np.float32), np.zeros(hidden, np.float32)
+        self._h, self._c = self._start_h.copy(), self._start_c.copy()
         self._last = None
         self.commit(BOS)
 

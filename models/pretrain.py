@@ -23,6 +23,7 @@ import torch
 from models import atomic
 from models.checkpoint import WEIGHTS, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from models.lm import LMConfig, WordLM, WordTable
+from models.start_state import mean_start_state, set_start_state
 from models.text import sentence_tokens
 from models.tokenizer import Tokenizer
 from models.train import TrainConfig, encode, fit, make_optimizer, steps_per_run
@@ -63,13 +64,17 @@ def pretrain(
     on_step: Callable[[int, int, float], None] | None = None,
     init: Path | None = None,
     device: str = "cpu",
+    start_lines: list[str] | None = None,
 ) -> None:
     """Train from scratch, or, with `init` (a checkpoint directory), continue training that
     model with its vocabulary and architecture (a second stage, e.g. with the exact softmax;
     `cfg.model` is then ignored; `cfg.dropout` still applies).
 
     `device` "cuda" trains on a GPU with cuDNN's LSTM: the same recipe, not bit for bit the
-    CPU's result; the weights are initialised on the CPU either way and saved there."""
+    CPU's result; the weights are initialised on the CPU either way and saved there.
+
+    The saved model starts messages from its mean state at message starts in `start_lines`
+    (chat text; default `lines`), see models/start_state.py."""
     work_dir = Path(work_dir)
     gen = torch.Generator().manual_seed(cfg.seed)
     init_id, parent = None, None
@@ -127,6 +132,9 @@ def pretrain(
 
     losses = fit(model, table, stream, cfg.train, gen, on_step=step_hook, start_step=start, optimizer=opt,
                  initial_state=lstm_state, on_state=state_hook)
+    start_stream = stream if start_lines is None else encode(start_lines, vocab).to(device)
+    h, c, n_starts = mean_start_state(model, table, vocab, start_stream)
+    set_start_state(model, h, c)
     save_checkpoint(out_dir, model, vocab, tokenizer, meta={
         "kind": "base",
         "round": 0,
@@ -135,6 +143,7 @@ def pretrain(
         "final_loss": losses[-1] if losses else None,
         "train": asdict(cfg.train),
         "seed": cfg.seed,
+        "start_state": {"message_starts": n_starts},
         **({"dropout": cfg.dropout} if cfg.dropout is not None else {}),
         **({"device": device} if device != "cpu" else {}),
         **({"init": {"weights_sha256": init_id, "meta": parent.meta}} if parent else {}),

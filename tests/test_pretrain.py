@@ -44,9 +44,11 @@ def test_pretrain_resume_is_bit_exact(tiny, tmp_path):
     pretrain(lines, tok, tmp_path / "b", tmp_path / "work_b", _cfg(), on_step=lambda s, n, l: steps.append(s))
     assert steps[0] == 9  # resumed after the last saved step (8), not from scratch
 
-    a = load_checkpoint(tmp_path / "a", tok).model.state_dict()
-    b = load_checkpoint(tmp_path / "b", tok).model.state_dict()
+    a_ck = load_checkpoint(tmp_path / "a", tok)
+    a, b = a_ck.model.state_dict(), load_checkpoint(tmp_path / "b", tok).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the saved model starts messages from its mean state at message starts (models/start_state.py)
+    assert a_ck.meta["start_state"]["message_starts"] > 0 and a["start_c"].abs().sum() > 0
 
 
 def test_pretrain_restarts_when_config_changes(tiny, tmp_path):

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, loss=loss)
 
-        pretrain(lines, tokenizer, args.out, args.work, cfg, on_step=on_step, init=args.init, device=args.device)
+        pretrain(lines, tokenizer, args.out, args.work, cfg, on_step=on_step, init=args.init, device=args.device,
+                 start_lines=pretraining_lines(0))
     print(f"wrote {args.out}")
     return 0
