@@ -32,6 +32,12 @@ def init_state(params: dict[str, Tensor], vocab: Vocabulary, config: ServerConfi
     return ServerState(P.clone(params), vocab, 0, config, {})
 
 
+def _moment(state: ServerState, name: str, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The optimizer's moment `name`, zeros where it has none (a new run, or a key that runs
+    saved before it existed lack, such as the start state)."""
+    return {**P.zeros_like(like), **state.opt_state.get(name, {})}
+
+
 def server_update(state: ServerState, aggregate: dict[str, Tensor] | None) -> ServerState:
     """One server step with the mean delta; `None` (no usable report) leaves the model as it is."""
     cfg = state.config
@@ -40,12 +46,12 @@ def server_update(state: ServerState, aggregate: dict[str, Tensor] | None) -> Se
     if cfg.optimizer == "fedavg":
         return replace(state, params=P.add(state.params, aggregate, cfg.lr), round=state.round + 1)
     if cfg.optimizer == "fedavgm":
-        m_old = state.opt_state.get("m") or P.zeros_like(aggregate)
+        m_old = _moment(state, "m", aggregate)
         m = P.add(aggregate, m_old, cfg.momentum)
         return replace(state, params=P.add(state.params, m, cfg.lr), opt_state={"m": m}, round=state.round + 1)
     if cfg.optimizer == "fedadam":
-        m_old = state.opt_state.get("m") or P.zeros_like(aggregate)
-        v_old = state.opt_state.get("v") or P.zeros_like(aggregate)
+        m_old = _moment(state, "m", aggregate)
+        v_old = _moment(state, "v", aggregate)
         m = {k: cfg.beta1 * m_old[k] + (1 - cfg.beta1) * aggregate[k] for k in aggregate}
         v = {k: cfg.beta2 * v_old[k] + (1 - cfg.beta2) * aggregate[k] ** 2 for k in aggregate}
         step = {k: m[k] / (torch.sqrt(v[k]) + cfg.tau) for k in m}

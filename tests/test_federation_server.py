@@ -44,3 +44,15 @@ def test_no_aggregate_keeps_model():
 def test_unknown_optimizer_rejected():
     with pytest.raises(ValueError):
         ServerConfig(optimizer="sgd")
+
+
+def test_moments_saved_before_a_key_existed_start_at_zero():
+    # a run saved before the model had its start state resumes: the new key's moment is zero
+    from dataclasses import replace
+
+    s0 = init_state({"w": torch.tensor([1.0]), "start_h": torch.tensor([0.0])}, V,
+                    ServerConfig(optimizer="fedavgm", lr=1.0, momentum=0.9))
+    s0 = replace(s0, opt_state={"m": {"w": torch.tensor([1.0])}})
+    s1 = server_update(s0, {"w": torch.tensor([1.0]), "start_h": torch.tensor([0.0])})
+    assert torch.allclose(s1.params["w"], torch.tensor([1.0 + 1.0 + 0.9]))
+    assert s1.params["start_h"].tolist() == [0.0]
