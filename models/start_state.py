@@ -16,6 +16,9 @@ it raised the shipped base's top-1 19.10 -> 19.85 % and KSR 52.56 -> 53.47 %; a
 start state fitted by gradient descent did no better, and the average over
 speeches instead of chat made it far worse (14.7 %), so the text must be chat.
 
+Training (`fit`) starts each pass over a stream from the same state, so a device
+fine-tuning on its short history practises starting where the keyboard starts.
+
 The state lives in the model as two buffers (`WordLM.start_h`, `start_c`), saved
 with the weights.  Clients never train it (their deltas for it are zero and the
 server drops any, federation/aggregate.py), so a federated run keeps the base's.

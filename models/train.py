@@ -103,7 +103,9 @@ def fit(
     for step in range(start_step, total):
         i = (step % n_chunks) * cfg.bptt
         if i == 0:
-            state = None  # a new pass starts from a fresh context
+            # a new pass starts from a fresh context: the model's start state, where the keyboard
+            # starts each message (models/start_state.py; zeros for a model that has none yet)
+            state = model.start_state(data.size(0))
         x = data[:, i : i + cfg.bptt]
         y = data[:, i + 1 : i + 1 + cfg.bptt]
         x = x[:, : y.size(1)]

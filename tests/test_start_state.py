@@ -122,3 +122,23 @@ def test_cli_sets_it_in_place_and_changes_nothing_else(tiny, tmp_path, capsys):
     assert meta["start_state"]["words"] == 5000 and meta["kind"] == "base"
     assert main(args[:-3] + ["--words", "0"]) == 2
     assert "--words must be >= 1" in capsys.readouterr().err
+
+
+def test_training_passes_start_from_it_too(tiny_loaded):
+    # fine-tuning (a federated client, Learn now) starts each pass where the keyboard starts a message
+    from models.train import TrainConfig, batchify, fit
+
+    ckpt, tok = tiny_loaded
+    model, stream = ckpt.model, _stream(ckpt)
+    table = WordTable.build(ckpt.vocab, tok, model.cfg.base_vocab)
+    cfg = TrainConfig(epochs=0.01, batch_size=4, bptt=8, lr=0.0, optimizer="sgd", dropout=False)
+    torch.manual_seed(1)
+    set_start_state(model, torch.randn(model.cfg.embed_dim), torch.randn(model.cfg.hidden))
+    losses = fit(model, table, stream, cfg, torch.Generator().manual_seed(0))
+    data = batchify(stream, 4)
+    emb, bias = model.compose(table)
+    with torch.no_grad():
+        from_start, _ = model.loss(data[:, :8], data[:, 1:9], emb, bias, model.start_state(4))
+        from_zeros, _ = model.loss(data[:, :8], data[:, 1:9], emb, bias, None)
+    assert losses[0] == pytest.approx(float(from_start), abs=1e-5)
+    assert abs(float(from_start) - float(from_zeros)) > 1e-3
