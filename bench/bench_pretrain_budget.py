@@ -46,7 +46,7 @@ def main() -> None:
     from models.datasets import load_users
     from models.evaluate import MAX_MESSAGE_WORDS
     from models.lm import WordLM, WordTable
-    from models.start_state import mean_start_state, set_start_state
+    from models.start_state import set_mean_start_state
     from models.text import SPECIALS, sentence_tokens
     from models.train import TrainConfig, encode, fit, steps_per_run
 
@@ -88,13 +88,12 @@ def main() -> None:
             mask[vocab.index[w]] = float("-inf")
     msgs.sort(key=lambda m: len(m[0]))
 
-    chat = encode(pretraining_lines(0), vocab).to(dev)
+    chat = pretraining_lines(0)
 
     @torch.no_grad()
     def top1() -> tuple[float, int]:
         model.eval()
-        h, c, _ = mean_start_state(model, table, vocab, chat)  # what `fedkb pretrain` would ship now
-        set_start_state(model, h, c)
+        set_mean_start_state(model, table, vocab, chat)  # what `fedkb pretrain` would ship now
         emb, bias = model.compose(table)
         hits = words = 0
         for s in range(0, len(msgs), 512):

@@ -129,10 +129,8 @@ class WordLM(nn.Module):
         bias: Tensor,  # (V,)
         state: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Next-word logits (B, T, V) and the new state (evaluation; training uses `loss`).
-
-        Without `state` the rows start from `start_state()`."""
-        h, state = self.hidden(tokens, emb, state if state is not None else self.start_state(tokens.size(0)))
+        """Next-word logits (B, T, V) and the new state (evaluation; training uses `loss`)."""
+        h, state = self.hidden(tokens, emb, state)
         return h @ emb.t() + bias, state
 
     def loss(self, tokens: Tensor, targets: Tensor, emb: Tensor, bias: Tensor, state=None,
@@ -145,7 +143,11 @@ class WordLM(nn.Module):
         return tied_softmax_cross_entropy(h.reshape(-1, h.size(-1)), emb, bias, targets.reshape(-1)), state
 
     def hidden(self, tokens: Tensor, emb: Tensor, state=None, generator: torch.Generator | None = None):
-        """LSTM outputs (B, T, d) before the tied output layer, and the new state."""
+        """LSTM outputs (B, T, d) before the tied output layer, and the new state.
+
+        Without `state` the rows start from `start_state()` (so do `forward` and `loss`)."""
+        if state is None:
+            state = self.start_state(tokens.size(0))
         x = emb[tokens]  # (B, T, d)
         if generator is not None:
             x = _dropout(x, self.cfg.dropout, generator)

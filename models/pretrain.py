@@ -23,7 +23,7 @@ import torch
 from models import atomic
 from models.checkpoint import WEIGHTS, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from models.lm import LMConfig, WordLM, WordTable
-from models.start_state import mean_start_state, set_start_state
+from models.start_state import set_mean_start_state
 from models.text import sentence_tokens
 from models.tokenizer import Tokenizer
 from models.train import TrainConfig, encode, fit, make_optimizer, steps_per_run
@@ -132,9 +132,7 @@ def pretrain(
 
     losses = fit(model, table, stream, cfg.train, gen, on_step=step_hook, start_step=start, optimizer=opt,
                  initial_state=lstm_state, on_state=state_hook)
-    start_stream = stream if start_lines is None else encode(start_lines, vocab).to(device)
-    h, c, n_starts = mean_start_state(model, table, vocab, start_stream)
-    set_start_state(model, h, c)
+    start_info = set_mean_start_state(model, table, vocab, lines if start_lines is None else start_lines)
     save_checkpoint(out_dir, model, vocab, tokenizer, meta={
         "kind": "base",
         "round": 0,
@@ -143,7 +141,7 @@ def pretrain(
         "final_loss": losses[-1] if losses else None,
         "train": asdict(cfg.train),
         "seed": cfg.seed,
-        "start_state": {"message_starts": n_starts},
+        "start_state": start_info,
         **({"dropout": cfg.dropout} if cfg.dropout is not None else {}),
         **({"device": device} if device != "cpu" else {}),
         **({"init": {"weights_sha256": init_id, "meta": parent.meta}} if parent else {}),

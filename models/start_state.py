@@ -26,12 +26,14 @@ server drops any, federation/aggregate.py), so a federated run keeps the base's.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
 from models.lm import WordLM, WordTable
 from models.text import BOS
-from models.train import batchify
+from models.train import batchify, encode
 from models.vocab import Vocabulary
 
 START_WORDS = 20_000  # words of chat read to average over (~2,000 message starts; more changed nothing)
@@ -77,3 +79,14 @@ def set_start_state(model: WordLM, h: Tensor, c: Tensor) -> None:
     with torch.no_grad():
         model.start_h.copy_(h)
         model.start_c.copy_(c)
+
+
+def set_mean_start_state(model: WordLM, table: WordTable, vocab: Vocabulary, chat_lines: Iterable[str],
+                         max_words: int = START_WORDS) -> dict:
+    """Set the model's start state to its mean over the first `max_words` of `chat_lines`;
+    returns what to record in the checkpoint's metadata (message starts averaged, words read).
+    With no message start it sets zeros and records 0 starts."""
+    stream = encode(chat_lines, vocab, max_words).to(model.start_h.device)
+    h, c, n = mean_start_state(model, table, vocab, stream, max_words)
+    set_start_state(model, h, c)
+    return {"message_starts": n, "words": len(stream)}

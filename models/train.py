@@ -34,12 +34,15 @@ class TrainConfig:
     sampled_softmax: int = 0  # >0: negatives per step (unigram^0.75 proposal); 0: exact softmax
 
 
-def encode(lines: Iterable[str], vocab: Vocabulary) -> torch.Tensor:
-    """One 1-D LongTensor of word ids: each message starts with BOS; OOV words map to UNK."""
+def encode(lines: Iterable[str], vocab: Vocabulary, max_words: int | None = None) -> torch.Tensor:
+    """One 1-D LongTensor of word ids: each message starts with BOS; OOV words map to UNK.
+    With `max_words`, only the first that many ids (no more lines are read than needed)."""
     ids: list[int] = []
     for line in lines:
         ids.extend(vocab.id(t) for t in sentence_tokens(line))
-    return torch.tensor(ids, dtype=torch.long)
+        if max_words is not None and len(ids) >= max_words:
+            break
+    return torch.tensor(ids[:max_words], dtype=torch.long)
 
 
 def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -103,9 +106,9 @@ def fit(
     for step in range(start_step, total):
         i = (step % n_chunks) * cfg.bptt
         if i == 0:
-            # a new pass starts from a fresh context: the model's start state, where the keyboard
-            # starts each message (models/start_state.py; zeros for a model that has none yet)
-            state = model.start_state(data.size(0))
+            # a new pass starts from a fresh context: the model's start state (WordLM.hidden's
+            # default), where the keyboard starts each message; zeros for a model that has none yet
+            state = None
         x = data[:, i : i + cfg.bptt]
         y = data[:, i + 1 : i + 1 + cfg.bptt]
         x = x[:, : y.size(1)]

@@ -11,11 +11,9 @@ from models.tokenizer import Tokenizer
 CONTEXTS = [("how", "are", "you"), ("i",), ("<s>", "what"), ("the", "zzqx")]
 
 
-def test_same_scores_and_suggestions(tiny, tiny_loaded):
-    ckpt, tok = tiny_loaded
-    ref = Predictor(ckpt.model, ckpt.vocab, tok)
-    fast = NumpyPredictor(tiny[0], Tokenizer(tiny[1]))
-    for words in CONTEXTS:
+def assert_same_scores_and_suggestions(ref, fast, contexts=CONTEXTS):
+    """The torch Predictor `ref` and the NumpyPredictor `fast` agree after each context."""
+    for words in contexts:
         ref.reset()
         fast.reset()
         for w in words:
@@ -27,6 +25,11 @@ def test_same_scores_and_suggestions(tiny, tiny_loaded):
         assert np.allclose(a[finite], b[finite], atol=1e-4)
         for prefix in ("", "t", "th", "a", "qqq"):
             assert fast.suggest(prefix) == ref.suggest(prefix)
+
+
+def test_same_scores_and_suggestions(tiny, tiny_loaded):
+    ckpt, tok = tiny_loaded
+    assert_same_scores_and_suggestions(Predictor(ckpt.model, ckpt.vocab, tok), NumpyPredictor(tiny[0], Tokenizer(tiny[1])))
 
 
 def test_bad_files_are_clear_errors(tiny, tmp_path):

@@ -3,7 +3,6 @@ used by every predictor, never moved by federated aggregation."""
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +18,7 @@ from models.start_state import mean_start_state, set_start_state
 from models.text import BOS
 from models.tokenizer import Tokenizer
 from models.train import encode
+from tests.test_numpy_predictor import assert_same_scores_and_suggestions
 
 
 def _stream(ckpt):
@@ -71,15 +71,7 @@ def test_predictors_start_every_message_from_it(tiny, tiny_loaded, tmp_path):
     finite = torch.isfinite(want)
     assert torch.allclose(ref.scores()[finite], want[finite], atol=1e-5)
     assert not torch.allclose(ref.scores()[finite], zero[finite], atol=1e-3)
-    for words in [(), ("how", "are"), ("i",)]:
-        ref.reset()
-        fast.reset()
-        for w in words:
-            ref.commit(w)
-            fast.commit(w)
-        a, b = ref.scores().numpy(), fast.scores()
-        assert np.allclose(a[np.isfinite(a)], b[np.isfinite(b)], atol=1e-4)
-        assert fast.suggest("") == ref.suggest("")
+    assert_same_scores_and_suggestions(ref, fast, [(), ("how", "are"), ("i",)])
     # a batched forward (fedkb eval, the federated evaluator) starts each row from it too
     ids = torch.tensor([[ckpt.vocab.id(BOS), ckpt.vocab.id("how")]] * 2)
     logits, _ = loaded(ids, emb, bias)
@@ -139,6 +131,7 @@ def test_training_passes_start_from_it_too(tiny_loaded):
     emb, bias = model.compose(table)
     with torch.no_grad():
         from_start, _ = model.loss(data[:, :8], data[:, 1:9], emb, bias, model.start_state(4))
-        from_zeros, _ = model.loss(data[:, :8], data[:, 1:9], emb, bias, None)
+        zeros = (torch.zeros(1, 4, model.cfg.embed_dim), torch.zeros(1, 4, model.cfg.hidden))
+        from_zeros, _ = model.loss(data[:, :8], data[:, 1:9], emb, bias, zeros)
     assert losses[0] == pytest.approx(float(from_start), abs=1e-5)
     assert abs(float(from_start) - float(from_zeros)) > 1e-3

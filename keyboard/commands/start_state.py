@@ -31,23 +31,20 @@ def run(args: argparse.Namespace) -> int:
     from models.checkpoint import default_paths, load_model, save_checkpoint
     from models.errors import FedkbError
     from models.lm import WordTable
-    from models.start_state import mean_start_state, set_start_state
-    from models.train import encode
+    from models.start_state import set_mean_start_state
 
     if args.words < 1:
         raise FedkbError(f"--words must be >= 1, not {args.words}")
     model_dir = args.model or default_paths()[0]
     ck, tokenizer = load_model(model_dir, args.tokenizer)
-    stream = encode(pretraining_lines(0), ck.vocab)
     table = WordTable.build(ck.vocab, tokenizer, ck.model.cfg.base_vocab)
-    h, c, n = mean_start_state(ck.model, table, ck.vocab, stream, args.words)
-    if n == 0:
+    info = set_mean_start_state(ck.model, table, ck.vocab, pretraining_lines(0), args.words)
+    if info["message_starts"] == 0:
         raise FedkbError(f"no message starts in the first {args.words} words of chat: use more --words")
-    set_start_state(ck.model, h, c)
-    info = {"message_starts": n, "words": min(args.words, len(stream))}
     save_checkpoint(model_dir, ck.model, ck.vocab, tokenizer, meta={**ck.meta, "start_state": info})
-    out = {"model": str(model_dir), **info, "h_norm": round(float(h.norm()), 4), "c_norm": round(float(c.norm()), 4)}
+    out = {"model": str(model_dir), **info, "h_norm": round(float(ck.model.start_h.norm()), 4),
+           "c_norm": round(float(ck.model.start_c.norm()), 4)}
     print(json.dumps(out) if args.json else
-          f"{model_dir}: start state averaged over {n} message starts in {info['words']} words of chat "
+          f"{model_dir}: start state averaged over {info['message_starts']} message starts in {info['words']} words of chat "
           f"(|h| {out['h_norm']}, |c| {out['c_norm']})")
     return 0
