@@ -18,6 +18,11 @@ Training is `models.train.fit`, the trainer of `fedkb pretrain`.  It runs on CUD
 is one (cuDNN's LSTM: not bit for bit the CPU's result; on 2 cores an epoch takes ~7 min) and
 on the CPU otherwise.
 `--max-seconds` stops after the epoch that passes the limit.  Results are in the README.
+
+`--data` picks the training text: `pretrain` (the mix above), `chat` (its chat lines only: does
+the SOTU share hold the model back?) or `history` (the federated users' on-device history, which
+federated rounds train on: a central model trained on it directly bounds what the rounds could
+add; never shipped, since that text must not leave the devices).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ def main() -> None:
     ap.add_argument("--save", type=Path, default=None)
     ap.add_argument("--tag", default="")
     ap.add_argument("--limit-lines", type=int, default=0)
+    ap.add_argument("--data", choices=("pretrain", "chat", "history"), default="pretrain",
+                    help="training text: the pretraining mix (default), its chat only, or the users' history")
     ap.add_argument("--max-seconds", type=float, default=0, help="stop after the epoch that passes this time")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +127,10 @@ def main() -> None:
     base_top1, words = top1()
     print(json.dumps({"tag": args.tag, "epoch": 0, "top1": round(base_top1, 3), "words": words}), flush=True)
 
-    lines = pretraining_lines(400_000)
+    if args.data == "history":
+        lines = [m for u in load_users() for m in u.history]
+    else:
+        lines = pretraining_lines(400_000 if args.data == "pretrain" else 0)
     if args.limit_lines:
         lines = lines[: args.limit_lines]
     stream = encode(lines, vocab).to(dev)
