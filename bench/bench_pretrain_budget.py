@@ -83,8 +83,9 @@ def main() -> None:
     table = WordTable.build(vocab, tok, model.cfg.base_vocab).to(dev)
 
     # evaluation data: every future message of every user, padded into batches
+    users = list(load_users())
     msgs = []
-    for u in load_users():
+    for u in users:
         for m in u.future:
             toks = sentence_tokens(m)[: MAX_MESSAGE_WORDS + 1]
             if len(toks) >= 2:
@@ -128,9 +129,11 @@ def main() -> None:
     print(json.dumps({"tag": args.tag, "epoch": 0, "top1": round(base_top1, 3), "words": words}), flush=True)
 
     if args.data == "history":
-        lines = [m for u in load_users() for m in u.history]
+        lines = [m for u in users for m in u.history]
+    elif args.data == "chat":
+        lines = chat
     else:
-        lines = pretraining_lines(400_000 if args.data == "pretrain" else 0)
+        lines = pretraining_lines(400_000)
     if args.limit_lines:
         lines = lines[: args.limit_lines]
     stream = encode(lines, vocab).to(dev)
