@@ -1,6 +1,6 @@
 """Benchmark of the federated simulation (prints one JSON object).
 
-    python bench/bench_federation.py [--k 100] [--model DIR] [--tokenizer F] [--users-file F] [--workers 2]
+    python bench/bench_federation.py [--k 100] [--model DIR] [--tokenizer F] [--users-file F] [--workers 2] [--client-batch B]
 
 * engines: one round's client updates (K clients) with the sequential engine (the
   naive loop, torch using every core) and the parallel engine (W workers x 1 thread),
@@ -63,7 +63,8 @@ def setup(args, root: Path, size: int = 0):
     ck, tok = load_model(args.model, args.tokenizer)
     users = load_users(args.users_file)
     pop = build_population(root, users, size or len(users))
-    return ck, tok, pop, ClientConfig()
+    client = ClientConfig() if not getattr(args, "client_batch", None) else ClientConfig(batch_size=args.client_batch)
+    return ck, tok, pop, client
 
 
 def tasks_for(pop, k: int, seed: int = 0):
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--users-file", type=Path, default=None)
     p.add_argument("--k", type=int, default=100, help="clients in the engine comparison (default: 100)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--client-batch", type=int, default=None, help="local batch (default: ClientConfig's, 32)")
     p.add_argument("--engine-reps", type=int, default=3, help="alternating runs of each engine; medians compared (default: 3)")
     p.add_argument("--scaling-k", default="5,10,20", help="K values for time per round (default: 5,10,20)")
     p.add_argument("--scaling-reps", type=int, default=3, help="random cohorts per K (default: 3)")
@@ -192,6 +194,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ck, tok, pop, client = setup(args, Path(d))
         tasks = tasks_for(pop, args.k)
+        out["client_batch"] = client.batch_size
         flops_tok = train_flops_per_token(ck.model.cfg, len(ck.vocab))
         peaks = {"threads_all": [matmul_peak(cores)], "threads_1": [matmul_peak(1)]}
         with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as seq_eng, \

@@ -66,3 +66,11 @@ def test_personal_models_use_the_personalization_setting():
     assert (personal.lr, personal.epochs) == (0.1, 3.0) and (fed.lr, fed.epochs) == (0.3, 1.0)
     assert dataclasses.replace(personal, lr=fed.lr, epochs=fed.epochs) == fed
     assert LearnConfig().client == personalization_config()
+
+
+def test_personal_fine_tuning_keeps_small_batches():
+    from federation.config import ClientConfig, personalization_config
+
+    for fed_batch, personal_batch in ((32, 8), (8, 8), (4, 4)):
+        personal = personalization_config(ClientConfig(batch_size=fed_batch))
+        assert (personal.batch_size, personal.lr, personal.epochs) == (personal_batch, 0.1, 3.0)

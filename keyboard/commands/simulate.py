@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: 1.0; fedadam 0.01)")
     parser.add_argument("--client-lr", type=float, default=None, help="client SGD learning rate (default: ClientConfig.lr)")
     parser.add_argument("--client-epochs", type=float, default=None, help="local epochs (default: 1)")
+    parser.add_argument("--client-batch", type=int, default=None, help="local batch: parallel columns of the word stream (default: ClientConfig.batch_size)")
     parser.add_argument("--no-secagg", action="store_true", help="sum in plain float64 instead of simulated secure aggregation")
     parser.add_argument("--eval-users", type=int, default=20, help="held-out users whose future text scores each round (default: 20)")
     parser.add_argument("--eval-every", type=int, default=1)
@@ -43,13 +44,10 @@ def build_config(args: argparse.Namespace):
 
     from federation.config import AggregationConfig, ClientConfig, PrivacyConfig, ServerConfig, SimulationConfig
 
-    client = ClientConfig()
-    if args.client_lr is not None:
-        client = replace(client, lr=args.client_lr)
-    if args.client_epochs is not None:
-        client = replace(client, epochs=args.client_epochs)
+    overrides = {"lr": args.client_lr, "epochs": args.client_epochs, "batch_size": args.client_batch}
     server_lr = args.server_lr if args.server_lr is not None else (0.01 if args.server_opt == "fedadam" else 1.0)
     try:
+        client = replace(ClientConfig(), **{k: v for k, v in overrides.items() if v is not None})
         return SimulationConfig(
             users=args.users, rounds=args.rounds, clients_per_round=args.clients_per_round, engine=args.engine,
             workers=args.workers, eval_users=args.eval_users, eval_every=args.eval_every, seed=args.seed, client=client,
