@@ -63,7 +63,7 @@ def setup(args, root: Path, size: int = 0):
     ck, tok = load_model(args.model, args.tokenizer)
     users = load_users(args.users_file)
     pop = build_population(root, users, size or len(users))
-    client = ClientConfig() if not getattr(args, "client_batch", None) else ClientConfig(batch_size=args.client_batch)
+    client = ClientConfig(batch_size=args.client_batch) if args.client_batch else ClientConfig()
     return ck, tok, pop, client
 
 
@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--users-file", type=Path, default=None)
     p.add_argument("--k", type=int, default=100, help="clients in the engine comparison (default: 100)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--client-batch", type=int, default=None, help="local batch (default: ClientConfig's, 32)")
+    p.add_argument("--client-batch", type=int, default=None, help="local batch (default: ClientConfig's, 8)")
     p.add_argument("--engine-reps", type=int, default=3, help="alternating runs of each engine; medians compared (default: 3)")
     p.add_argument("--scaling-k", default="5,10,20", help="K values for time per round (default: 5,10,20)")
     p.add_argument("--scaling-reps", type=int, default=3, help="random cohorts per K (default: 3)")

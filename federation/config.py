@@ -19,7 +19,7 @@ class ClientConfig:
     """Local fine-tuning on one device (also the keyboard's on-device "Learn now")."""
 
     epochs: float = 1.0  # passes over the user's history
-    batch_size: int = 8  # parallel columns of the user's word stream (32: ~1.35x the words/s, same quality; see README)
+    batch_size: int = 8  # parallel columns of the user's word stream (32: ~1.25x the words/s, same quality; see README)
     bptt: int = 20  # words per truncated-backprop step
     lr: float = 0.3  # SGD learning rate, tuned on the base model: 0.2-0.5 helps 11/12 users, 1.0 only 6/12
     optimizer: str = "sgd"  # "sgd" (Gboard) or "adam"
