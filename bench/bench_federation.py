@@ -225,6 +225,8 @@ def main() -> None:
                        "--tokenizer", str(args.tokenizer)]
                 if args.users_file:
                     cmd += ["--users-file", str(args.users_file)]
+                if args.client_batch:
+                    cmd += ["--client-batch", str(args.client_batch)]  # the batch out["client_batch"] reports
                 r = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 mem[n].append(round(json.loads(r.stdout.strip().splitlines()[-1])["max_rss_mb"], 1))
         med = {n: statistics.median(v) for n, v in mem.items()}

@@ -46,16 +46,14 @@ def test_config_flag_reaches_a_command(tmp_path, capsys, tiny):
 
 
 def test_simulate_client_flags_reach_the_config():
+    from federation.config import ClientConfig
     from keyboard.commands.simulate import add_arguments, build_config
 
     p = argparse.ArgumentParser()
     add_arguments(p)
     sim = build_config(p.parse_args(["--client-batch", "8", "--client-lr", "0.3", "--client-epochs", "2"]))
     assert (sim.client.batch_size, sim.client.lr, sim.client.epochs) == (8, 0.3, 2.0)
-    from federation.config import ClientConfig
-
     assert build_config(p.parse_args([])).client == ClientConfig()
     for bad in (["--client-batch", "0"], ["--client-lr", "-1"], ["--client-epochs", "0"]):
         with pytest.raises(FedkbError, match="client"):
             build_config(p.parse_args(bad))
-
