@@ -10,6 +10,15 @@ gradient clipping, the SGD step.  Backward parts are split with gradient hooks o
 LSTM's input and output.  The same is then run in two processes at once (what the parallel
 engine's two workers do), alternating with the single runs --reps times; medians are printed.
 The one-thread float32 matmul peak (best of a measurement before and after) is the reference.
+
+The ceiling: the same step's matrix products alone (every product of the forward and backward
+passes at its shape and in its order, nothing else) are timed the same way, alone and in pairs.
+Their FLOPs are exactly the step's analytic count (bench_federation.train_flops_per_token), so
+the step's share of the peak against the products' share splits the gap to the peak into what
+the products cannot do at these shapes and what the step's other work (softmax, LSTM gates,
+composition, optimizer) costs.
+
+    python bench/bench_train_step.py --batch 32    # a bigger local batch
 """
 
 from __future__ import annotations
@@ -28,20 +37,45 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip", "optimizer", "total")
+PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip", "optimizer", "total", "products")
 
 
-def time_parts(model_dir: Path | None, steps: int) -> dict[str, float]:
+def time_products(B: int, T: int, d: int, H: int, V: int, steps: int) -> float:
+    """Median ms of one step's matrix products alone: models/fused.py's forward and backward
+    products at their shapes (B x T words, LSTM of H units with a d-dim projection, V words)."""
+    N, r = B * T, torch.randn
+    x, h, w_ih, w_hh, w_hr, emb = r(N, d), r(N, d), r(4 * H, d), r(4 * H, d), r(d, H), r(V, d)
+    bias, gates, h_t, hf_t = r(V), r(N, 4 * H), r(B, d), r(B, H)
+    grad, d_gates, hfs = r(N, V), r(N, 4 * H), r(N, H)
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        torch.mm(x, w_ih.t())  # forward: the input part of the gates, all steps at once
+        for t in range(T):  # the recurrence
+            gates[t * B : (t + 1) * B].addmm_(h_t, w_hh.t())
+            torch.mm(hf_t, w_hr.t())
+        torch.addmm(bias, h, emb.t())  # logits
+        torch.mm(grad, emb), torch.mm(grad.t(), h)  # backward: output layer
+        for t in range(T):
+            torch.mm(h_t, w_hr), torch.mm(d_gates[t * B : (t + 1) * B], w_hh)
+        torch.mm(d_gates, w_ih), torch.mm(d_gates.t(), x), torch.mm(d_gates.t(), h), torch.mm(h.t(), hfs)
+        if step >= 5:
+            times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e3, 2)
+
+
+def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> dict[str, float]:
     from federation.config import ClientConfig
     from models.checkpoint import load_model
     from models.datasets import load_users
     from models.fused import tied_softmax_cross_entropy
     from models.lm import WordTable
     from models.train import batchify, encode, make_optimizer
+    from bench_federation import train_flops_per_token
 
     torch.set_num_threads(1)
     ck, tok = load_model(model_dir)
-    cfg = ClientConfig()
+    cfg = ClientConfig(batch_size=batch) if batch else ClientConfig()
     stream = encode([t for u in load_users()[:40] for t in u.history], ck.vocab)
     table = WordTable.build(ck.vocab, tok, ck.model.cfg.base_vocab)
     model = copy.deepcopy(ck.model)
@@ -81,36 +115,57 @@ def time_parts(model_dir: Path | None, steps: int) -> dict[str, float]:
                      ("output_bwd", marks["output_bwd_end"] - t3), ("lstm_bwd", marks["lstm_bwd_end"] - marks["output_bwd_end"]),
                      ("compose_bwd", t4 - marks["lstm_bwd_end"]), ("clip", t5 - t4), ("optimizer", t6 - t5), ("total", t6 - t0)):
             times[k].append(v)
-    return {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()}
+    out = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items() if v}
+    mc = model.cfg
+    out["products"] = time_products(cfg.batch_size, cfg.bptt, mc.embed_dim, mc.hidden, len(ck.vocab), steps)
+    out["flops_per_step"] = cfg.batch_size * cfg.bptt * train_flops_per_token(mc, len(ck.vocab))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--reps", type=int, default=3, help="alternating runs alone and in pairs; medians (default: 3)")
+    ap.add_argument("--batch", type=int, default=None, help="local batch (default: ClientConfig's, 8)")
     ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the shipped base)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(time_parts(args.model, args.steps)))
+        print(json.dumps(time_parts(args.model, args.steps, args.batch)))
         return
     from bench_federation import matmul_peak  # the same peak measurement as the engines' bench
 
-    cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps)] + (["--model", str(args.model)] if args.model else [])
+    cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps)]
+    cmd += (["--model", str(args.model)] if args.model else []) + (["--batch", str(args.batch)] if args.batch else [])
     alone, together = [], []
-    peak = matmul_peak(1)
+    peaks = {1: [matmul_peak(1)], 2: [matmul_peak(2)]}
     for _ in range(args.reps):  # alternated: a neighbour on a shared VM can slow either for a minute
         alone.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
         pair = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
         together += [json.loads(p.communicate()[0]) for p in pair]
-    peak = max(peak, matmul_peak(1))
+    for n in peaks:
+        peaks[n].append(matmul_peak(n))
+    peak = {n: max(v) for n, v in peaks.items()}
 
     def median(runs: list[dict]) -> dict:
         return {k: round(statistics.median(r[k] for r in runs), 2) for k in PARTS}
 
-    print(json.dumps({"reps": args.reps, "ms_per_step_alone": median(alone), "ms_per_step_two_processes": median(together),
-                      "totals_alone": [r["total"] for r in alone], "totals_two_processes": [r["total"] for r in together],
-                      "peak_matmul_flops_1_thread": peak}, indent=1))
+    flops = alone[0]["flops_per_step"]
+    ms_alone, ms_pair = median(alone), median(together)
+
+    def share(ms: float, processes: int) -> float:  # FLOP/s of `processes` steps at once, against that many threads' peak
+        return round(processes * flops / (ms / 1e3) / peak[processes], 3)
+
+    print(json.dumps({
+        "reps": args.reps, "batch": args.batch or 8, "flops_per_step": flops,
+        "ms_per_step_alone": ms_alone, "ms_per_step_two_processes": ms_pair,
+        "totals_alone": [r["total"] for r in alone], "totals_two_processes": [r["total"] for r in together],
+        # step = everything; products = the same step's matrix products only (the ceiling)
+        "share_of_peak": {"step_alone": share(ms_alone["total"], 1), "products_alone": share(ms_alone["products"], 1),
+                          "step_two_processes": share(ms_pair["total"], 2),
+                          "products_two_processes": share(ms_pair["products"], 2)},
+        "peak_matmul_flops": {"threads_1": peak[1], "threads_2": peak[2]},
+        "peak_matmul_flops_measured": {f"threads_{n}": v for n, v in peaks.items()}}, indent=1))
 
 
 if __name__ == "__main__":
