@@ -68,12 +68,14 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
     from federation.config import ClientConfig
     from models.checkpoint import load_model
     from models.datasets import load_users
+    from models import native
     from models.fused import tied_softmax_cross_entropy
     from models.lm import WordTable
     from models.train import batchify, encode, make_optimizer
     from bench_federation import train_flops_per_token
 
     torch.set_num_threads(1)
+    native.load()  # as the engines do (FEDKB_NATIVE=0: the PyTorch versions)
     ck, tok = load_model(model_dir)
     cfg = ClientConfig(batch_size=batch) if batch else ClientConfig()
     stream = encode([t for u in load_users()[:40] for t in u.history], ck.vocab)

@@ -28,6 +28,7 @@ from federation.client import ClientResult
 from federation.config import ClientConfig
 from federation.engine_sequential import ClientRunner, ClientTask, Consume
 from federation.memory import TRIM_EVERY, release_free_memory
+from models import native
 from models import params as P
 from models.errors import FedkbError
 from models.lm import LMConfig, WordLM
@@ -82,6 +83,7 @@ class ParallelEngine:
 
     def __init__(self, model_cfg: LMConfig, tokenizer_path: Path, devices_root: Path, cfg: ClientConfig, workers: int = 2):
         ctx = mp.get_context("spawn")
+        native.load()  # compiled here, once, before the workers load the cached build
         like = WordLM(model_cfg).state_dict()
         self.like = {k: v.detach() for k, v in like.items()}
         n = sum(v.numel() for v in like.values())

@@ -19,6 +19,7 @@ from torch import Tensor
 from federation.client import ClientResult, client_update, user_stream
 from federation.config import ClientConfig
 from federation.device import Device
+from models import native
 from models.lm import LMConfig, WordLM, WordTable
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
@@ -39,6 +40,7 @@ class ClientRunner:
     """Everything one process needs to run client updates, loaded once."""
 
     def __init__(self, model_cfg: LMConfig, tokenizer_path: Path, devices_root: Path, cfg: ClientConfig, cache_users: int = 512):
+        native.load()  # fused training kernels where this machine can build them (models/native.py)
         self.model = WordLM(model_cfg)
         self.tokenizer = Tokenizer(tokenizer_path)
         self.root = Path(devices_root)

@@ -24,14 +24,26 @@ from 61 ms to 45 ms (bench/bench_federation.py measures the engines):
 
 Gradients differ from autograd's only by float rounding (summation order); the
 tests in tests/test_models_fused.py hold each pass to autograd's result.
+
+Where models/native.py has loaded the native kernels (the federation engines load them), the
+three functions run them instead of their PyTorch element-wise passes: the same products, each
+element-wise part fused into one pass, with the same tests.
 """
 
 from __future__ import annotations
 
 import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from models import native as _native
+
+
+def _kernels(t: Tensor):
+    """The native kernels (models/native.py) where loaded and `t` is a float32 CPU tensor, else None."""
+    return _native.loaded() if t.device.type == "cpu" and t.dtype == torch.float32 else None
 
 
 def composition_transpose(pieces: Tensor, offsets: Tensor, num_pieces: int) -> Tensor:
@@ -52,8 +64,12 @@ def composition_transpose(pieces: Tensor, offsets: Tensor, num_pieces: int) -> T
 
 class _Compose(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table, piece_emb: Tensor, piece_bias: Tensor, residual: Tensor, word_bias: Tensor):
+    def forward(ctx, table, piece_emb: Tensor, piece_bias: Tensor, residual: Tensor, word_bias: Tensor, training: bool):
         ctx.table, ctx.num_pieces, ctx.base_rows = table, piece_emb.size(0), residual.size(0)
+        native = ctx.native = _kernels(piece_emb) if training else None
+        if native is not None:  # training: one pass over the words (inference keeps embedding_bag's table)
+            return tuple(native.compose_forward(table.pieces, table.offsets, piece_emb.contiguous(), piece_bias.contiguous(),
+                                                residual.contiguous(), word_bias.contiguous(), table.residual_rows))
         emb = F.embedding_bag(table.pieces, piece_emb, table.offsets, mode="mean")
         bias = F.embedding_bag(table.pieces, piece_bias.unsqueeze(1), table.offsets, mode="mean").squeeze(1)
         r = table.residual_rows
@@ -65,26 +81,39 @@ class _Compose(torch.autograd.Function):
     def backward(ctx, g_emb: Tensor, g_bias: Tensor):
         r, n = ctx.table.residual_rows, ctx.base_rows
         st = ctx.table.composition_transpose(ctx.num_pieces)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            g_piece_emb = st @ g_emb.contiguous()  # (num_pieces, d)
-            g_piece_bias = (st @ g_bias.unsqueeze(1)).squeeze(1)
+        if ctx.native:
+            g_piece_emb, g_piece_bias = ctx.native.compose_backward(st.crow_indices(), st.col_indices(), st.values(),
+                                                                   g_emb.contiguous(), g_bias.contiguous())
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                g_piece_emb = st @ g_emb.contiguous()  # (num_pieces, d)
+                g_piece_bias = (st @ g_bias.unsqueeze(1)).squeeze(1)
         g_res, g_wbias = g_emb[:r], g_bias[:r]  # the residual rows' gradient is the word's own
         if r < n:
             g_res = torch.cat([g_res, g_emb.new_zeros(n - r, g_emb.size(1))])
             g_wbias = torch.cat([g_wbias, g_bias.new_zeros(n - r)])
-        return None, g_piece_emb, g_piece_bias, g_res, g_wbias
+        return None, g_piece_emb, g_piece_bias, g_res, g_wbias, None
 
 
 def compose_words(table, piece_emb: Tensor, piece_bias: Tensor, residual: Tensor, word_bias: Tensor) -> tuple[Tensor, Tensor]:
     """Word embeddings (V, d) and output biases (V,): the mean of each word's pieces' rows, plus
     the word's own residual row for the first `table.residual_rows` words (the base vocabulary)."""
-    return _Compose.apply(table, piece_emb, piece_bias, residual, word_bias)
+    training = torch.is_grad_enabled() and piece_emb.requires_grad
+    return _Compose.apply(table, piece_emb, piece_bias, residual, word_bias, training)
 
 
 class _TiedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, emb: Tensor, bias: Tensor, targets: Tensor):
+        native = _kernels(h)
+        if native is not None:  # the bias, the softmax and its gradient (1/N included) in one pass per row
+            grad = h @ emb.t()
+            rows, g_bias = native.softmax_xent_(grad, bias.contiguous(), targets.contiguous(), 1.0 / len(targets))
+            ctx.save_for_backward(h, emb, grad, g_bias)
+            ctx.done, ctx.native = False, True
+            return rows.mean()
+        ctx.native = False
         logits = torch.addmm(bias, h, emb.t())  # (N, V)
         picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
         top = logits.amax(dim=1, keepdim=True)
@@ -101,6 +130,11 @@ class _TiedSoftmaxCE(torch.autograd.Function):
         if ctx.done:
             raise RuntimeError("tied_softmax_cross_entropy: backward twice through one graph is not supported")
         ctx.done = True
+        if ctx.native:  # already (softmax - onehot) / N, with its column sums
+            h, emb, grad, g_bias = ctx.saved_tensors
+            if float(g) != 1.0:
+                grad.mul_(g), g_bias.mul_(g)
+            return grad @ emb, grad.t() @ h, g_bias, None
         h, emb, probs, targets = ctx.saved_tensors
         grad = probs  # reused in place: backward runs once (no retain_graph through this node)
         grad[torch.arange(len(targets), device=targets.device), targets] -= 1.0
@@ -130,6 +164,11 @@ class _LSTMProj(torch.autograd.Function):
         H, P = w_hr.size(1), w_hr.size(0)
         xs = x.transpose(0, 1).contiguous()  # (T, B, d)
         gates = torch.addmm(b_ih + b_hh, xs.view(T * B, -1), w_ih.t()).view(T, B, 4 * H)  # input part, all steps at once
+        native = ctx.native = _kernels(x)
+        if native is not None:  # the same loop, each step's gates in one fused pass
+            cs, tcs, hfs, hs = native.lstm_forward(gates, w_hh.contiguous(), w_hr.contiguous(), h0.contiguous(), c0.contiguous())
+            ctx.save_for_backward(xs, gates, cs, tcs, hfs, hs, w_ih, w_hh, w_hr)
+            return hs[1:].transpose(0, 1).contiguous(), hs[T].clone(), cs[T].clone()
         cs = x.new_empty(T + 1, B, H)  # cell states, cs[0] = c0
         tcs = x.new_empty(T, B, H)  # tanh(c)
         hfs = x.new_empty(T, B, H)  # o * tanh(c), before the projection
@@ -152,6 +191,12 @@ class _LSTMProj(torch.autograd.Function):
     def backward(ctx, g_out: Tensor, g_hT: Tensor, g_cT: Tensor):
         xs, acts, cs, tcs, hfs, hs, w_ih, w_hh, w_hr = ctx.saved_tensors
         T, B, H = tcs.shape
+        if ctx.native:
+            g_hs = g_out.transpose(0, 1).clone(memory_format=torch.contiguous_format) if g_out is not None else hs.new_zeros(T, B, hs.size(2))
+            dh = g_hT.contiguous() if g_hT is not None else hs.new_zeros(B, hs.size(2))
+            dc = g_cT.contiguous() if g_cT is not None else cs.new_zeros(B, H)
+            d_gates, dh, dc = ctx.native.lstm_backward(acts, cs, tcs, g_hs, w_hh.contiguous(), w_hr.contiguous(), dh, dc)
+            return _lstm_weight_grads(d_gates, g_hs, xs, hs, hfs, w_ih, dh, dc)
         # local derivatives of the activations, all steps at once: s(1-s) for sigmoids, 1-g^2 for tanh
         deriv = acts * (1 - acts)
         deriv[..., 2 * H : 3 * H] = 1 - acts[..., 2 * H : 3 * H].square()
@@ -174,13 +219,20 @@ class _LSTMProj(torch.autograd.Function):
             d_gates[t].mul_(deriv[t])
             dc = dc * f
             dh = d_gates[t] @ w_hh
-        flat = d_gates.view(T * B, 4 * H)
-        g_x = (flat @ w_ih).view(T, B, -1).transpose(0, 1)
-        g_w_ih = flat.t() @ xs.view(T * B, -1)
-        g_w_hh = flat.t() @ hs[:T].reshape(T * B, -1)
-        g_b = flat.sum(0)
-        g_w_hr = g_hs.view(T * B, -1).t() @ hfs.view(T * B, H)
-        return g_x, dh, dc, g_w_ih, g_w_hh, g_b, g_b.clone(), g_w_hr  # two bias vectors, one gradient
+        return _lstm_weight_grads(d_gates, g_hs, xs, hs, hfs, w_ih, dh, dc)
+
+
+def _lstm_weight_grads(d_gates: Tensor, g_hs: Tensor, xs: Tensor, hs: Tensor, hfs: Tensor, w_ih: Tensor, dh: Tensor, dc: Tensor):
+    """The backward's outputs from the gate gradients: four large products over all steps at once."""
+    T, B, H4 = d_gates.shape
+    H = H4 // 4
+    flat = d_gates.view(T * B, 4 * H)
+    g_x = (flat @ w_ih).view(T, B, -1).transpose(0, 1)
+    g_w_ih = flat.t() @ xs.view(T * B, -1)
+    g_w_hh = flat.t() @ hs[:T].reshape(T * B, -1)
+    g_b = flat.sum(0)
+    g_w_hr = g_hs.view(T * B, -1).t() @ hfs.view(T * B, H)
+    return g_x, dh, dc, g_w_ih, g_w_hh, g_b, g_b.clone(), g_w_hr  # two bias vectors, one gradient
 
 
 def lstm_projected(lstm: torch.nn.LSTM, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:

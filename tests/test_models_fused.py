@@ -1,5 +1,6 @@
 """models.fused: each hand-written backward equals autograd's on the same function
-(to float rounding), and the forwards are unchanged."""
+(to float rounding), and the forwards are unchanged; every test runs twice, with the
+PyTorch version of each pass and with the native kernels (models/native.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models import native
 from models.fused import compose_words, lstm_projected, tied_softmax_cross_entropy
 from models.lm import WordTable
+
+
+@pytest.fixture(params=["pytorch", "native"], autouse=True)
+def kernels(request, monkeypatch):
+    """Each test with the PyTorch passes, then with the native kernels (skipped where they can't be built)."""
+    mod = None
+    if request.param == "native":
+        mod = native.load()
+        if mod is None:
+            pytest.skip("the native kernels could not be built on this machine")
+    monkeypatch.setattr(native, "_module", mod)
+    return mod
 
 
 def _close(a, b, rel=1e-5):
@@ -133,3 +147,33 @@ def test_a_training_step_matches_autograd(tiny_loaded):
     _close(loss.detach(), ref.detach())
     for k, p in model.named_parameters():
         _close(p.grad, ref_grads[k])
+
+
+def test_lookup_alone_gives_the_table_a_gradient(tiny_loaded):
+    """With no output layer in the graph the table's gradient is only the looked-up rows: the
+    composition's backward still gives autograd's piece gradients."""
+    ckpt, tok = tiny_loaded
+    model = ckpt.model
+    table = WordTable.build(ckpt.vocab, tok, model.cfg.base_vocab)
+    x = torch.randint(0, table.size, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        emb, _ = fn()
+        model.hidden(x, emb)[0].sum().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    ref = grads(lambda: _autograd_compose(model, table))
+    mine = grads(lambda: model.compose(table))
+    assert "piece_emb" in ref and ref.keys() <= mine.keys()
+    for k in ref:
+        _close(mine[k], ref[k])
+    for k in mine.keys() - ref.keys():  # the unused biases: zero, where autograd gives none
+        assert not mine[k].any(), k
+
+
+def test_an_out_of_range_target_is_an_error_not_a_bad_read():
+    h, emb = torch.randn(3, 4), torch.randn(5, 4)
+    for bad in (5, -1):
+        with pytest.raises((RuntimeError, IndexError)):
+            tied_softmax_cross_entropy(h, emb, torch.zeros(5), torch.tensor([0, bad, 1]))

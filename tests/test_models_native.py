@@ -1,0 +1,51 @@
+"""models.native: the kernels load once per process, and a machine that can't build them trains
+with the PyTorch versions instead of failing."""
+
+from __future__ import annotations
+
+import logging
+
+import torch.utils.cpp_extension
+
+from models import native
+
+
+def _fresh(monkeypatch):
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_tried", False)
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    _fresh(monkeypatch)
+    monkeypatch.setenv("FEDKB_NATIVE", "0")
+    assert native.load() is None and native.loaded() is None
+
+
+def test_a_failed_build_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
+    _fresh(monkeypatch)
+    monkeypatch.delenv("FEDKB_NATIVE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def no_compiler(*args, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("Error building extension 'fedkb_native': c++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="models.native"):
+        assert native.load() is None
+        assert native.load() is None  # tried once per process, not once per call
+    if calls:  # an AVX2 machine tried to build, into the cache under XDG_CACHE_HOME
+        assert len(calls) == 1 and calls[0]["build_directory"].startswith(str(tmp_path))
+        assert "command not found" in caplog.text and "PyTorch versions" in caplog.text
+    assert native.loaded() is None
+
+
+def test_the_build_folder_follows_the_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = native.build_dir()
+    assert first.parent == tmp_path / "fedkb" / "native"
+    src = tmp_path / "native.cpp"
+    src.write_text(native.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(native, "SOURCE", src)
+    assert native.build_dir() != first  # an edited source never loads a stale build
