@@ -47,8 +47,10 @@ def _views(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_buf, control, tasks, results, ack):
+def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_buf, control, tasks, results, ack, use_native):
     torch.set_num_threads(1)
+    if not use_native:
+        native.disable()  # the kernels the main process has, so the engines agree bit for bit
     try:
         runner = ClientRunner(model_cfg, tokenizer_path, devices_root, cfg)
         like = runner.model.state_dict()
@@ -83,7 +85,7 @@ class ParallelEngine:
 
     def __init__(self, model_cfg: LMConfig, tokenizer_path: Path, devices_root: Path, cfg: ClientConfig, workers: int = 2):
         ctx = mp.get_context("spawn")
-        native.load()  # compiled here, once, before the workers load the cached build
+        use_native = native.load() is not None  # compiled here, once, before the workers load the cached build
         like = WordLM(model_cfg).state_dict()
         self.like = {k: v.detach() for k, v in like.items()}
         n = sum(v.numel() for v in like.values())
@@ -95,7 +97,7 @@ class ParallelEngine:
         self.acks = [ctx.Semaphore(0) for _ in range(workers)]
         self.procs = [ctx.Process(target=_worker, daemon=True,
                                   args=(w, model_cfg, Path(tokenizer_path), Path(devices_root), cfg, self.params_buf,
-                                        self.delta_bufs[w], self.controls[w], self.tasks, self.results, self.acks[w]))
+                                        self.delta_bufs[w], self.controls[w], self.tasks, self.results, self.acks[w], use_native))
                       for w in range(workers)]
         for p in self.procs:
             p.start()

@@ -34,6 +34,29 @@ def loaded():
     return _module
 
 
+def disable() -> None:
+    """Use the PyTorch passes in this process from now on (a worker whose parent has no kernels)."""
+    global _module, _tried
+    _module, _tried = None, True
+
+
+def will_compile() -> bool:
+    """Whether the next `load()` is going to compile (~1 min): not tried yet, not turned off, not cached."""
+    if _tried or os.environ.get("FEDKB_NATIVE", "1") == "0" or not _vector_cpu():
+        return False
+    try:
+        return not any(build_dir().glob("*.so"))
+    except OSError:
+        return False
+
+
+def _vector_cpu() -> bool:
+    """The kernels are written for AVX2 vectors (AVX-512 machines have them too)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def build_dir() -> Path:
     """Where the build is cached: one folder per source, torch version and Python."""
     import torch
@@ -55,15 +78,14 @@ def load():
     if os.environ.get("FEDKB_NATIVE", "1") == "0":
         return None
     try:
-        import torch
         from torch.utils.cpp_extension import load as build
 
-        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-            return None  # the kernels are written for AVX2 vectors
+        if not _vector_cpu():
+            return None
         where = build_dir()
-        where.mkdir(parents=True, exist_ok=True)
         if not any(where.glob("*.so")):
             print("fedkb: compiling native training kernels (once per machine, ~1 min)...", file=sys.stderr, flush=True)
+        where.mkdir(parents=True, exist_ok=True)
         flags = ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
         _module = build("fedkb_native", [str(SOURCE)], extra_cflags=flags, build_directory=str(where), verbose=False)
     except Exception as e:  # no compiler, no headers, no ninja...: the PyTorch versions run instead

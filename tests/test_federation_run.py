@@ -75,6 +75,20 @@ def test_parallel_engine_equals_sequential(tiny, tmp_path, reference_run):
     assert (par / final).read_bytes() == (reference_run / final).read_bytes()  # bit for bit (secure aggregation sums integers)
 
 
+def test_engines_agree_without_the_native_kernels_too(tiny, tmp_path):
+    """FEDKB_NATIVE=0 (or a machine without a compiler): the PyTorch passes, in both engines."""
+    env = {**os.environ, "FEDKB_NATIVE": "0"}
+    runs = {}
+    for engine in ("sequential", "parallel"):
+        runs[engine] = tmp_path / engine
+        r = subprocess.run(_cli(tiny, runs[engine], "--rounds", "1", "--engine", engine, "--workers", "2"), cwd=REPO,
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "compiling" not in r.stderr
+    final = "checkpoints/round-0001/model.safetensors"
+    assert (runs["parallel"] / final).read_bytes() == (runs["sequential"] / final).read_bytes()
+
+
 def test_server_artifacts_hold_no_user_text(reference_run, fixture_users):
     run = reference_run
     messages = {m for u in fixture_users for m in (*u.history, *u.future) if len(m) >= 12}

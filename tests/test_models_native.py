@@ -49,3 +49,15 @@ def test_the_build_folder_follows_the_source(monkeypatch, tmp_path):
     src.write_text(native.SOURCE.read_text() + "\n// changed\n")
     monkeypatch.setattr(native, "SOURCE", src)
     assert native.build_dir() != first  # an edited source never loads a stale build
+
+
+def test_will_compile_only_before_a_first_build(monkeypatch, tmp_path):
+    _fresh(monkeypatch)
+    monkeypatch.delenv("FEDKB_NATIVE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.will_compile() == native._vector_cpu()  # nothing cached under this cache folder
+    native.build_dir().mkdir(parents=True)
+    (native.build_dir() / "fedkb_native.so").write_bytes(b"")
+    assert not native.will_compile()  # cached: load() only imports it
+    monkeypatch.setattr(native, "_tried", True)
+    assert not native.will_compile()

@@ -27,6 +27,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, RichLog, Sparkline, Static
 from textual.worker import get_current_worker
 
+from models import native
+
 RUNS_DIR = Path(__file__).resolve().parents[2] / "runs"
 
 
@@ -93,6 +95,8 @@ class FederationScreen(Screen):
             self.app.call_from_thread(self._finished, 0, f"{type(e).__name__}: {e}")
             return
         self.app.call_from_thread(self._log, f"population {s.population.size} users, {len(s.eval_ids)} held out for evaluation")
+        if native.will_compile():
+            self.app.call_from_thread(self._log, "compiling the native training kernels (once per machine, ~1 min) ...")
         try:
             while not s.done and not worker.is_cancelled and not self._stop:
                 m = s.step()
