@@ -1,7 +1,13 @@
-// Native CPU kernels for a local training step: the LSTM's time loop and the softmax
-// cross-entropy, each fused so that its element-wise work makes one pass over memory.
-// Loaded (compiled on first use) by models/native.py; models/fused.py falls back to its
-// PyTorch version of each when they are not available.  The matrix products are ATen's.
+// Native CPU kernels for a local training step, each fused so that its element-wise work makes
+// one pass over memory; the matrix products stay ATen's (MKL):
+//   * the projected LSTM's time loop, forwards and backwards: the LSTM of Hochreiter &
+//     Schmidhuber 1997 with nn.LSTM's projection, backpropagation through time (Werbos 1990);
+//   * the softmax cross-entropy and its gradient (softmax - onehot) / N (Bishop 2006, "Pattern
+//     Recognition and Machine Learning", sec. 4.3.4), row by row in cache;
+//   * the subword composition of the word table (mean of a word's pieces, Bojanowski et al.
+//     2017) and its backward.
+// Loaded (compiled on first use) by models/native.py; models/fused.py runs its PyTorch version
+// of each where they are not loaded.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
