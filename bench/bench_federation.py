@@ -200,6 +200,9 @@ def main() -> None:
         with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as seq_eng, \
                 ParallelEngine(ck.model.cfg, tok.path, pop.root, client, args.workers) as par_eng:
             seq, par = compare_engines(seq_eng, par_eng, ck, tasks, args.engine_reps, cores)
+        from models import native
+
+        out["native_kernels"] = native.loaded() is not None  # models/native.py (FEDKB_NATIVE=0: off)
         # the peak again after the engines: on a shared VM one measurement can be 2x off, so the
         # machine's best float32 matmul rate is the best of both
         peaks["threads_all"].append(matmul_peak(cores))

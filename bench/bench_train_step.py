@@ -121,6 +121,7 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
     mc = model.cfg
     out["products"] = time_products(cfg.batch_size, cfg.bptt, mc.embed_dim, mc.hidden, len(ck.vocab), steps)
     out["flops_per_step"] = cfg.batch_size * cfg.bptt * train_flops_per_token(mc, len(ck.vocab))
+    out["batch"], out["native"] = cfg.batch_size, native.loaded() is not None
     return out
 
 
@@ -159,7 +160,7 @@ def main() -> None:
         return round(processes * flops / (ms / 1e3) / peak[processes], 3)
 
     print(json.dumps({
-        "reps": args.reps, "batch": args.batch or 8, "flops_per_step": flops,
+        "reps": args.reps, "batch": alone[0]["batch"], "native_kernels": alone[0]["native"], "flops_per_step": flops,
         "ms_per_step_alone": ms_alone, "ms_per_step_two_processes": ms_pair,
         "totals_alone": [r["total"] for r in alone], "totals_two_processes": [r["total"] for r in together],
         # step = everything; products = the same step's matrix products only (the ceiling)
