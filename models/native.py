@@ -7,8 +7,8 @@ kernels fuse each into one pass; the products stay ATen's (MKL).  models/fused.p
 `load()` has succeeded in the process, and its PyTorch version of each otherwise; the two agree
 to float rounding (tests/test_models_fused.py).
 
-`load()` is called by whatever trains many steps: the federation engines (every worker) and
-pretraining.  The keyboard does not call it, so it never waits on a compiler.  The first call on
+`load()` is called by the federation engines (the main process, then every worker) and by
+bench/bench_train_step.py.  The keyboard does not call it, so it never waits on a compiler.  The first call on
 a machine compiles the kernels (a C++ compiler and Python's headers, ~1 min) into
 ~/.cache/fedkb/native; later calls import the cached build in about a second.  Where compiling
 fails, or with FEDKB_NATIVE=0, training runs the PyTorch versions.
@@ -42,12 +42,20 @@ def disable() -> None:
 
 def will_compile() -> bool:
     """Whether the next `load()` is going to compile (~1 min): not tried yet, not turned off, not cached."""
-    if _tried or os.environ.get("FEDKB_NATIVE", "1") == "0" or not _vector_cpu():
+    if _tried or _turned_off() or not _vector_cpu():
         return False
     try:
-        return not any(build_dir().glob("*.so"))
+        return not _cached(build_dir())
     except OSError:
         return False
+
+
+def _turned_off() -> bool:
+    return os.environ.get("FEDKB_NATIVE", "1") == "0"
+
+
+def _cached(where: Path) -> bool:
+    return any(where.glob("*.so"))
 
 
 def _vector_cpu() -> bool:
@@ -75,7 +83,7 @@ def load():
     if _tried:
         return _module
     _tried = True
-    if os.environ.get("FEDKB_NATIVE", "1") == "0":
+    if _turned_off():
         return None
     try:
         from torch.utils.cpp_extension import load as build
@@ -83,7 +91,7 @@ def load():
         if not _vector_cpu():
             return None
         where = build_dir()
-        if not any(where.glob("*.so")):
+        if not _cached(where):
             print("fedkb: compiling native training kernels (once per machine, ~1 min)...", file=sys.stderr, flush=True)
         where.mkdir(parents=True, exist_ok=True)
         flags = ["-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
