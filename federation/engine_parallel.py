@@ -5,12 +5,16 @@
     params -> shared flat buffer  ------->  reads the global model from it (no copy, no pickle)
     control[w] <- (round, vocab if new)     loads model, tokenizer, user streams once, keeps them
     tasks <- ClientTask x K, then W stops   takes tasks until a stop: trains, writes its delta
-    results -> consume(task, delta) <-----  into ITS shared delta buffer, reports, waits for ack
-    ack[w].release()                        (so the buffer is reused: only deltas travel)
+    results -> consume(task, delta) <-----  into one of ITS two shared delta buffers, reports, and
+    ack[w].release()                        goes on; waits only to reuse a buffer not yet copied out
 
 Clients are handed out dynamically (a shared queue), so a slow client does not hold up
-a whole worker's share.  Each client's generator is seeded from its task, so results do
-not depend on which worker ran it: the engines agree bit for bit (tests/test_federation_engines.py).
+a whole worker's share, longest first (by the size of the device's history, read with a
+`stat`, never opened): the last clients to start are then short ones, so the workers finish
+together instead of one idling while the other trains a long history (Graham 1969, "Bounds
+on Multiprocessing Timing Anomalies": longest-processing-time-first scheduling).  Each
+client's generator is seeded from its task, so results do not depend on which worker ran
+it or when: the engines agree bit for bit (tests/test_federation_run.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import Tensor
 
 from federation.client import ClientResult
 from federation.config import ClientConfig
+from federation.device import Device
 from federation.engine_sequential import ClientRunner, ClientTask, Consume
 from federation.memory import TRIM_EVERY, release_free_memory
 from models import native
@@ -47,7 +52,20 @@ def _views(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_buf, control, tasks, results, ack, use_native):
+def longest_first(tasks: Sequence[ClientTask], devices_root: Path) -> list[ClientTask]:
+    """The round's clients in the order the workers take them: the largest history first (its
+    size in bytes, a `stat`; a missing device counts 0 and fails in its worker, with its error)."""
+
+    def size(task: ClientTask) -> int:
+        try:
+            return Device(devices_root, task.real_id).history_file.stat().st_size
+        except OSError:
+            return 0
+
+    return sorted(tasks, key=size, reverse=True)  # stable: equal sizes keep the round's order
+
+
+def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_bufs, control, tasks, results, ack, use_native):
     torch.set_num_threads(1)
     if not use_native:
         native.disable()  # the kernels the main process has, so the engines agree bit for bit
@@ -55,6 +73,7 @@ def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta
         runner = ClientRunner(model_cfg, tokenizer_path, devices_root, cfg)
         like = runner.model.state_dict()
         global_params = _views(params_buf, like)
+        outs = [_views(buf, like) for buf in delta_bufs]
         while True:
             msg = control.get()
             if msg is _STOP:
@@ -69,15 +88,17 @@ def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta
                     release_free_memory()
                     break
                 res = runner.run(global_params, task)
-                delta_buf.copy_(P.flatten(res.delta))
+                slot = done % len(outs)  # double buffering: the main process copies one out while this trains
+                ack.acquire()  # a free buffer (released in the order they were filled, so this one)
+                for k, v in outs[slot].items():
+                    v.copy_(res.delta[k])
                 del res.delta
                 done += 1
                 if done % TRIM_EVERY == 0:
                     release_free_memory()  # memory flat within and across rounds (federation/memory.py)
-                results.put((wid, task, res.num_words, res.loss, res.steps, res.seconds, None))
-                ack.acquire()
+                results.put((wid, slot, task, res.num_words, res.loss, res.steps, res.seconds, None))
     except BaseException:  # report, don't hang the main process
-        results.put((wid, None, 0, 0.0, 0, 0.0, traceback.format_exc()))
+        results.put((wid, 0, None, 0, 0.0, 0, 0.0, traceback.format_exc()))
 
 
 class ParallelEngine:
@@ -90,17 +111,18 @@ class ParallelEngine:
         self.like = {k: v.detach() for k, v in like.items()}
         n = sum(v.numel() for v in like.values())
         self.params_buf = torch.zeros(n).share_memory_()
-        self.delta_bufs = [torch.zeros(n).share_memory_() for _ in range(workers)]
+        self.delta_bufs = [[torch.zeros(n).share_memory_() for _ in range(2)] for _ in range(workers)]
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.controls = [ctx.Queue() for _ in range(workers)]
-        self.acks = [ctx.Semaphore(0) for _ in range(workers)]
+        self.acks = [ctx.Semaphore(2) for _ in range(workers)]  # free delta buffers per worker
         self.procs = [ctx.Process(target=_worker, daemon=True,
                                   args=(w, model_cfg, Path(tokenizer_path), Path(devices_root), cfg, self.params_buf,
                                         self.delta_bufs[w], self.controls[w], self.tasks, self.results, self.acks[w], use_native))
                       for w in range(workers)]
         for p in self.procs:
             p.start()
+        self.root = Path(devices_root)
         self._vocab_key = None
         self._round = 0
 
@@ -112,16 +134,16 @@ class ParallelEngine:
         self._round += 1
         for c in self.controls:
             c.put((self._round, vocab_json))
-        for t in tasks:
+        for t in longest_first(tasks, self.root):
             self.tasks.put(t)
         for _ in self.procs:
             self.tasks.put(_STOP)
         for _ in range(len(tasks)):
-            wid, task, num_words, loss, steps, seconds, err = self._get()
+            wid, slot, task, num_words, loss, steps, seconds, err = self._get()
             if err is not None:
                 self.close()
                 raise RuntimeError(f"parallel engine worker {wid} failed:\n{err}")
-            delta = P.unflatten(self.delta_bufs[wid], self.like)  # a copy: the worker may reuse its buffer
+            delta = P.unflatten(self.delta_bufs[wid][slot], self.like)  # a copy: the worker may reuse its buffer
             self.acks[wid].release()
             consume(task, ClientResult(delta, num_words, loss, steps, seconds, task.slot))
 

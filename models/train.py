@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.fused import clip_and_step
 from models.lm import WordLM, WordTable, sampled_softmax_loss
 from models.text import sentence_tokens
 from models.vocab import Vocabulary
@@ -125,8 +126,7 @@ def fit(
         state = (state[0].detach(), state[1].detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        opt.step()
+        clip_and_step(opt, params, cfg.clip_grad)  # clip_grad_norm_ + opt.step(), fused for plain SGD (models/fused.py)
         losses.append(loss.item())
         if on_state:
             on_state(step + 1, state)

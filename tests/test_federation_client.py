@@ -74,3 +74,17 @@ def test_personal_fine_tuning_keeps_small_batches():
     for fed_batch, personal_batch in ((32, 8), (8, 8), (4, 4)):
         personal = personalization_config(ClientConfig(batch_size=fed_batch))
         assert (personal.batch_size, personal.lr, personal.epochs) == (personal_batch, 0.1, 3.0)
+
+
+def test_the_parallel_engine_hands_out_the_longest_histories_first(tmp_path):
+    """Longest-processing-time-first: the short clients come last, so the workers finish together."""
+    from federation.device import Device
+    from federation.engine_parallel import longest_first
+    from federation.engine_sequential import ClientTask
+
+    sizes = {"a": 3, "b": 40, "c": 12, "d": 12}
+    for user, n in sizes.items():
+        Device(tmp_path, user).write_simulated([f"message {i} from {user}" for i in range(n)], [])
+    tasks = [ClientTask(i, i, user, 100 + i) for i, user in enumerate([*sizes, "missing"])]
+    order = [t.real_id for t in longest_first(tasks, tmp_path)]
+    assert order == ["b", "c", "d", "a", "missing"]  # ties keep the round's order; a missing device last

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import native
-from models.fused import compose_words, lstm_projected, tied_softmax_cross_entropy
+from models.fused import clip_and_step, compose_words, lstm_projected, tied_softmax_cross_entropy
 from models.lm import WordTable
 
 
@@ -75,12 +75,15 @@ def test_compose_with_fewer_residual_rows_than_the_table(tiny_loaded):
     assert not g1["residual"][20:].any() and not g1["word_bias"][20:].any()
 
 
-def test_tied_softmax_cross_entropy_equals_autograd():
+# (N, d, V): whole blocks of 8 rows and 8 x 8 tiles; then a partial row block, a dimension that is
+# not a multiple of 8 and a last 16-column panel with one column (the native kernel's edges)
+@pytest.mark.parametrize("n,d,v", [(40, 16, 300), (37, 13, 321)])
+def test_tied_softmax_cross_entropy_equals_autograd(n, d, v):
     g = torch.Generator().manual_seed(0)
-    h = (torch.randn(40, 16, generator=g) * 3).requires_grad_()
-    emb = torch.randn(300, 16, generator=g).requires_grad_()
-    bias = torch.randn(300, generator=g).requires_grad_()
-    targets = torch.randint(0, 300, (40,), generator=g)
+    h = (torch.randn(n, d, generator=g) * 3).requires_grad_()
+    emb = torch.randn(v, d, generator=g).requires_grad_()
+    bias = torch.randn(v, generator=g).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
     ref = F.cross_entropy(h @ emb.t() + bias, targets)
     ref_grads = torch.autograd.grad(ref * 2.5, [h, emb, bias])
     out = tied_softmax_cross_entropy(h, emb, bias, targets)
@@ -100,13 +103,15 @@ def test_tied_softmax_cross_entropy_is_stable_for_huge_logits():
 
 
 @pytest.mark.parametrize("with_state", [False, True])
-def test_lstm_projected_equals_nn_lstm(with_state):
+@pytest.mark.parametrize("batch", [4, 7])  # 7: the native kernel's 4-row blocks end in a partial one
+def test_lstm_projected_equals_nn_lstm(with_state, batch):
     torch.manual_seed(0)
-    lstm = torch.nn.LSTM(12, 30, proj_size=7, batch_first=True)
-    x = torch.randn(4, 9, 12, requires_grad=True)
-    state = (torch.randn(1, 4, 7), torch.randn(1, 4, 30)) if with_state else None
+    lstm = torch.nn.LSTM(12, 30, proj_size=7, batch_first=True)  # 4 x 30 and 7 columns: partial 16-column panels
+    x = torch.randn(batch, 9, 12, requires_grad=True)
+    state = (torch.randn(1, batch, 7), torch.randn(1, batch, 30)) if with_state else None
     g = torch.Generator().manual_seed(1)
-    gy, gh, gc = torch.randn(4, 9, 7, generator=g), torch.randn(1, 4, 7, generator=g), torch.randn(1, 4, 30, generator=g)
+    gy, gh, gc = (torch.randn(batch, 9, 7, generator=g), torch.randn(1, batch, 7, generator=g),
+                  torch.randn(1, batch, 30, generator=g))
 
     def run(fn):
         lstm.zero_grad()
@@ -177,3 +182,45 @@ def test_an_out_of_range_target_is_an_error_not_a_bad_read():
     for bad in (5, -1):
         with pytest.raises((RuntimeError, IndexError)):
             tied_softmax_cross_entropy(h, emb, torch.zeros(5), torch.tensor([0, bad, 1]))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped, and left as it is
+def test_clip_and_step_equals_clip_grad_norm_then_sgd(max_norm):
+    torch.manual_seed(0)
+    shapes = [(300, 7), (13,), (5, 5, 3)]
+
+    def run(step):
+        params = [torch.randn(s, generator=torch.Generator().manual_seed(i)).requires_grad_() for i, s in enumerate(shapes)]
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + i))
+        params.append(torch.zeros(3, requires_grad=True))  # no gradient: left alone by both
+        opt = torch.optim.SGD(params, lr=0.3)
+        step(opt, params)
+        return [p.detach() for p in params]
+
+    def reference(opt, params):
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+
+    for a, b in zip(run(lambda o, p: clip_and_step(o, p, max_norm)), run(reference)):
+        _close(a, b)
+
+
+def test_clip_and_step_with_a_nan_gradient_poisons_as_pytorch_does():
+    """A NaN gradient makes the update NaN (the federation then rejects the delta) instead of a silent skip."""
+    p = torch.ones(10, requires_grad=True)
+    p.grad = torch.ones(10)
+    p.grad[3] = float("nan")
+    clip_and_step(torch.optim.SGD([p], lr=0.1), [p], 1.0)
+    assert p.detach().isnan().all()
+
+
+def test_clip_and_step_leaves_other_optimizers_to_pytorch():
+    p = torch.ones(4, requires_grad=True)
+    p.grad = torch.full((4,), 10.0)
+    q = p.detach().clone().requires_grad_()
+    q.grad = p.grad.clone()
+    clip_and_step(torch.optim.SGD([p], lr=0.1, momentum=0.9), [p], 1.0)
+    torch.nn.utils.clip_grad_norm_([q], 1.0)
+    torch.optim.SGD([q], lr=0.1, momentum=0.9).step()
+    assert torch.equal(p.detach(), q.detach())
