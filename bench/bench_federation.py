@@ -6,8 +6,11 @@
   naive loop, torch using every core) and the parallel engine (W workers x 1 thread),
   alternated --engine-reps times, medians compared:
   clients/s, tokens/s, their ratio; achieved FLOP/s (analytic count of the LSTM LM's
-  training FLOPs) against the float32 matmul peak measured in this same run (best of one
-  measurement before and one after the engines).
+  training FLOPs) against the float32 matmul peak on all cores measured in this same run:
+  share_of_peak is the median over the alternations of each run's FLOP/s against the peak
+  measured right before and right after it (their mean: the machine's speed drifts by up to 2x
+  within minutes on a shared VM); share_of_best_peak, the stricter figure, compares the median
+  run with the best peak measured at any point of the bench.
 * memory: peak RSS of a process that builds a population of 1,000 vs 10,000 (resampled)
   users and runs rounds over it (median of --memory-reps runs each).
 * scaling: seconds per round's client updates (sequential) at several K, several random
@@ -87,28 +90,34 @@ def time_engine(engine, ck, tasks) -> tuple[float, int]:
     return time.perf_counter() - t, words[0]
 
 
-def compare_engines(seq_engine, par_engine, ck, tasks, reps: int, cores: int) -> tuple[dict, dict]:
+def compare_engines(seq_engine, par_engine, ck, tasks, reps: int, cores: int, peak=None) -> tuple[dict, dict, list[float]]:
     """The two engines on the same clients, alternated `reps` times (seq, par, seq, par, ...).
 
     Neighbours on a shared VM slow either engine by up to ~40 % for a minute at a time, so each
-    engine's median over alternating runs is compared, not one run against one.
+    engine's median over alternating runs is compared, not one run against one.  `peak()`, if
+    given, is measured before each (seq, par) pair and after the last one: the returned list
+    brackets every pair, so pair i ran between peaks i and i + 1.
     """
     runs: dict[str, list[float]] = {"sequential": [], "parallel": []}
     for name, eng, threads in (("sequential", seq_engine, cores), ("parallel", par_engine, 1)):
         torch.set_num_threads(threads)
         eng.run(ck.model.state_dict(), ck.vocab, tasks[:2], lambda t, r: None)  # warm-up (tables, caches, workers)
-    words = 0
+    words, peaks = 0, []
     for _ in range(reps):
+        if peak:
+            peaks.append(peak())
         for name, eng, threads in (("sequential", seq_engine, cores), ("parallel", par_engine, 1)):
             torch.set_num_threads(threads)  # sequential: torch on every core; parallel: 1 thread per process
             s, words = time_engine(eng, ck, tasks)
             runs[name].append(s)
+    if peak:
+        peaks.append(peak())
     out = []
     for name in ("sequential", "parallel"):
         s = statistics.median(runs[name])
         out.append({"seconds": round(s, 3), "seconds_runs": [round(x, 3) for x in runs[name]],
                     "clients_per_s": round(len(tasks) / s, 3), "tokens_per_s": round(words / s, 1), "tokens": words})
-    return out[0], out[1]
+    return out[0], out[1], peaks
 
 
 def time_vs_k(ck, pop, client, tok, ks: list[int], reps: int) -> dict:
@@ -199,20 +208,25 @@ def main() -> None:
         peaks = {"threads_all": [matmul_peak(cores)], "threads_1": [matmul_peak(1)]}
         with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as seq_eng, \
                 ParallelEngine(ck.model.cfg, tok.path, pop.root, client, args.workers) as par_eng:
-            seq, par = compare_engines(seq_eng, par_eng, ck, tasks, args.engine_reps, cores)
+            seq, par, bracket = compare_engines(seq_eng, par_eng, ck, tasks, args.engine_reps, cores,
+                                                lambda: matmul_peak(cores))
         from models import native
 
         out["native_kernels"] = native.loaded() is not None  # models/native.py (FEDKB_NATIVE=0: off)
         # the peak again after the engines: on a shared VM one measurement can be 2x off, so the
-        # machine's best float32 matmul rate is the best of both
-        peaks["threads_all"].append(matmul_peak(cores))
+        # machine's best float32 matmul rate is the best of all measured
+        peaks["threads_all"] += bracket
         peaks["threads_1"].append(matmul_peak(1))
         out["peak_matmul_flops"] = {k: max(v) for k, v in peaks.items()}
         out["peak_matmul_flops_measured"] = peaks
-        peak = max(out["peak_matmul_flops"].values())
+        best = max(out["peak_matmul_flops"].values())
         for r in (seq, par):
             r["flops"] = r["tokens_per_s"] * flops_tok
-            r["share_of_peak"] = round(r["flops"] / peak, 3)
+            # run i against the mean of the peaks measured right before and right after its pair
+            shares = [r["tokens"] / s * flops_tok / ((bracket[i] + bracket[i + 1]) / 2) for i, s in enumerate(r["seconds_runs"])]
+            r["share_of_peak_runs"] = [round(x, 3) for x in shares]
+            r["share_of_peak"] = round(statistics.median(shares), 3)
+            r["share_of_best_peak"] = round(r["flops"] / best, 3)
         out["sequential"], out["parallel"] = seq, par
         out["parallel_over_sequential"] = round(par["clients_per_s"] / seq["clients_per_s"], 3)
         out["train_flops_per_token"] = flops_tok

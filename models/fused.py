@@ -28,9 +28,10 @@ from 61 ms to 45 ms (bench/bench_federation.py measures the engines):
 Gradients differ from autograd's only by float rounding (summation order); the
 tests in tests/test_models_fused.py hold each pass to autograd's result.
 
-Where models/native.py has loaded the native kernels (the federation engines load them), the
-three functions run them instead of their PyTorch element-wise passes: the same products, each
-element-wise part fused into one pass, with the same tests.
+Where models/native.py has loaded the native kernels (the federation engines load them), these
+functions run them instead of their PyTorch passes: each element-wise part fused into one pass,
+the recurrence's and the logits' products by the kernels' own packed-panel product, the others
+ATen's; the same tests hold both versions to autograd.
 """
 
 from __future__ import annotations
