@@ -6,7 +6,7 @@ A federated client's step (8 columns x 20 words, the shipped model, one thread) 
 by part over --steps steps (the first 5 are warm-up), median ms per part: the word-table
 composition forwards and backwards, the LSTM forwards (with the embedding lookup and
 dropout) and backwards, the tied output layer with its cross-entropy forwards and backwards,
-gradient clipping, the SGD step.  Backward parts are split with gradient hooks on the
+gradient clipping with the SGD step (models.fused.clip_and_step, as fit runs it).  Backward parts are split with gradient hooks on the
 LSTM's input and output.  The same is then run in two processes at once (what the parallel
 engine's two workers do), alternating with the single runs --reps times; medians are printed.
 The one-thread float32 matmul peak (best of a measurement before and after) is the reference.
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip", "optimizer", "total", "products")
+PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip_and_step", "total", "products")
 
 
 def time_products(B: int, T: int, d: int, H: int, V: int, steps: int) -> float:
@@ -69,7 +69,7 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
     from models.checkpoint import load_model
     from models.datasets import load_users
     from models import native
-    from models.fused import tied_softmax_cross_entropy
+    from models.fused import clip_and_step, tied_softmax_cross_entropy
     from models.lm import WordTable
     from models.train import batchify, encode, make_optimizer
     from bench_federation import train_flops_per_token
@@ -106,16 +106,14 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         t4 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        t5 = time.perf_counter()
-        opt.step()
+        clip_and_step(opt, params, cfg.clip_grad)
         loss.item()
         t6 = time.perf_counter()
         if step < 5:
             continue
         for k, v in (("compose", t1 - t0), ("lstm_fwd", t2 - t1), ("output_fwd", t3 - t2),
                      ("output_bwd", marks["output_bwd_end"] - t3), ("lstm_bwd", marks["lstm_bwd_end"] - marks["output_bwd_end"]),
-                     ("compose_bwd", t4 - marks["lstm_bwd_end"]), ("clip", t5 - t4), ("optimizer", t6 - t5), ("total", t6 - t0)):
+                     ("compose_bwd", t4 - marks["lstm_bwd_end"]), ("clip_and_step", t6 - t4), ("total", t6 - t0)):
             times[k].append(v)
     out = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items() if v}
     mc = model.cfg
