@@ -93,7 +93,7 @@ static void cell_backward(const float* a, const float* c_prev, const float* tc, 
 
 // The recurrence's products have as many rows as the batch (8): BLAS kernels are built for large
 // matrices and run these at about half their speed.  Here the weight, fixed for the whole time
-// loop, is packed once into panels of 16 columns (K x 16 floats each, read from L1), and a
+// loop, is packed once into panels of 16 columns (K x 16 floats each, read from cache), and a
 // register-blocked kernel (4 rows x 16 columns of accumulators, the micro-kernel design of
 // Goto & van de Geijn 2008, "Anatomy of High-Performance Matrix Multiplication") multiplies a
 // few rows by one panel at a time.
@@ -173,6 +173,21 @@ static inline void panel_kernel(const float* a, int64_t lda, const float* bp, in
   }
 }
 
+// M rows of A by one packed panel, 4 rows at a time: C[:, 0:nn] (+)= A B[:, panel columns].
+static void rows_by_panel(const float* A, int64_t lda, int64_t M, const float* bp, int64_t K, float* C, int64_t ldc, int64_t nn,
+                          bool accumulate) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* a = A + m0 * lda;
+    float* c = C + m0 * ldc;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 4: panel_kernel<4>(a, lda, bp, K, c, ldc, nn, accumulate); break;
+      case 3: panel_kernel<3>(a, lda, bp, K, c, ldc, nn, accumulate); break;
+      case 2: panel_kernel<2>(a, lda, bp, K, c, ldc, nn, accumulate); break;
+      default: panel_kernel<1>(a, lda, bp, K, c, ldc, nn, accumulate);
+    }
+  }
+}
+
 // C (M x N, row stride ldc) = A (M x K, row stride lda) B, or C += A B with `accumulate`.
 static void small_gemm(const float* A, int64_t lda, const Packed& B, float* C, int64_t ldc, int64_t M, bool accumulate) {
   const int64_t K = B.K, N = B.N, P = (N + 15) / 16;
@@ -181,16 +196,7 @@ static void small_gemm(const float* A, int64_t lda, const Packed& B, float* C, i
     for (int64_t p = p0; p < p1; ++p) {
       const float* bp = panels + p * K * 16;
       const int64_t n0 = p * 16, nn = std::min<int64_t>(16, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const float* a = A + m0 * lda;
-        float* c = C + m0 * ldc + n0;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 4: panel_kernel<4>(a, lda, bp, K, c, ldc, nn, accumulate); break;
-          case 3: panel_kernel<3>(a, lda, bp, K, c, ldc, nn, accumulate); break;
-          case 2: panel_kernel<2>(a, lda, bp, K, c, ldc, nn, accumulate); break;
-          default: panel_kernel<1>(a, lda, bp, K, c, ldc, nn, accumulate);
-        }
-      }
+      rows_by_panel(A, lda, M, bp, K, C + n0, ldc, nn, accumulate);
     }
   });
 }
@@ -321,16 +327,7 @@ std::vector<torch::Tensor> tied_softmax_xent(torch::Tensor h, torch::Tensor emb,
       for (int64_t p = 0; p < P; ++p) {
         const float* bp = panels + p * d * 16;
         const int64_t nn = std::min<int64_t>(16, V - p * 16);
-        for (int64_t r = m0; r < m1; r += 4) {
-          const float* a = H + r * d;
-          float* c = G + r * V + p * 16;
-          switch (std::min<int64_t>(4, m1 - r)) {
-            case 4: panel_kernel<4>(a, d, bp, d, c, V, nn, false); break;
-            case 3: panel_kernel<3>(a, d, bp, d, c, V, nn, false); break;
-            case 2: panel_kernel<2>(a, d, bp, d, c, V, nn, false); break;
-            default: panel_kernel<1>(a, d, bp, d, c, V, nn, false);
-          }
-        }
+        rows_by_panel(H + m0 * d, d, m1 - m0, bp, d, G + m0 * V + p * 16, V, nn, false);
       }
       for (int64_t r = m0; r < m1; ++r) out[r] = softmax_xent_row(G + r * V, bs, V, y[r], static_cast<float>(scale), acc);
     }
