@@ -90,13 +90,13 @@ def time_engine(engine, ck, tasks) -> tuple[float, int]:
     return time.perf_counter() - t, words[0]
 
 
-def compare_engines(seq_engine, par_engine, ck, tasks, reps: int, cores: int, peak=None) -> tuple[dict, dict, list[float]]:
+def compare_engines(seq_engine, par_engine, ck, tasks, reps: int, cores: int, peak) -> tuple[dict, dict, list[float]]:
     """The two engines on the same clients, alternated `reps` times (seq, par, seq, par, ...).
 
     Neighbours on a shared VM slow either engine by up to ~40 % for a minute at a time, so each
-    engine's median over alternating runs is compared, not one run against one.  `peak()`, if
-    given, is measured before each (seq, par) pair and after the last one: the returned list
-    brackets every pair, so pair i ran between peaks i and i + 1.
+    engine's median over alternating runs is compared, not one run against one.  `peak()` (the
+    matmul peak) is measured before each (seq, par) pair and after the last one: the returned
+    list brackets every pair, so pair i ran between peaks i and i + 1.
     """
     runs: dict[str, list[float]] = {"sequential": [], "parallel": []}
     for name, eng, threads in (("sequential", seq_engine, cores), ("parallel", par_engine, 1)):
@@ -104,14 +104,12 @@ def compare_engines(seq_engine, par_engine, ck, tasks, reps: int, cores: int, pe
         eng.run(ck.model.state_dict(), ck.vocab, tasks[:2], lambda t, r: None)  # warm-up (tables, caches, workers)
     words, peaks = 0, []
     for _ in range(reps):
-        if peak:
-            peaks.append(peak())
+        peaks.append(peak())
         for name, eng, threads in (("sequential", seq_engine, cores), ("parallel", par_engine, 1)):
             torch.set_num_threads(threads)  # sequential: torch on every core; parallel: 1 thread per process
             s, words = time_engine(eng, ck, tasks)
             runs[name].append(s)
-    if peak:
-        peaks.append(peak())
+    peaks.append(peak())
     out = []
     for name in ("sequential", "parallel"):
         s = statistics.median(runs[name])

@@ -186,7 +186,6 @@ def test_an_out_of_range_target_is_an_error_not_a_bad_read():
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped, and left as it is
 def test_clip_and_step_equals_clip_grad_norm_then_sgd(max_norm):
-    torch.manual_seed(0)
     shapes = [(300, 7), (13,), (5, 5, 3)]
 
     def run(step):
