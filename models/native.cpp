@@ -33,6 +33,14 @@ static void check_i64(const torch::Tensor& t, const char* name) {
               " must be a contiguous int64 CPU vector");
 }
 
+// Every value of the int64 vector `ids` lies in [0, n): rows it may index.
+static void check_range(const torch::Tensor& ids, int64_t n, const char* what) {
+  if (ids.size(0) > 0) {
+    const auto [lo, hi] = torch::aminmax(ids);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n, what);
+  }
+}
+
 static inline Vec sigmoid(Vec x) { return Vec(1.0f) / (Vec(1.0f) + x.neg().exp()); }
 static inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
@@ -290,13 +298,6 @@ static float softmax_xent_row(float* row, const float* bs, int64_t V, int64_t y,
   return top + std::log(total) - picked;
 }
 
-static void check_targets(const torch::Tensor& targets, int64_t V, const char* name) {
-  if (targets.size(0) > 0) {
-    const auto [lo, hi] = torch::aminmax(targets);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < V, name, ": a target is outside the vocabulary");
-  }
-}
-
 // The tied output layer's forward and its cross-entropy gradient, fused: for each block of 8 rows
 // of h, the logits h E^T (packed-panel kernel over the whole vocabulary) are computed and turned
 // into (softmax - onehot) * scale while they are in cache, so the (N, V) logits go to memory once,
@@ -310,7 +311,7 @@ std::vector<torch::Tensor> tied_softmax_xent(torch::Tensor h, torch::Tensor emb,
                   targets.size(0) == h.size(0),
               "tied_softmax_xent: h (N, d), emb (V, d), bias (V,) and targets (N,) do not match");
   const int64_t N = h.size(0), V = emb.size(0), d = h.size(1);
-  check_targets(targets, V, "tied_softmax_xent");
+  check_range(targets, V, "tied_softmax_xent: a target is outside the vocabulary");
   const Packed e_t = pack_panels(emb, true);  // B = E^T: d x V
   const int64_t rows = 8, blocks = (N + rows - 1) / rows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(blocks, 1));
@@ -350,9 +351,8 @@ std::vector<torch::Tensor> compose_forward(torch::Tensor pieces, torch::Tensor o
     TORCH_CHECK(offsets[0].item<int64_t>() == 0 && (torch::diff(offsets) > 0).all().item<bool>() &&
                     offsets[V - 1].item<int64_t>() < total,
                 "compose_forward: every word needs at least one piece");
-    const auto [lo, hi] = torch::aminmax(pieces);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < piece_emb.size(0), "compose_forward: a piece id is out of range");
   }
+  check_range(pieces, piece_emb.size(0), "compose_forward: a piece id is out of range");
   auto emb = torch::empty({V, d}, piece_emb.options()), bias = torch::empty({V}, piece_emb.options());
   const int64_t *pc = pieces.data_ptr<int64_t>(), *off = offsets.data_ptr<int64_t>();
   const float *P = piece_emb.data_ptr<float>(), *Pb = piece_bias.data_ptr<float>();
@@ -390,11 +390,9 @@ std::vector<torch::Tensor> compose_backward(torch::Tensor crow, torch::Tensor co
   TORCH_CHECK(g_emb.dim() == 2 && g_bias.size(0) == g_emb.size(0) && col.size(0) == val.size(0) && crow.size(0) >= 1,
               "compose_backward: shapes do not match");
   const int64_t Pn = crow.size(0) - 1, d = g_emb.size(1);
-  if (col.size(0) > 0) {
-    const auto [lo, hi] = torch::aminmax(col);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < g_emb.size(0) && crow[Pn].item<int64_t>() == col.size(0),
-                "compose_backward: a word index is out of range");
-  }
+  TORCH_CHECK(crow[0].item<int64_t>() == 0 && crow[Pn].item<int64_t>() == col.size(0) && (torch::diff(crow) >= 0).all().item<bool>(),
+              "compose_backward: the row pointers do not span the column indices");
+  check_range(col, g_emb.size(0), "compose_backward: a word index is out of range");
   auto gp = torch::zeros({Pn, d}, g_emb.options()), gpb = torch::zeros({Pn}, g_emb.options());
   const int64_t *cr = crow.data_ptr<int64_t>(), *cl = col.data_ptr<int64_t>();
   const float *v = val.data_ptr<float>(), *G = g_emb.data_ptr<float>(), *Gb = g_bias.data_ptr<float>();

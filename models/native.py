@@ -6,13 +6,13 @@ each time step, the softmax over 10 k words, the subword composition of the word
 gradient clipping and SGD.  The kernels fuse each into one or two passes.  Two kinds of product
 are theirs too, by a small packed-panel kernel: the recurrence's (8 rows at each time step,
 where BLAS runs at about half speed) and the output layer's logits, computed 8 rows at a time
-so that their softmax runs while they are in cache.  The other products stay ATen's (MKL).  models/fused.py uses them when
-`load()` has succeeded in the process, and its PyTorch version of each otherwise; the two agree
-to float rounding (tests/test_models_fused.py).
+so that their softmax runs while they are in cache.  The other products stay ATen's (MKL).
+models/fused.py uses the kernels when `load()` has succeeded in the process, and its PyTorch
+version of each otherwise; the two agree to float rounding (tests/test_models_fused.py).
 
 `load()` is called by the federation engines (the main process, then every worker) and by
-bench/bench_train_step.py.  The keyboard does not call it, so it never waits on a compiler.  The first call on
-a machine compiles the kernels (a C++ compiler and Python's headers, ~1 min) into
+bench/bench_train_step.py.  The keyboard does not call it, so it never waits on a compiler.
+The first call on a machine compiles the kernels (a C++ compiler and Python's headers, ~1 min) into
 ~/.cache/fedkb/native; later calls import the cached build in about a second.  Where compiling
 fails, or with FEDKB_NATIVE=0, training runs the PyTorch versions.
 """

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+import torch
 import torch.utils.cpp_extension
 
 from models import native
@@ -61,3 +63,18 @@ def test_will_compile_only_before_a_first_build(monkeypatch, tmp_path):
     assert not native.will_compile()  # cached: load() only imports it
     monkeypatch.setattr(native, "_tried", True)
     assert not native.will_compile()
+
+
+def test_the_composition_backward_rejects_row_pointers_past_its_columns():
+    """Row pointers that run past the column indices would read out of bounds: an error instead."""
+    mod = native.load()
+    if mod is None:
+        pytest.skip("the native kernels could not be built on this machine")
+    g, gb = torch.zeros(3, 2), torch.zeros(3)
+    col, val = torch.tensor([0, 2], dtype=torch.long), torch.ones(2)
+    mod.compose_backward(torch.tensor([0, 1, 2]), col, val, g, gb)  # valid: two pieces, one word each
+    for crow in ([0, 3, 2], [0, 1, 5], [1, 1, 2]):
+        with pytest.raises(RuntimeError, match="row pointers"):
+            mod.compose_backward(torch.tensor(crow), col, val, g, gb)
+    with pytest.raises(RuntimeError, match="out of range"):
+        mod.compose_backward(torch.tensor([0, 1, 2]), torch.tensor([0, 3]), val, g, gb)
