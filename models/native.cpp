@@ -13,12 +13,15 @@
 // of each where they are not loaded.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
+#include <array>
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <utility>
 
 using Vec = at::vec::Vectorized<float>;
 
@@ -41,30 +44,29 @@ static void check_range(const torch::Tensor& ids, int64_t n, const char* what) {
   }
 }
 
-static inline Vec sigmoid(Vec x) { return Vec(1.0f) / (Vec(1.0f) + x.neg().exp()); }
-static inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// The cell's activations from ATen's fast polynomial exp (exp_u20, a few ulp on the cell's
+// inputs; the softmax uses it too): sigmoid(x) = 1 / (1 + e^-x), tanh(x) = 2 sigmoid(2x) - 1.
+// Sleef's exp and tanh (what Vec::exp and Vec::tanh call) cost several times more, and a step
+// evaluates five of them on every cell of every time step.
+static inline Vec sigmoid(Vec x) { return Vec(1.0f) / (Vec(1.0f) + x.neg().exp_u20()); }
+static inline Vec tanh_(Vec x) { return Vec(2.0f) / (Vec(1.0f) + (x * Vec(-2.0f)).exp_u20()) - Vec(1.0f); }
 
 // One time step of the cell, batch row by batch row: a (B, 4H) gate pre-activations [i f g o]
 // become their activations in place; c = f * c_prev + i * g, tc = tanh(c), hf = o * tc.
+// (The last vector of a row is a partial one: masked loads and stores.)
 static void cell_forward(float* a, const float* c_prev, float* c, float* tc, float* hf, int64_t B, int64_t H) {
   constexpr int64_t n = Vec::size();
   for (int64_t b = 0; b < B; ++b) {
     float *ai = a + b * 4 * H, *af = ai + H, *ag = ai + 2 * H, *ao = ai + 3 * H;
     const float* cp = c_prev + b * H;
     float *cb = c + b * H, *tb = tc + b * H, *hb = hf + b * H;
-    int64_t j = 0;
-    for (; j + n <= H; j += n) {
-      Vec i = sigmoid(Vec::loadu(ai + j)), f = sigmoid(Vec::loadu(af + j));
-      Vec g = Vec::loadu(ag + j).tanh(), o = sigmoid(Vec::loadu(ao + j));
-      i.store(ai + j), f.store(af + j), g.store(ag + j), o.store(ao + j);
-      Vec cc = f * Vec::loadu(cp + j) + i * g, t = cc.tanh();
-      cc.store(cb + j), t.store(tb + j), (o * t).store(hb + j);
-    }
-    for (; j < H; ++j) {
-      float i = sigmoid(ai[j]), f = sigmoid(af[j]), g = std::tanh(ag[j]), o = sigmoid(ao[j]);
-      ai[j] = i, af[j] = f, ag[j] = g, ao[j] = o;
-      float cc = f * cp[j] + i * g, t = std::tanh(cc);
-      cb[j] = cc, tb[j] = t, hb[j] = o * t;
+    for (int64_t j = 0; j < H; j += n) {
+      const int64_t m = std::min(n, H - j);
+      Vec i = sigmoid(Vec::loadu(ai + j, m)), f = sigmoid(Vec::loadu(af + j, m));
+      Vec g = tanh_(Vec::loadu(ag + j, m)), o = sigmoid(Vec::loadu(ao + j, m));
+      i.store(ai + j, m), f.store(af + j, m), g.store(ag + j, m), o.store(ao + j, m);
+      Vec cc = f * Vec::loadu(cp + j, m) + i * g, t = tanh_(cc);
+      cc.store(cb + j, m), t.store(tb + j, m), (o * t).store(hb + j, m);
     }
   }
 }
@@ -79,34 +81,62 @@ static void cell_backward(const float* a, const float* c_prev, const float* tc, 
     const float *ai = a + b * 4 * H, *af = ai + H, *ag = ai + 2 * H, *ao = ai + 3 * H;
     const float *cp = c_prev + b * H, *tb = tc + b * H, *hb = dhf + b * H;
     float *db = dc + b * H, *di = dg + b * 4 * H, *df = di + H, *dgg = di + 2 * H, *dout = di + 3 * H;
-    int64_t j = 0;
-    for (; j + n <= H; j += n) {
-      Vec i = Vec::loadu(ai + j), f = Vec::loadu(af + j), g = Vec::loadu(ag + j), o = Vec::loadu(ao + j);
-      Vec t = Vec::loadu(tb + j), dh = Vec::loadu(hb + j);
-      Vec d = Vec::loadu(db + j) + dh * o * (one - t * t);
-      (d * g * i * (one - i)).store(di + j);
-      (d * Vec::loadu(cp + j) * f * (one - f)).store(df + j);
-      (d * i * (one - g * g)).store(dgg + j);
-      (dh * t * o * (one - o)).store(dout + j);
-      (d * f).store(db + j);
-    }
-    for (; j < H; ++j) {
-      float i = ai[j], f = af[j], g = ag[j], o = ao[j], t = tb[j], dh = hb[j];
-      float d = db[j] + dh * o * (1 - t * t);
-      di[j] = d * g * i * (1 - i), df[j] = d * cp[j] * f * (1 - f), dgg[j] = d * i * (1 - g * g), dout[j] = dh * t * o * (1 - o);
-      db[j] = d * f;
+    for (int64_t j = 0; j < H; j += n) {
+      const int64_t m = std::min(n, H - j);
+      Vec i = Vec::loadu(ai + j, m), f = Vec::loadu(af + j, m), g = Vec::loadu(ag + j, m), o = Vec::loadu(ao + j, m);
+      Vec t = Vec::loadu(tb + j, m), dh = Vec::loadu(hb + j, m);
+      Vec d = Vec::loadu(db + j, m) + dh * o * (one - t * t);
+      (d * g * i * (one - i)).store(di + j, m);
+      (d * Vec::loadu(cp + j, m) * f * (one - f)).store(df + j, m);
+      (d * i * (one - g * g)).store(dgg + j, m);
+      (dh * t * o * (one - o)).store(dout + j, m);
+      (d * f).store(db + j, m);
     }
   }
 }
 
 // The recurrence's products have as many rows as the batch (8): BLAS kernels are built for large
 // matrices and run these at about half their speed.  Here the weight, fixed for the whole time
-// loop, is packed once into panels of 16 columns (K x 16 floats each, read from cache), and a
-// register-blocked kernel (4 rows x 16 columns of accumulators, the micro-kernel design of
-// Goto & van de Geijn 2008, "Anatomy of High-Performance Matrix Multiplication") multiplies a
-// few rows by one panel at a time.
+// loop, is packed once into panels of kPanel columns (K x kPanel floats each, read from cache),
+// and a register-blocked kernel (up to kRows rows x kPanel columns of accumulators, the
+// micro-kernel design of Goto & van de Geijn 2008, "Anatomy of High-Performance Matrix
+// Multiplication") multiplies a few rows by one panel at a time.  Its registers are the widest
+// the build has: AVX-512 (16 floats; 8 rows x 32 columns, 16 accumulators) where torch runs
+// AVX-512, else AVX2 (8 floats; 4 rows x 16 columns, 8 accumulators); enough independent
+// accumulators to hide the FMA's latency on both ports, few enough to stay in registers.
+#if defined(__AVX512F__)
+using Reg = __m512;
+constexpr int64_t kLanes = 16;
+constexpr int kRows = 8;
+static inline Reg reg_zero() { return _mm512_setzero_ps(); }
+static inline Reg reg_load(const float* p) { return _mm512_load_ps(p); }  // 64-byte aligned
+static inline Reg reg_loadu(const float* p) { return _mm512_loadu_ps(p); }
+static inline void reg_storeu(float* p, Reg x) { _mm512_storeu_ps(p, x); }
+static inline Reg reg_bcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
+static inline Reg reg_add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+static inline float reg_sum(Reg x) { return _mm512_reduce_add_ps(x); }
+#else
+using Reg = __m256;
+constexpr int64_t kLanes = 8;
+constexpr int kRows = 4;
+static inline Reg reg_zero() { return _mm256_setzero_ps(); }
+static inline Reg reg_load(const float* p) { return _mm256_load_ps(p); }  // 32-byte aligned
+static inline Reg reg_loadu(const float* p) { return _mm256_loadu_ps(p); }
+static inline void reg_storeu(float* p, Reg x) { _mm256_storeu_ps(p, x); }
+static inline Reg reg_bcast(const float* p) { return _mm256_broadcast_ss(p); }
+static inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
+static inline Reg reg_add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+static inline float reg_sum(Reg x) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+}
+#endif
+constexpr int64_t kPanel = 2 * kLanes;  // columns a panel
+
 struct Packed {
-  torch::Tensor panels;  // (ceil(N / 16), K, 16), zero-padded past column N
+  torch::Tensor panels;  // (ceil(N / kPanel), K, kPanel), zero-padded past column N
   int64_t K, N;
 };
 
@@ -124,86 +154,89 @@ static inline void transpose8(__m256 r[8]) {
 // B (K x N) = w^T for w (N, K) when `transposed`, else w itself (K, N); both row-major.
 static Packed pack_panels(const torch::Tensor& w, bool transposed) {
   const int64_t K = transposed ? w.size(1) : w.size(0), N = transposed ? w.size(0) : w.size(1);
-  const int64_t P = (N + 15) / 16;
-  auto panels = torch::empty({P, K, 16}, w.options());
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  auto panels = torch::empty({P, K, kPanel}, w.options());
   const float* src = w.data_ptr<float>();
   float* out = panels.data_ptr<float>();
-  at::parallel_for(0, P, 64, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, P, 1024 / kPanel, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * 16, nn = std::min<int64_t>(16, N - n0);
-      float* panel = out + p * K * 16;
-      if (nn < 16) std::fill(panel, panel + K * 16, 0.0f);  // the last panel's missing columns stay zero
+      const int64_t n0 = p * kPanel, nn = std::min<int64_t>(kPanel, N - n0);
+      float* panel = out + p * K * kPanel;
+      if (nn < kPanel) std::fill(panel, panel + K * kPanel, 0.0f);  // the last panel's missing columns stay zero
       if (!transposed) {
-        for (int64_t k = 0; k < K; ++k) std::copy(src + k * N + n0, src + k * N + n0 + nn, panel + k * 16);
+        for (int64_t k = 0; k < K; ++k) std::copy(src + k * N + n0, src + k * N + n0 + nn, panel + k * kPanel);
         continue;
       }
       int64_t k0 = 0;
-      if (nn == 16)  // column n of B is row n of w: 8 x 8 blocks transposed in registers
+      if (nn == kPanel)  // column n of B is row n of w: 8 x 8 blocks transposed in registers
         for (; k0 + 8 <= K; k0 += 8)
-          for (int64_t j0 = 0; j0 < 16; j0 += 8) {
+          for (int64_t j0 = 0; j0 < kPanel; j0 += 8) {
             __m256 r[8];
             for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (n0 + j0 + i) * K + k0);
             transpose8(r);
-            for (int i = 0; i < 8; ++i) _mm256_store_ps(panel + (k0 + i) * 16 + j0, r[i]);
+            for (int i = 0; i < 8; ++i) _mm256_store_ps(panel + (k0 + i) * kPanel + j0, r[i]);
           }
       for (int64_t j = 0; j < nn; ++j)
-        for (int64_t k = k0; k < K; ++k) panel[k * 16 + j] = src[(n0 + j) * K + k];
+        for (int64_t k = k0; k < K; ++k) panel[k * kPanel + j] = src[(n0 + j) * K + k];
     }
   });
   return {panels, K, N};
 }
 
-// R rows (1..4) of A by one packed panel: C[r, 0:nn] (+)= sum_k A[r, k] B[k, panel columns].
+// R rows (1..kRows) of A by one packed panel: C[r, 0:nn] (+)= sum_k A[r, k] B[k, panel columns].
 template <int R>
-static inline void panel_kernel(const float* a, int64_t lda, const float* bp, int64_t K, float* c, int64_t ldc, int64_t nn,
-                                bool accumulate) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+static void panel_kernel(const float* a, int64_t lda, const float* bp, int64_t K, float* c, int64_t ldc, int64_t nn,
+                         bool accumulate) {
+  Reg acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = reg_zero();
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_load_ps(bp + k * 16), b1 = _mm256_load_ps(bp + k * 16 + 8);
-    __m256 x = _mm256_broadcast_ss(a + k);
-    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
-    if (R > 1) x = _mm256_broadcast_ss(a + lda + k), c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
-    if (R > 2) x = _mm256_broadcast_ss(a + 2 * lda + k), c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
-    if (R > 3) x = _mm256_broadcast_ss(a + 3 * lda + k), c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+    const Reg b0 = reg_load(bp + k * kPanel), b1 = reg_load(bp + k * kPanel + kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const Reg x = reg_bcast(a + r * lda + k);
+      acc[r][0] = reg_fma(x, b0, acc[r][0]), acc[r][1] = reg_fma(x, b1, acc[r][1]);
+    }
   }
-  const __m256 acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
-    if (nn == 16) {
-      __m256 lo = acc[r][0], hi = acc[r][1];
-      if (accumulate) lo = _mm256_add_ps(lo, _mm256_loadu_ps(cr)), hi = _mm256_add_ps(hi, _mm256_loadu_ps(cr + 8));
-      _mm256_storeu_ps(cr, lo), _mm256_storeu_ps(cr + 8, hi);
+    if (nn == kPanel) {
+      Reg lo = acc[r][0], hi = acc[r][1];
+      if (accumulate) lo = reg_add(lo, reg_loadu(cr)), hi = reg_add(hi, reg_loadu(cr + kLanes));
+      reg_storeu(cr, lo), reg_storeu(cr + kLanes, hi);
     } else {
-      alignas(32) float tmp[16];
-      _mm256_store_ps(tmp, acc[r][0]), _mm256_store_ps(tmp + 8, acc[r][1]);
+      alignas(64) float tmp[kPanel];
+      reg_storeu(tmp, acc[r][0]), reg_storeu(tmp + kLanes, acc[r][1]);
       for (int64_t j = 0; j < nn; ++j) cr[j] = accumulate ? cr[j] + tmp[j] : tmp[j];
     }
   }
 }
 
-// M rows of A by one packed panel, 4 rows at a time: C[:, 0:nn] (+)= A B[:, panel columns].
+using PanelKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
+
+template <int... R>
+static constexpr std::array<PanelKernel, sizeof...(R)> panel_kernels(std::integer_sequence<int, R...>) {
+  return {panel_kernel<R + 1>...};
+}
+
+static constexpr auto kKernels = panel_kernels(std::make_integer_sequence<int, kRows>{});  // kKernels[R - 1]: R rows
+
+// M rows of A by one packed panel, kRows rows at a time: C[:, 0:nn] (+)= A B[:, panel columns].
 static void rows_by_panel(const float* A, int64_t lda, int64_t M, const float* bp, int64_t K, float* C, int64_t ldc, int64_t nn,
                           bool accumulate) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* a = A + m0 * lda;
-    float* c = C + m0 * ldc;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 4: panel_kernel<4>(a, lda, bp, K, c, ldc, nn, accumulate); break;
-      case 3: panel_kernel<3>(a, lda, bp, K, c, ldc, nn, accumulate); break;
-      case 2: panel_kernel<2>(a, lda, bp, K, c, ldc, nn, accumulate); break;
-      default: panel_kernel<1>(a, lda, bp, K, c, ldc, nn, accumulate);
-    }
-  }
+  for (int64_t m0 = 0; m0 < M; m0 += kRows)
+    kKernels[std::min<int64_t>(kRows, M - m0) - 1](A + m0 * lda, lda, bp, K, C + m0 * ldc, ldc, nn, accumulate);
 }
 
 // C (M x N, row stride ldc) = A (M x K, row stride lda) B, or C += A B with `accumulate`.
 static void small_gemm(const float* A, int64_t lda, const Packed& B, float* C, int64_t ldc, int64_t M, bool accumulate) {
-  const int64_t K = B.K, N = B.N, P = (N + 15) / 16;
+  const int64_t K = B.K, N = B.N, P = (N + kPanel - 1) / kPanel;
   const float* panels = B.panels.data_ptr<float>();
-  at::parallel_for(0, P, 24, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, P, 384 / kPanel, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const float* bp = panels + p * K * 16;
-      const int64_t n0 = p * 16, nn = std::min<int64_t>(16, N - n0);
+      const float* bp = panels + p * K * kPanel;
+      const int64_t n0 = p * kPanel, nn = std::min<int64_t>(kPanel, N - n0);
       rows_by_panel(A, lda, M, bp, K, C + n0, ldc, nn, accumulate);
     }
   });
@@ -263,46 +296,20 @@ std::vector<torch::Tensor> lstm_backward(torch::Tensor acts, torch::Tensor cs, t
   return {d_gates, dh, dc};
 }
 
-// One row of logits (V, bias not yet added) becomes, in place, the gradient of its cross-entropy
-// times `s`: (softmax(row + bias) - onehot(y)) * s; adds it to the column sums `acc` and returns
-// the row's cross-entropy.  Three passes over the row (bias and max, exp and sum, scale), in cache.
-static float softmax_xent_row(float* row, const float* bs, int64_t V, int64_t y, float s, float* acc) {
-  constexpr int64_t n = Vec::size();
-  Vec vmax(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + n <= V; j += n) {
-    Vec x = Vec::loadu(row + j) + Vec::loadu(bs + j);
-    x.store(row + j);
-    vmax = at::vec::maximum(vmax, x);
-  }
-  float top = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; j < V; ++j) top = std::max(top, row[j] += bs[j]);
-  const float picked = row[y];
-  Vec vsum(0.0f), vtop(top);
-  for (j = 0; j + n <= V; j += n) {
-    Vec e = (Vec::loadu(row + j) - vtop).exp_u20();
-    e.store(row + j);
-    vsum = vsum + e;
-  }
-  float total = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < V; ++j) total += (row[j] = std::exp(row[j] - top));
-  const float k = s / total;
-  row[y] -= total;  // (e - total) * k = (p - 1) * scale at the target
-  const Vec vk(k);
-  for (j = 0; j + n <= V; j += n) {
-    Vec gr = Vec::loadu(row + j) * vk;
-    gr.store(row + j);
-    (Vec::loadu(acc + j) + gr).store(acc + j);
-  }
-  for (; j < V; ++j) acc[j] += (row[j] *= k);
-  return top + std::log(total) - picked;
-}
-
-// The tied output layer's forward and its cross-entropy gradient, fused: for each block of 8 rows
-// of h, the logits h E^T (packed-panel kernel over the whole vocabulary) are computed and turned
-// into (softmax - onehot) * scale while they are in cache, so the (N, V) logits go to memory once,
-// as the gradient.  Returns the gradient (N, V), each row's cross-entropy (N,) and the gradient's
-// column sums (V,).  The same numbers as h @ emb.t() then softmax_xent_, to float rounding.
+// The tied output layer's forward and its cross-entropy gradient, fused.  The logits are computed
+// transposed, words x tokens (Z^T = E h^T), by the packed-panel kernel with the words as its rows
+// (read straight from E, nothing to pack) and blocks of kPanel tokens as its panels (h^T, packed
+// once, in L1).  The vocabulary goes in chunks of kChunk words, each chunk's rows of E (192 kB)
+// staying in L2 while every token block uses them; a chunk's logits for one token block (64 kB)
+// get their biases and are turned into e^(z - m) with m the chunk's max, while in cache: the
+// softmax's max and sum are taken chunk by chunk and merged (the online softmax of Milakov &
+// Gimelshein 2018, "Online normalizer calculation for softmax"), so the logits are computed once.
+// A last pass turns each chunk's rows into (softmax - onehot) * scale (Bishop 2006, sec. 4.3.4)
+// with one factor per chunk and token, and takes the bias gradient's row sums.  Chunks are merged
+// in order and each row is summed by one thread: the result does not depend on the thread count.
+// Returns the gradient (N, V) (a transposed view of a (V, N rounded up) matrix, which MKL's
+// products read as it is), each token's cross-entropy (N,) and the gradient's column sums (V,):
+// the same numbers as h @ emb.t() + bias then softmax cross-entropy, to float rounding.
 std::vector<torch::Tensor> tied_softmax_xent(torch::Tensor h, torch::Tensor emb, torch::Tensor bias, torch::Tensor targets,
                                              double scale) {
   check_f32(h, "tied_softmax_xent: h"), check_f32(emb, "tied_softmax_xent: emb"), check_f32(bias, "tied_softmax_xent: bias");
@@ -312,28 +319,71 @@ std::vector<torch::Tensor> tied_softmax_xent(torch::Tensor h, torch::Tensor emb,
               "tied_softmax_xent: h (N, d), emb (V, d), bias (V,) and targets (N,) do not match");
   const int64_t N = h.size(0), V = emb.size(0), d = h.size(1);
   check_range(targets, V, "tied_softmax_xent: a target is outside the vocabulary");
-  const Packed e_t = pack_panels(emb, true);  // B = E^T: d x V
-  const int64_t rows = 8, blocks = (N + rows - 1) / rows;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(blocks, 1));
-  auto grad = torch::empty({N, V}, h.options()), loss = torch::empty({N}, h.options());
-  auto colsums = torch::zeros({threads, V}, h.options());
-  const float *H = h.data_ptr<float>(), *bs = bias.data_ptr<float>(), *panels = e_t.panels.data_ptr<float>();
+  constexpr int64_t kChunk = 512;
+  const int64_t ld = (N + kPanel - 1) / kPanel * kPanel, blocks = ld / kPanel, chunks = (V + kChunk - 1) / kChunk;
+  const Packed ht = pack_panels(h, true);  // one panel per token block: d x kPanel, zero past the last token
+  auto grad_t = torch::empty({V, ld}, h.options()), loss = torch::empty({N}, h.options()), colsums = torch::empty({V}, h.options());
+  auto stats = torch::empty({2, chunks, ld}, h.options());  // each chunk's max and sum of e^(z - max), per token
+  const float *E = emb.data_ptr<float>(), *bs = bias.data_ptr<float>(), *panels = ht.panels.data_ptr<float>();
   const int64_t* y = targets.data_ptr<int64_t>();
-  float *G = grad.data_ptr<float>(), *out = loss.data_ptr<float>();
-  const int64_t P = (V + 15) / 16, grain = (blocks + threads - 1) / threads;
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    float* acc = colsums.data_ptr<float>() + (b0 / grain) * V;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t m0 = b * rows, m1 = std::min(N, m0 + rows);
-      for (int64_t p = 0; p < P; ++p) {
-        const float* bp = panels + p * d * 16;
-        const int64_t nn = std::min<int64_t>(16, V - p * 16);
-        rows_by_panel(H + m0 * d, d, m1 - m0, bp, d, G + m0 * V + p * 16, V, nn, false);
+  float *G = grad_t.data_ptr<float>(), *out = loss.data_ptr<float>(), *cm = stats[0].data_ptr<float>(), *cs = stats[1].data_ptr<float>();
+  std::vector<float> picked(N);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t v0 = c * kChunk, v1 = std::min(V, v0 + kChunk);
+      for (int64_t b = 0; b < blocks; ++b) {
+        float* Gb = G + b * kPanel;  // this block's columns: row v at Gb + v * ld
+        Vec m_lo(-std::numeric_limits<float>::infinity()), m_hi = m_lo;
+        for (int64_t r0 = v0; r0 < v1; r0 += kRows) {  // the logits, kRows words at a time; bias and max while in L1
+          const int64_t R = std::min<int64_t>(kRows, v1 - r0);
+          kKernels[R - 1](E + r0 * d, d, panels + b * d * kPanel, d, Gb + r0 * ld, ld, kPanel, false);
+          for (int64_t v = r0; v < r0 + R; ++v) {
+            float* row = Gb + v * ld;
+            const Vec bv(bs[v]), lo = Vec::loadu(row) + bv, hi = Vec::loadu(row + kLanes) + bv;
+            lo.store(row), hi.store(row + kLanes);
+            m_lo = at::vec::maximum(m_lo, lo), m_hi = at::vec::maximum(m_hi, hi);
+          }
+        }
+        for (int64_t j = b * kPanel; j < std::min(N, (b + 1) * kPanel); ++j)
+          if (y[j] >= v0 && y[j] < v1) picked[j] = G[y[j] * ld + j];  // the target's logit
+        Vec s_lo(0.0f), s_hi(0.0f);
+        for (int64_t v = v0; v < v1; ++v) {  // e^(z - chunk max), and its sum
+          float* row = Gb + v * ld;
+          const Vec lo = (Vec::loadu(row) - m_lo).exp_u20(), hi = (Vec::loadu(row + kLanes) - m_hi).exp_u20();
+          lo.store(row), hi.store(row + kLanes);
+          s_lo = s_lo + lo, s_hi = s_hi + hi;
+        }
+        float *m = cm + c * ld + b * kPanel, *sum = cs + c * ld + b * kPanel;
+        m_lo.store(m), m_hi.store(m + kLanes), s_lo.store(sum), s_hi.store(sum + kLanes);
       }
-      for (int64_t r = m0; r < m1; ++r) out[r] = softmax_xent_row(G + r * V, bs, V, y[r], static_cast<float>(scale), acc);
     }
   });
-  return {grad, loss, colsums.sum(0)};
+  // Merge the chunks in order: each token's max M and sum S; the loss; each chunk's factor
+  // e^(m_c - M) * scale / S, written over its max (0 for the padding tokens).
+  const float s = static_cast<float>(scale);
+  for (int64_t j = 0; j < ld; ++j) {
+    float M = -std::numeric_limits<float>::infinity(), S = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) M = std::max(M, cm[c * ld + j]);
+    for (int64_t c = 0; c < chunks; ++c) S += cs[c * ld + j] * std::exp(cm[c * ld + j] - M);
+    if (j < N) out[j] = M + std::log(S) - picked[j];  // log-sum-exp minus the target's logit
+    for (int64_t c = 0; c < chunks; ++c) cm[c * ld + j] = j < N ? std::exp(cm[c * ld + j] - M) * s / S : 0.0f;
+  }
+  float* cols = colsums.data_ptr<float>();
+  at::parallel_for(0, V, 256, [&](int64_t lo, int64_t hi) {  // softmax * scale, row by row, and each row's sum
+    constexpr int64_t n = Vec::size();
+    for (int64_t v = lo; v < hi; ++v) {
+      float *row = G + v * ld, *f = cm + (v / kChunk) * ld;
+      Vec acc(0.0f);
+      for (int64_t j = 0; j < ld; j += n) {
+        const Vec g = Vec::loadu(row + j) * Vec::loadu(f + j);
+        g.store(row + j);
+        acc = acc + g;
+      }
+      cols[v] = reg_sum(acc);
+    }
+  });
+  for (int64_t j = 0; j < N; ++j) G[y[j] * ld + j] -= s, cols[y[j]] -= s;  // - onehot * scale
+  return {grad_t.narrow(1, 0, N).t(), loss, colsums};
 }
 
 // The word table: emb[w] = mean of the piece rows of word w (+ residual[w] for w < r), and the

@@ -75,9 +75,9 @@ def test_compose_with_fewer_residual_rows_than_the_table(tiny_loaded):
     assert not g1["residual"][20:].any() and not g1["word_bias"][20:].any()
 
 
-# (N, d, V): whole blocks of 8 rows and 8 x 8 tiles; then a partial row block, a dimension that is
-# not a multiple of 8 and a last 16-column panel with one column (the native kernel's edges)
-@pytest.mark.parametrize("n,d,v", [(40, 16, 300), (37, 13, 321)])
+# (N, d, V): whole 8 x 8 tiles; a last word block with one word, a dimension that is not a multiple
+# of 8 and a last token block of a few tokens; three vocabulary chunks (the native kernel's edges)
+@pytest.mark.parametrize("n,d,v", [(40, 16, 300), (37, 13, 321), (45, 24, 1100)])
 def test_tied_softmax_cross_entropy_equals_autograd(n, d, v):
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(n, d, generator=g) * 3).requires_grad_()
@@ -93,6 +93,27 @@ def test_tied_softmax_cross_entropy_equals_autograd(n, d, v):
         _close(a, b)
 
 
+def test_tied_softmax_cross_entropy_does_not_depend_on_the_thread_count(kernels):
+    """The native kernel sums each token's softmax and each word's bias gradient in one fixed
+    order, whatever the number of threads: the same bits with 1 and 2."""
+    if kernels is None:
+        pytest.skip("PyTorch's own reductions")
+    g = torch.Generator().manual_seed(0)
+    h, emb, bias = torch.randn(70, 24, generator=g), torch.randn(1500, 24, generator=g), torch.randn(1500, generator=g)
+    targets = torch.randint(0, 1500, (70,), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            grad, rows, g_bias = kernels.tied_softmax_xent(h, emb, bias, targets, 1 / 70)
+            outs.append((grad.clone(), rows, g_bias))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_tied_softmax_cross_entropy_is_stable_for_huge_logits():
     h = torch.tensor([[1000.0, 0.0]], requires_grad=True)
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
@@ -102,11 +123,23 @@ def test_tied_softmax_cross_entropy_is_stable_for_huge_logits():
     assert torch.isfinite(h.grad).all()
 
 
+def test_tied_softmax_cross_entropy_merges_vocabulary_chunks_stably():
+    """The huge logit in the last of three vocabulary chunks, the target in the first: each chunk's
+    sum is rescaled to the overall max when they are merged, never overflowing."""
+    h = torch.tensor([[1000.0, 0.0]], requires_grad=True)
+    emb = torch.zeros(1200, 2)
+    emb[1100, 0] = 1.0
+    loss = tied_softmax_cross_entropy(h, emb, torch.zeros(1200), torch.tensor([5]))
+    assert torch.isfinite(loss) and abs(float(loss.detach()) - 1000.0) < 1e-3
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and abs(float(h.grad[0, 0]) - 1.0) < 1e-5  # softmax is all on word 1100
+
+
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("batch", [4, 7])  # 7: the native kernel's 4-row blocks end in a partial one
+@pytest.mark.parametrize("batch", [4, 7])  # 7: the native kernel's row blocks (4 or 8 rows) end in a partial one
 def test_lstm_projected_equals_nn_lstm(with_state, batch):
     torch.manual_seed(0)
-    lstm = torch.nn.LSTM(12, 30, proj_size=7, batch_first=True)  # 4 x 30 and 7 columns: partial 16-column panels
+    lstm = torch.nn.LSTM(12, 30, proj_size=7, batch_first=True)  # 4 x 30 and 7 columns: partial panels (16 or 32 columns)
     x = torch.randn(batch, 9, 12, requires_grad=True)
     state = (torch.randn(1, batch, 7), torch.randn(1, batch, 30)) if with_state else None
     g = torch.Generator().manual_seed(1)

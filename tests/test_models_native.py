@@ -53,11 +53,32 @@ def test_the_build_folder_follows_the_source(monkeypatch, tmp_path):
     assert native.build_dir() != first  # an edited source never loads a stale build
 
 
+@pytest.mark.parametrize("cpu, env, want", [("AVX512", None, "AVX512"), ("AVX512", "avx2", "AVX2"), ("AVX2", None, "AVX2"),
+                                             ("AVX2", "avx2", "AVX2"), ("DEFAULT", None, None), ("DEFAULT", "avx2", None)])
+def test_the_build_targets_the_widest_vectors_torch_uses(monkeypatch, tmp_path, cpu, env, want):
+    """AVX-512 where torch runs it (FEDKB_NATIVE=avx2 asks for AVX2), AVX2 else, nothing on other CPUs;
+    each instruction set has a build folder of its own, so a shared cache never loads the wrong one."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cpu)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("FEDKB_NATIVE", raising=False)
+    if env:
+        monkeypatch.setenv("FEDKB_NATIVE", env)
+    assert native.isa() == want
+    if want:
+        assert "-DCPU_CAPABILITY=" + want in native.FLAGS[want]
+    folders = set()
+    for other in ("AVX512", "AVX2"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda other=other: other)
+        monkeypatch.delenv("FEDKB_NATIVE", raising=False)
+        folders.add(native.build_dir())
+    assert len(folders) == 2
+
+
 def test_will_compile_only_before_a_first_build(monkeypatch, tmp_path):
     _fresh(monkeypatch)
     monkeypatch.delenv("FEDKB_NATIVE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert native.will_compile() == native._vector_cpu()  # nothing cached under this cache folder
+    assert native.will_compile() == (native.isa() is not None)  # nothing cached under this cache folder
     native.build_dir().mkdir(parents=True)
     (native.build_dir() / "fedkb_native.so").write_bytes(b"")
     assert not native.will_compile()  # cached: load() only imports it
