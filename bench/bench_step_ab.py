@@ -34,6 +34,11 @@ import torch
 torch.set_num_threads(1)
 from models import native
 native.load()
+try:  # the engines' malloc settings, in a checkout that has them
+    from federation.memory import keep_buffers_in_heap
+    keep_buffers_in_heap()
+except ImportError:
+    pass
 from federation.config import ClientConfig
 from models.checkpoint import load_model
 from models.datasets import load_users

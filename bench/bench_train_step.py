@@ -68,14 +68,16 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
     from federation.config import ClientConfig
     from models.checkpoint import load_model
     from models.datasets import load_users
+    from federation.memory import keep_buffers_in_heap
     from models import native
-    from models.fused import clip_and_step, tied_softmax_cross_entropy
+    from models.fused import clip_and_step, shared_lookup, tied_softmax_cross_entropy
     from models.lm import WordTable
     from models.train import batchify, encode, make_optimizer
     from bench_federation import train_flops_per_token
 
     torch.set_num_threads(1)
     native.load()  # as the engines do (FEDKB_NATIVE=0: the PyTorch versions)
+    keep_buffers_in_heap()  # as the engines do (federation/memory.py)
     ck, tok = load_model(model_dir)
     cfg = ClientConfig(batch_size=batch) if batch else ClientConfig()
     stream = encode([t for u in load_users()[:40] for t in u.history], ck.vocab)
@@ -97,10 +99,11 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
         emb, bias = model.compose(table)
         emb.register_hook(lambda g: marks.__setitem__("lstm_bwd_end", time.perf_counter()))
         t1 = time.perf_counter()
-        h, state = model.hidden(x, emb, state, gen)
+        out_table, inputs = shared_lookup(emb, x)  # what WordLM.loss does
+        h, state = model.run_lstm(inputs, state, gen)
         h.register_hook(lambda g: marks.__setitem__("output_bwd_end", time.perf_counter()))
         t2 = time.perf_counter()
-        loss = tied_softmax_cross_entropy(h.reshape(-1, h.size(-1)), emb, bias, y.reshape(-1))
+        loss = tied_softmax_cross_entropy(h.reshape(-1, h.size(-1)), out_table, bias, y.reshape(-1))
         t3 = time.perf_counter()
         state = (state[0].detach(), state[1].detach())
         opt.zero_grad(set_to_none=True)

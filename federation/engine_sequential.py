@@ -19,6 +19,7 @@ from torch import Tensor
 from federation.client import ClientResult, client_update, user_stream
 from federation.config import ClientConfig
 from federation.device import Device
+from federation.memory import keep_buffers_in_heap
 from models import native
 from models.lm import LMConfig, WordLM, WordTable
 from models.tokenizer import Tokenizer
@@ -41,6 +42,7 @@ class ClientRunner:
 
     def __init__(self, model_cfg: LMConfig, tokenizer_path: Path, devices_root: Path, cfg: ClientConfig, cache_users: int = 512):
         native.load()  # fused training kernels where this machine can build them (models/native.py)
+        keep_buffers_in_heap()  # a step's buffers reused, not faulted in afresh (federation/memory.py)
         self.model = WordLM(model_cfg)
         self.tokenizer = Tokenizer(tokenizer_path)
         self.root = Path(devices_root)

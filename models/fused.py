@@ -21,6 +21,8 @@ from 61 ms to 45 ms (bench/bench_federation.py measures the engines):
   classic fused softmax-cross-entropy gradient (Bishop 2006, "Pattern
   Recognition and Machine Learning", sec. 4.3.4).
 * **The LSTM** (`lstm_projected`): see `_LSTMProj`.
+* **The table's two uses** (`shared_lookup`): the input lookup's gradient rows go straight into
+  the output layer's table gradient, not through a zero-filled table of their own.
 * **Clipping and the SGD step** (`clip_and_step`): `clip_grad_norm_` then `SGD.step()`, which
   PyTorch runs as five passes over the 1.9 M gradients (norms, scale, update), become two
   in the native kernels for plain SGD (no momentum or weight decay).
@@ -107,6 +109,38 @@ def compose_words(table, piece_emb: Tensor, piece_bias: Tensor, residual: Tensor
     return _Compose.apply(table, piece_emb, piece_bias, residual, word_bias, training)
 
 
+class _SharedTable(torch.autograd.Function):
+    """The word table's two uses in a training step, the input lookup emb[tokens] and the tied
+    output layer, with one backward: the lookup's rows are added (index_add_) into the output
+    layer's (V, d) gradient, which that layer's backward made for this node alone.  Autograd would
+    zero-fill a (V, d) gradient for the lookup, scatter the rows into it and add the two: three
+    passes over the 3.8 MB table each step."""
+
+    @staticmethod
+    def forward(ctx, emb: Tensor, tokens: Tensor):
+        ctx.save_for_backward(tokens)
+        ctx.shape = emb.shape
+        return emb.view_as(emb), emb[tokens]
+
+    @staticmethod
+    def backward(ctx, g_table: Tensor | None, g_x: Tensor | None):
+        (tokens,) = ctx.saved_tensors
+        if g_x is None:
+            return g_table, None
+        rows = g_x.reshape(-1, g_x.size(-1))
+        if g_table is None:
+            g_table = rows.new_zeros(ctx.shape)
+        elif not g_table.is_contiguous():  # not one the output layer made: leave it as it is
+            return g_table.index_add(0, tokens.reshape(-1), rows), None
+        return g_table.index_add_(0, tokens.reshape(-1), rows), None
+
+
+def shared_lookup(emb: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(the table for the tied output layer, emb[tokens]): the same values as (emb, emb[tokens]),
+    with the two uses' gradients summed in place (`_SharedTable`)."""
+    return _SharedTable.apply(emb, tokens)
+
+
 class _TiedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, emb: Tensor, bias: Tensor, targets: Tensor):
@@ -167,12 +201,13 @@ class _LSTMProj(torch.autograd.Function):
         T, B = x.size(1), x.size(0)
         H, P = w_hr.size(1), w_hr.size(0)
         xs = x.transpose(0, 1).contiguous()  # (T, B, d)
-        gates = torch.addmm(b_ih + b_hh, xs.view(T * B, -1), w_ih.t()).view(T, B, 4 * H)  # input part, all steps at once
         native = ctx.native = _kernels(x)
-        if native is not None:  # the same loop, each step's gates in one fused pass
-            cs, tcs, hfs, hs = native.lstm_forward(gates, w_hh.contiguous(), w_hr.contiguous(), h0.contiguous(), c0.contiguous())
+        if native is not None:  # the same, the input products by the kernels' own, each step's gates in one fused pass
+            gates, cs, tcs, hfs, hs = native.lstm_forward(xs, w_ih.contiguous(), b_ih + b_hh, w_hh.contiguous(), w_hr.contiguous(),
+                                                          h0.contiguous(), c0.contiguous())
             ctx.save_for_backward(xs, gates, cs, tcs, hfs, hs, w_ih, w_hh, w_hr)
             return hs[1:].transpose(0, 1).contiguous(), hs[T].clone(), cs[T].clone()
+        gates = torch.addmm(b_ih + b_hh, xs.view(T * B, -1), w_ih.t()).view(T, B, 4 * H)  # input part, all steps at once
         cs = x.new_empty(T + 1, B, H)  # cell states, cs[0] = c0
         tcs = x.new_empty(T, B, H)  # tanh(c)
         hfs = x.new_empty(T, B, H)  # o * tanh(c), before the projection

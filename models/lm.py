@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.fused import compose_words, composition_transpose, lstm_projected, tied_softmax_cross_entropy
+from models.fused import compose_words, composition_transpose, lstm_projected, shared_lookup, tied_softmax_cross_entropy
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 
@@ -139,16 +139,23 @@ class WordLM(nn.Module):
 
         The cross-entropy of `forward`'s logits up to float rounding, with the fused
         output-layer backward of models/fused.py and no (B, T, V) logits kept."""
-        h, state = self.hidden(tokens, emb, state, generator)
-        return tied_softmax_cross_entropy(h.reshape(-1, h.size(-1)), emb, bias, targets.reshape(-1)), state
+        if torch.is_grad_enabled() and emb.device.type == "cpu":
+            table, x = shared_lookup(emb, tokens)  # one backward for the table's two uses (models/fused.py)
+        else:
+            table, x = emb, emb[tokens]
+        h, state = self.run_lstm(x, state, generator)
+        return tied_softmax_cross_entropy(h.reshape(-1, h.size(-1)), table, bias, targets.reshape(-1)), state
 
     def hidden(self, tokens: Tensor, emb: Tensor, state=None, generator: torch.Generator | None = None):
         """LSTM outputs (B, T, d) before the tied output layer, and the new state.
 
         Without `state` the rows start from `start_state()` (so do `forward` and `loss`)."""
+        return self.run_lstm(emb[tokens], state, generator)
+
+    def run_lstm(self, x: Tensor, state=None, generator: torch.Generator | None = None):
+        """`hidden` from the looked-up inputs x (B, T, d)."""
         if state is None:
-            state = self.start_state(tokens.size(0))
-        x = emb[tokens]  # (B, T, d)
+            state = self.start_state(x.size(0))
         if generator is not None:
             x = _dropout(x, self.cfg.dropout, generator)
         if torch.is_grad_enabled() and x.device.type == "cpu":

@@ -52,18 +52,19 @@ static inline Vec sigmoid(Vec x) { return Vec(1.0f) / (Vec(1.0f) + x.neg().exp_u
 static inline Vec tanh_(Vec x) { return Vec(2.0f) / (Vec(1.0f) + (x * Vec(-2.0f)).exp_u20()) - Vec(1.0f); }
 
 // One time step of the cell, batch row by batch row: a (B, 4H) gate pre-activations [i f g o]
-// become their activations in place; c = f * c_prev + i * g, tc = tanh(c), hf = o * tc.
-// (The last vector of a row is a partial one: masked loads and stores.)
-static void cell_forward(float* a, const float* c_prev, float* c, float* tc, float* hf, int64_t B, int64_t H) {
+// (without their biases, `bias` (4H)) become their activations in place; c = f * c_prev + i * g,
+// tc = tanh(c), hf = o * tc.  (The last vector of a row is a partial one: masked loads and stores.)
+static void cell_forward(float* a, const float* bias, const float* c_prev, float* c, float* tc, float* hf, int64_t B, int64_t H) {
   constexpr int64_t n = Vec::size();
+  const float *bi = bias, *bf = bias + H, *bg = bias + 2 * H, *bo = bias + 3 * H;
   for (int64_t b = 0; b < B; ++b) {
     float *ai = a + b * 4 * H, *af = ai + H, *ag = ai + 2 * H, *ao = ai + 3 * H;
     const float* cp = c_prev + b * H;
     float *cb = c + b * H, *tb = tc + b * H, *hb = hf + b * H;
     for (int64_t j = 0; j < H; j += n) {
       const int64_t m = std::min(n, H - j);
-      Vec i = sigmoid(Vec::loadu(ai + j, m)), f = sigmoid(Vec::loadu(af + j, m));
-      Vec g = tanh_(Vec::loadu(ag + j, m)), o = sigmoid(Vec::loadu(ao + j, m));
+      Vec i = sigmoid(Vec::loadu(ai + j, m) + Vec::loadu(bi + j, m)), f = sigmoid(Vec::loadu(af + j, m) + Vec::loadu(bf + j, m));
+      Vec g = tanh_(Vec::loadu(ag + j, m) + Vec::loadu(bg + j, m)), o = sigmoid(Vec::loadu(ao + j, m) + Vec::loadu(bo + j, m));
       i.store(ai + j, m), f.store(af + j, m), g.store(ag + j, m), o.store(ao + j, m);
       Vec cc = f * Vec::loadu(cp + j, m) + i * g, t = tanh_(cc);
       cc.store(cb + j, m), t.store(tb + j, m), (o * t).store(hb + j, m);
@@ -242,29 +243,35 @@ static void small_gemm(const float* A, int64_t lda, const Packed& B, float* C, i
   });
 }
 
-// gates (T, B, 4H): the input part of the pre-activations (x W_ih^T + biases), turned into the
-// activations in place.  Returns c (T+1, B, H), tanh(c) (T, B, H), hf (T, B, H), h (T+1, B, P).
-std::vector<torch::Tensor> lstm_forward(torch::Tensor gates, torch::Tensor w_hh, torch::Tensor w_hr, torch::Tensor h0,
-                                        torch::Tensor c0) {
-  for (auto* t : {&gates, &w_hh, &w_hr, &h0, &c0}) check_f32(*t, "lstm_forward: every input");
-  TORCH_CHECK(gates.dim() == 3 && gates.size(2) % 4 == 0, "lstm_forward: gates must be (T, B, 4H)");
-  const int64_t T = gates.size(0), B = gates.size(1), H = gates.size(2) / 4, P = w_hr.size(0);
-  TORCH_CHECK(w_hh.sizes() == torch::IntArrayRef({4 * H, P}) && w_hr.sizes() == torch::IntArrayRef({P, H}) &&
-                  h0.sizes() == torch::IntArrayRef({B, P}) && c0.sizes() == torch::IntArrayRef({B, H}),
-              "lstm_forward: weight or state shapes do not match the gates");
-  auto cs = torch::empty({T + 1, B, H}, gates.options()), hs = torch::empty({T + 1, B, P}, gates.options());
-  auto tcs = torch::empty({T, B, H}, gates.options()), hfs = torch::empty({T, B, H}, gates.options());
+// The layer forwards from its inputs xs (T, B, d): the input part of every step's gate
+// pre-activations at once (x W_ih^T, by the packed-panel kernel), then the time loop, each step's
+// recurrent product added and its gates (with `bias`, b_ih + b_hh) activated in one pass.
+// Returns the activations (T, B, 4H), c (T+1, B, H), tanh(c) (T, B, H), hf (T, B, H), h (T+1, B, P).
+std::vector<torch::Tensor> lstm_forward(torch::Tensor xs, torch::Tensor w_ih, torch::Tensor bias, torch::Tensor w_hh,
+                                        torch::Tensor w_hr, torch::Tensor h0, torch::Tensor c0) {
+  for (auto* t : {&xs, &w_ih, &bias, &w_hh, &w_hr, &h0, &c0}) check_f32(*t, "lstm_forward: every input");
+  TORCH_CHECK(xs.dim() == 3 && w_hr.dim() == 2, "lstm_forward: xs must be (T, B, d) and w_hr (P, H)");
+  const int64_t T = xs.size(0), B = xs.size(1), D = xs.size(2), H = w_hr.size(1), P = w_hr.size(0);
+  TORCH_CHECK(w_ih.sizes() == torch::IntArrayRef({4 * H, D}) && bias.sizes() == torch::IntArrayRef({4 * H}) &&
+                  w_hh.sizes() == torch::IntArrayRef({4 * H, P}) && h0.sizes() == torch::IntArrayRef({B, P}) &&
+                  c0.sizes() == torch::IntArrayRef({B, H}),
+              "lstm_forward: weight or state shapes do not match the inputs");
+  auto gates = torch::empty({T, B, 4 * H}, xs.options());
+  auto cs = torch::empty({T + 1, B, H}, xs.options()), hs = torch::empty({T + 1, B, P}, xs.options());
+  auto tcs = torch::empty({T, B, H}, xs.options()), hfs = torch::empty({T, B, H}, xs.options());
   cs[0].copy_(c0), hs[0].copy_(h0);
-  const Packed w_hh_t = pack_panels(w_hh, true), w_hr_t = pack_panels(w_hr, true);  // B = W^T
   float *a = gates.data_ptr<float>(), *c = cs.data_ptr<float>(), *tc = tcs.data_ptr<float>();
   float *hf = hfs.data_ptr<float>(), *h = hs.data_ptr<float>();
+  const float* bs = bias.data_ptr<float>();
+  small_gemm(xs.data_ptr<float>(), D, pack_panels(w_ih, true), a, 4 * H, T * B, false);  // B = W_ih^T
+  const Packed w_hh_t = pack_panels(w_hh, true), w_hr_t = pack_panels(w_hr, true);  // B = W^T
   for (int64_t t = 0; t < T; ++t) {
     float* at = a + t * B * 4 * H;
     small_gemm(h + t * B * P, P, w_hh_t, at, 4 * H, B, true);
-    cell_forward(at, c + t * B * H, c + (t + 1) * B * H, tc + t * B * H, hf + t * B * H, B, H);
+    cell_forward(at, bs, c + t * B * H, c + (t + 1) * B * H, tc + t * B * H, hf + t * B * H, B, H);
     small_gemm(hf + t * B * H, H, w_hr_t, h + (t + 1) * B * P, P, B, false);
   }
-  return {cs, tcs, hfs, hs};
+  return {gates, cs, tcs, hfs, hs};
 }
 
 // Backpropagation through time.  g_hs (T, B, P): the gradient at each step's output, updated in
@@ -504,7 +511,7 @@ double clip_sgd_(std::vector<torch::Tensor> params, std::vector<torch::Tensor> g
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lstm_forward", &lstm_forward, "LSTM time loop with a projection, forwards");
+  m.def("lstm_forward", &lstm_forward, "LSTM layer with a projection, forwards");
   m.def("lstm_backward", &lstm_backward, "LSTM time loop with a projection, backwards");
   m.def("tied_softmax_xent", &tied_softmax_xent, "the tied output layer's logits and softmax cross-entropy gradient");
   m.def("compose_forward", &compose_forward, "word table from pieces and residuals");

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models import native
-from models.fused import clip_and_step, compose_words, lstm_projected, tied_softmax_cross_entropy
+from models.fused import clip_and_step, compose_words, lstm_projected, shared_lookup, tied_softmax_cross_entropy
 from models.lm import WordTable
 
 
@@ -112,6 +112,22 @@ def test_tied_softmax_cross_entropy_does_not_depend_on_the_thread_count(kernels)
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_shared_lookup_sums_both_uses_gradients():
+    """The table and its looked-up rows (tokens repeat) as two separate uses would give, gradients included:
+    a fresh output-layer gradient (added into in place), an expanded one, and either use alone."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(50, 6, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 50, (3, 7), generator=g)
+    w1, w2 = torch.randn(50, 6, generator=g), torch.randn(3, 7, 6, generator=g)
+    table, x = shared_lookup(emb, tokens)
+    assert torch.equal(table, emb) and torch.equal(x, emb[tokens])
+    uses = [lambda t, x: (t * w1).sum() + (x * w2).sum(), lambda t, x: t.sum() + (x * w2).sum(),
+            lambda t, x: (x * w2).sum(), lambda t, x: (t * w1).sum()]
+    for use in uses:
+        ref = torch.autograd.grad(use(emb, emb[tokens]), emb)[0]
+        _close(torch.autograd.grad(use(*shared_lookup(emb, tokens)), emb)[0], ref)
 
 
 def test_tied_softmax_cross_entropy_is_stable_for_huge_logits():
