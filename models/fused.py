@@ -32,8 +32,8 @@ tests in tests/test_models_fused.py hold each pass to autograd's result.
 
 Where models/native.py has loaded the native kernels (the federation engines load them), these
 functions run them instead of their PyTorch passes: each element-wise part fused into one pass,
-the recurrence's and the logits' products by the kernels' own packed-panel product, the others
-ATen's; the same tests hold both versions to autograd.
+the forward's products (the LSTM's input and recurrence, the logits) by the kernels' own
+packed-panel product, the backward's ATen's; the same tests hold both versions to autograd.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class _TiedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, emb: Tensor, bias: Tensor, targets: Tensor):
         native = _kernels(h)
-        if native is not None:  # logits, softmax and its gradient (1/N included), 8 rows at a time in cache
+        if native is not None:  # logits, softmax and its gradient (1/N included), chunk by chunk in cache
             grad, rows, g_bias = native.tied_softmax_xent(h.contiguous(), emb.contiguous(), bias.contiguous(),
                                                           targets.contiguous(), 1.0 / len(targets))
             ctx.save_for_backward(h, emb, grad, g_bias)

@@ -1,16 +1,18 @@
 // Native CPU kernels for a local training step, each fused so that its element-wise work makes
-// one pass over memory; the large matrix products stay ATen's (MKL):
-//   * the projected LSTM's time loop, forwards and backwards: the LSTM of Hochreiter &
-//     Schmidhuber 1997 with nn.LSTM's projection, backpropagation through time (Werbos 1990),
-//     its batch-row products by a small packed-panel kernel (Goto & van de Geijn 2008);
-//   * the tied output layer: its logits (the packed-panel kernel) and the softmax cross-entropy
+// one pass over memory; the backward's large matrix products stay ATen's (MKL):
+//   * the projected LSTM, forwards and backwards: the LSTM of Hochreiter & Schmidhuber 1997 with
+//     nn.LSTM's projection, backpropagation through time (Werbos 1990), its input products and
+//     its batch-row recurrent products by a small packed-panel kernel (Goto & van de Geijn 2008);
+//   * the tied output layer: its logits (the packed-panel kernel, words x tokens, vocabulary
+//     chunk by chunk in L2), an online softmax (Milakov & Gimelshein 2018) and the cross-entropy
 //     gradient (softmax - onehot) / N (Bishop 2006, "Pattern Recognition and Machine Learning",
-//     sec. 4.3.4), eight rows at a time in cache;
+//     sec. 4.3.4);
 //   * the subword composition of the word table (mean of a word's pieces, Bojanowski et al.
 //     2017) and its backward;
 //   * gradient clipping by global norm with the SGD step.
-// Loaded (compiled on first use) by models/native.py; models/fused.py runs its PyTorch version
-// of each where they are not loaded.
+// Built for AVX-512 or AVX2 (models/native.py passes the flags; the code below picks by
+// __AVX512F__).  Loaded (compiled on first use) by models/native.py; models/fused.py runs its
+// PyTorch version of each where they are not loaded.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

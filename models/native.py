@@ -3,10 +3,11 @@
 A local step multiplies thin matrices (8 x 20 words, a 96-d projection), and PyTorch runs the
 element-wise work around those products as many small passes over memory: the LSTM's gates at
 each time step, the softmax over 10 k words, the subword composition of the word table,
-gradient clipping and SGD.  The kernels fuse each into one or two passes.  Two kinds of product
-are theirs too, by a small packed-panel kernel: the recurrence's (8 rows at each time step,
-where BLAS runs at about half speed) and the output layer's logits, computed 8 rows at a time
-so that their softmax runs while they are in cache.  The other products stay ATen's (MKL).
+gradient clipping and SGD.  The kernels fuse each into one or two passes.  The forward's
+products are theirs too, by a small packed-panel kernel: the LSTM's input products, its
+recurrence's (8 rows at each time step, where BLAS runs at about half speed) and the output
+layer's logits, computed vocabulary chunk by chunk (each chunk of the table in L2) so that
+their softmax runs while they are in cache.  The backward's products stay ATen's (MKL).
 models/fused.py uses the kernels when `load()` has succeeded in the process, and its PyTorch
 version of each otherwise; the two agree to float rounding (tests/test_models_fused.py).
 
