@@ -127,6 +127,7 @@ class ParallelEngine:
         self._round = 0
 
     def run(self, global_params: dict[str, Tensor], vocab: Vocabulary, tasks: Sequence[ClientTask], consume: Consume) -> None:
+        self._check_workers()  # one killed between rounds (the OOM killer) would leave the other to run them alone
         self.params_buf.copy_(P.flatten(global_params))  # the broadcast: workers read this buffer
         key = (vocab.version, len(vocab))
         vocab_json = vocab.to_json() if key != self._vocab_key else None
@@ -152,12 +153,17 @@ class ParallelEngine:
             try:
                 return self.results.get(timeout=5.0)
             except queue_mod.Empty:
-                dead = [i for i, p in enumerate(self.procs) if not p.is_alive()]
-                if dead:
-                    self.close()
-                    raise FedkbError(f"parallel engine: worker(s) {dead} died (out of memory?)")
+                self._check_workers()
+
+    def _check_workers(self) -> None:
+        dead = [i for i, p in enumerate(self.procs) if not p.is_alive()]
+        if dead:
+            self.close()
+            raise FedkbError(f"parallel engine: worker(s) {dead} died (out of memory?)")
 
     def close(self) -> None:
+        for q in (*self.controls, self.tasks, self.results):
+            q.cancel_join_thread()  # at exit, never wait to flush a message into a dead worker's full pipe
         for c, p in zip(self.controls, self.procs):
             if p.is_alive():
                 c.put(_STOP)

@@ -1,0 +1,49 @@
+"""federation.engine_parallel: a worker that dies is an error, never a hang."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import FIXTURES, REPO
+
+SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    from pathlib import Path
+
+    from federation.config import ClientConfig
+    from federation.engine_parallel import ParallelEngine
+    from federation.engine_sequential import ClientTask
+    from federation.sampling import build_population
+    from models.checkpoint import load_model
+    from models.datasets import load_users
+    from models.errors import FedkbError
+
+    if __name__ == "__main__":
+        model, tokenizer, users, root = map(Path, sys.argv[1:5])
+        ck, tok = load_model(model, tokenizer)
+        pop = build_population(root, load_users(users), 6)
+        tasks = [ClientTask(i, i, pop.real_id(i), 100 + i) for i in range(4)]
+        engine = ParallelEngine(ck.model.cfg, tok.path, pop.root, ClientConfig(), workers=2)
+        engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)
+        os.kill(engine.procs[0].pid, signal.SIGKILL)  # the OOM killer, between two rounds
+        engine.procs[0].join()
+        bigger = ck.vocab.add([f"zorble{i}" for i in range(6000)])  # a new vocabulary: a message larger than a pipe holds
+        try:
+            engine.run(ck.model.state_dict(), bigger, tasks, lambda t, r: None)
+        except FedkbError as e:
+            print("error:", e)
+''')
+
+
+def test_a_worker_killed_between_rounds_is_an_error_and_the_process_exits(tiny, tmp_path):
+    """The next round raises at once (the other worker would otherwise run it alone, silently at
+    half speed), and the process exits: no queue's feeder thread is left waiting at exit to
+    write the new vocabulary into the dead worker's full pipe (the process used to hang there)."""
+    script = tmp_path / "kill_a_worker.py"
+    script.write_text(SCRIPT)
+    model, tok = tiny
+    r = subprocess.run([sys.executable, str(script), str(model), str(tok), str(FIXTURES / "users.jsonl.gz"), str(tmp_path / "devices")],
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "error: parallel engine: worker(s) [0] died" in r.stdout
