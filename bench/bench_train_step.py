@@ -7,8 +7,9 @@ by part over --steps steps (the first 5 are warm-up), median ms per part: the wo
 composition forwards and backwards, the LSTM forwards (with the embedding lookup and
 dropout) and backwards, the tied output layer with its cross-entropy forwards and backwards,
 gradient clipping with the SGD step (models.fused.clip_and_step, as fit runs it).  Backward
-parts are split with gradient hooks on the LSTM's input and output.  The same is then run in two processes at once (what the parallel
-engine's two workers do), alternating with the single runs --reps times; medians are printed.
+parts are split with gradient hooks on the LSTM's input and output.  The same is then run in
+two processes at once (what the parallel engine's two workers do), alternating with the single
+runs --reps times; medians are printed.
 The one-thread float32 matmul peak (best of a measurement before and after) is the reference.
 
 The ceiling: the same step's matrix products alone (every product of the forward and backward

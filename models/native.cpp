@@ -118,7 +118,6 @@ static inline void reg_storeu(float* p, Reg x) { _mm512_storeu_ps(p, x); }
 static inline Reg reg_bcast(const float* p) { return _mm512_set1_ps(*p); }
 static inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
 static inline Reg reg_add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
-static inline float reg_sum(Reg x) { return _mm512_reduce_add_ps(x); }
 #else
 using Reg = __m256;
 constexpr int64_t kLanes = 8;
@@ -130,11 +129,6 @@ static inline void reg_storeu(float* p, Reg x) { _mm256_storeu_ps(p, x); }
 static inline Reg reg_bcast(const float* p) { return _mm256_broadcast_ss(p); }
 static inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
 static inline Reg reg_add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
-static inline float reg_sum(Reg x) {
-  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
-}
 #endif
 constexpr int64_t kPanel = 2 * kLanes;  // columns a panel
 
@@ -388,7 +382,7 @@ std::vector<torch::Tensor> tied_softmax_xent(torch::Tensor h, torch::Tensor emb,
         g.store(row + j);
         acc = acc + g;
       }
-      cols[v] = reg_sum(acc);
+      cols[v] = acc.reduce_add();
     }
   });
   for (int64_t j = 0; j < N; ++j) G[y[j] * ld + j] -= s, cols[y[j]] -= s;  // - onehot * scale
