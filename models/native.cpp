@@ -118,6 +118,7 @@ static inline void reg_storeu(float* p, Reg x) { _mm512_storeu_ps(p, x); }
 static inline Reg reg_bcast(const float* p) { return _mm512_set1_ps(*p); }
 static inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
 static inline Reg reg_add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+static inline Reg reg_max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
 #else
 using Reg = __m256;
 constexpr int64_t kLanes = 8;
@@ -129,6 +130,7 @@ static inline void reg_storeu(float* p, Reg x) { _mm256_storeu_ps(p, x); }
 static inline Reg reg_bcast(const float* p) { return _mm256_broadcast_ss(p); }
 static inline Reg reg_fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
 static inline Reg reg_add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
+static inline Reg reg_max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
 #endif
 constexpr int64_t kPanel = 2 * kLanes;  // columns a panel
 
@@ -181,9 +183,10 @@ static Packed pack_panels(const torch::Tensor& w, bool transposed) {
 }
 
 // R rows (1..kRows) of A by one packed panel: C[r, 0:nn] (+)= sum_k A[r, k] B[k, panel columns].
-template <int R>
+// kBias (the output layer's logits): row r also gets bias[r], and mx[0..1] the running column max.
+template <int R, bool kBias = false>
 static void panel_kernel(const float* a, int64_t lda, const float* bp, int64_t K, float* c, int64_t ldc, int64_t nn,
-                         bool accumulate) {
+                         bool accumulate, const float* bias = nullptr, Reg* mx = nullptr) {
   Reg acc[R][2];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = reg_zero();
@@ -198,32 +201,39 @@ static void panel_kernel(const float* a, int64_t lda, const float* bp, int64_t K
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
+    Reg lo = acc[r][0], hi = acc[r][1];
+    if constexpr (kBias) {
+      const Reg br = reg_bcast(bias + r);
+      lo = reg_add(lo, br), hi = reg_add(hi, br);
+      mx[0] = reg_max(mx[0], lo), mx[1] = reg_max(mx[1], hi);
+    }
     if (nn == kPanel) {
-      Reg lo = acc[r][0], hi = acc[r][1];
       if (accumulate) lo = reg_add(lo, reg_loadu(cr)), hi = reg_add(hi, reg_loadu(cr + kLanes));
       reg_storeu(cr, lo), reg_storeu(cr + kLanes, hi);
     } else {
       alignas(64) float tmp[kPanel];
-      reg_storeu(tmp, acc[r][0]), reg_storeu(tmp + kLanes, acc[r][1]);
+      reg_storeu(tmp, lo), reg_storeu(tmp + kLanes, hi);
       for (int64_t j = 0; j < nn; ++j) cr[j] = accumulate ? cr[j] + tmp[j] : tmp[j];
     }
   }
 }
 
-using PanelKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool);
+using PanelKernel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, bool, const float*, Reg*);
 
-template <int... R>
+template <bool kBias, int... R>
 static constexpr std::array<PanelKernel, sizeof...(R)> panel_kernels(std::integer_sequence<int, R...>) {
-  return {panel_kernel<R + 1>...};
+  return {panel_kernel<R + 1, kBias>...};
 }
 
-static constexpr auto kKernels = panel_kernels(std::make_integer_sequence<int, kRows>{});  // kKernels[R - 1]: R rows
+// [R - 1]: the kernel for R rows; the logits' kernel with its bias and max
+static constexpr auto kKernels = panel_kernels<false>(std::make_integer_sequence<int, kRows>{});
+static constexpr auto kLogitKernels = panel_kernels<true>(std::make_integer_sequence<int, kRows>{});
 
 // M rows of A by one packed panel, kRows rows at a time: C[:, 0:nn] (+)= A B[:, panel columns].
 static void rows_by_panel(const float* A, int64_t lda, int64_t M, const float* bp, int64_t K, float* C, int64_t ldc, int64_t nn,
                           bool accumulate) {
   for (int64_t m0 = 0; m0 < M; m0 += kRows)
-    kKernels[std::min<int64_t>(kRows, M - m0) - 1](A + m0 * lda, lda, bp, K, C + m0 * ldc, ldc, nn, accumulate);
+    kKernels[std::min<int64_t>(kRows, M - m0) - 1](A + m0 * lda, lda, bp, K, C + m0 * ldc, ldc, nn, accumulate, nullptr, nullptr);
 }
 
 // C (M x N, row stride ldc) = A (M x K, row stride lda) B, or C += A B with `accumulate`.
@@ -336,17 +346,12 @@ std::vector<torch::Tensor> tied_softmax_xent(torch::Tensor h, torch::Tensor emb,
       const int64_t v0 = c * kChunk, v1 = std::min(V, v0 + kChunk);
       for (int64_t b = 0; b < blocks; ++b) {
         float* Gb = G + b * kPanel;  // this block's columns: row v at Gb + v * ld
-        Vec m_lo(-std::numeric_limits<float>::infinity()), m_hi = m_lo;
-        for (int64_t r0 = v0; r0 < v1; r0 += kRows) {  // the logits, kRows words at a time; bias and max while in L1
-          const int64_t R = std::min<int64_t>(kRows, v1 - r0);
-          kKernels[R - 1](E + r0 * d, d, panels + b * d * kPanel, d, Gb + r0 * ld, ld, kPanel, false);
-          for (int64_t v = r0; v < r0 + R; ++v) {
-            float* row = Gb + v * ld;
-            const Vec bv(bs[v]), lo = Vec::loadu(row) + bv, hi = Vec::loadu(row + kLanes) + bv;
-            lo.store(row), hi.store(row + kLanes);
-            m_lo = at::vec::maximum(m_lo, lo), m_hi = at::vec::maximum(m_hi, hi);
-          }
-        }
+        Reg mx[2];  // the logits, kRows words at a time, with their biases and the block's max in registers
+        mx[0] = mx[1] = Vec(-std::numeric_limits<float>::infinity());
+        for (int64_t r0 = v0; r0 < v1; r0 += kRows)
+          kLogitKernels[std::min<int64_t>(kRows, v1 - r0) - 1](E + r0 * d, d, panels + b * d * kPanel, d, Gb + r0 * ld, ld, kPanel,
+                                                               false, bs + r0, mx);
+        const Vec m_lo(mx[0]), m_hi(mx[1]);  // a NaN logit may drop out of the max, never out of the sum below
         for (int64_t j = b * kPanel; j < std::min(N, (b + 1) * kPanel); ++j)
           if (y[j] >= v0 && y[j] < v1) picked[j] = G[y[j] * ld + j];  // the target's logit
         Vec s_lo(0.0f), s_hi(0.0f);
