@@ -11,9 +11,10 @@ first: every pair of steps ran within ~0.1 s of each other.  The paired median o
 is the figure to read.  With --together each checkout runs two processes stepping at once (what
 the parallel engine's two workers do), and a step's time is the slower of the two.
 
-A step is what `models.train.fit` does: compose the table, forward, backward, clip + SGD (the
-checkout's `clip_and_step` where it has one), on the first --users users' history, 8 x 20 words
-(ClientConfig's batch and bptt), one torch thread.
+A step is what `models.train.fit` does, on the first --users users' history, 8 x 20 words
+(ClientConfig's batch and bptt), one torch thread: the checkout's step without autograd
+(models/sgd_step.py) where it has one, else compose the table, forward, backward, clip + SGD
+(the checkout's `clip_and_step` where it has one).
 """
 
 from __future__ import annotations
@@ -61,12 +62,21 @@ model.train()
 opt, gen = make_optimizer(model, tc), torch.Generator().manual_seed(0)
 params = [p for p in model.parameters() if p.requires_grad]
 chunks, state, step = (data.size(1) - 1) // cfg.bptt, None, 0
+try:  # the step without autograd, in a checkout that has it and where fit would take it
+    from models import sgd_step
+    direct = sgd_step.SGDStep(model, table) if sgd_step.applies(model, opt, 0) else None
+except ImportError:
+    direct = None
 print("ready", native.loaded() is not None, flush=True)
 for _ in sys.stdin:
     i = (step % chunks) * cfg.bptt
     step += 1
     x, y = data[:, i : i + cfg.bptt], data[:, i + 1 : i + 1 + cfg.bptt]
     t = time.perf_counter()
+    if direct is not None:
+        state = direct(x, y, state, gen, tc.lr, tc.clip_grad)[1]
+        print(time.perf_counter() - t, flush=True)
+        continue
     emb, bias = model.compose(table)
     loss, state = model.loss(x, y, emb, bias, state, gen)
     state = (state[0].detach(), state[1].detach())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models import sgd_step
 from models.fused import clip_and_step
 from models.lm import WordLM, WordTable, sampled_softmax_loss
 from models.text import sentence_tokens
@@ -102,6 +103,8 @@ def fit(
         q = counts**0.75
         log_q = (q / q.sum()).log().float()
     model.train()
+    # plain SGD with the native kernels: the same step without autograd (models/sgd_step.py)
+    direct = sgd_step.SGDStep(model, table) if sgd_step.applies(model, opt, cfg.sampled_softmax) else None
     losses: list[float] = []
     state = initial_state
     for step in range(start_step, total):
@@ -116,18 +119,22 @@ def fit(
         if cfg.lr_decay:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * (1.0 - 0.9 * step / total)
-        emb, bias = model.compose(table)
         drop_gen = generator if cfg.dropout else None
-        if cfg.sampled_softmax:
-            h, state = model.hidden(x, emb, state, drop_gen)
-            loss = sampled_softmax_loss(h.reshape(-1, h.size(-1)), y.reshape(-1), emb, bias, log_q, cfg.sampled_softmax, generator)
+        if direct is not None:
+            loss_value, state = direct(x, y, state, drop_gen, opt.param_groups[0]["lr"], cfg.clip_grad)
         else:
-            loss, state = model.loss(x, y, emb, bias, state, drop_gen)
-        state = (state[0].detach(), state[1].detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_step(opt, params, cfg.clip_grad)  # clip_grad_norm_ + opt.step(), fused for plain SGD (models/fused.py)
-        losses.append(loss.item())
+            emb, bias = model.compose(table)
+            if cfg.sampled_softmax:
+                h, state = model.hidden(x, emb, state, drop_gen)
+                loss = sampled_softmax_loss(h.reshape(-1, h.size(-1)), y.reshape(-1), emb, bias, log_q, cfg.sampled_softmax, generator)
+            else:
+                loss, state = model.loss(x, y, emb, bias, state, drop_gen)
+            state = (state[0].detach(), state[1].detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_and_step(opt, params, cfg.clip_grad)  # clip_grad_norm_ + opt.step(), fused for plain SGD (models/fused.py)
+            loss_value = loss.item()
+        losses.append(loss_value)
         if on_state:
             on_state(step + 1, state)
         if on_step:

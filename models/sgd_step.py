@@ -1,0 +1,103 @@
+"""One plain-SGD training step by direct calls to the native kernels, without autograd.
+
+A federated client's step is small (8 x 20 words), and autograd's bookkeeping around it (graph
+nodes, saved tensors, the Python `Function`s of models/fused.py, gradient accumulation,
+`zero_grad`, the optimizer's checks) cost about a tenth of it.  `SGDStep` runs the step `fit`
+runs through autograd as one straight sequence of calls: the forward, then backpropagation
+written out by hand (Rumelhart, Hinton & Williams 1986, "Learning representations by
+back-propagating errors"), each gradient by the same kernel or product, in the same order, as
+the `Function` it replaces; then clipping by global norm and the SGD update
+(`native.clip_sgd_`).  Its losses and parameters are the autograd step's bit for bit
+(tests/test_models_sgd_step.py), so seeded runs do not depend on which one ran.
+
+`fit` takes it where it applies (`applies`): the native kernels loaded, plain SGD over all of a
+CPU float32 model's parameters, the exact softmax.  Anything else (Adam, momentum, sampled
+softmax, a GPU, no kernels) runs the autograd step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models import native
+
+
+def applies(model, optimizer: torch.optim.Optimizer, sampled_softmax: int) -> bool:
+    """Whether `SGDStep` computes exactly what `fit`'s autograd step would for this model and optimizer."""
+    if native.loaded() is None or sampled_softmax or type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    if group["momentum"] or group["weight_decay"] or group["nesterov"] or group["maximize"]:
+        return False
+    params = list(model.parameters())
+    lstm = model.lstm
+    return (len(group["params"]) == len(params) and all(a is b for a, b in zip(group["params"], params))
+            and all(p.requires_grad and p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+            and lstm.num_layers == 1 and not lstm.bidirectional and lstm.batch_first and lstm.proj_size > 0 and lstm.bias)
+
+
+class SGDStep:
+    """`step(x, y, state, generator, lr, max_norm)` for one model and word table: updates the
+    model's parameters in place, returns the mean loss and the LSTM state to carry on."""
+
+    def __init__(self, model, table):
+        self.kernels = native.loaded()
+        self.model = model
+        self.table = table
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = [p.detach() for p in model.parameters()]
+        st = table.composition_transpose(model.piece_emb.size(0))
+        self.st = (st.crow_indices(), st.col_indices(), st.values())
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, y: Tensor, state, generator: torch.Generator | None, lr: float, max_norm: float):
+        k, m, table = self.kernels, self.model, self.table
+        P = dict(zip(self.names, self.params))
+        w_ih, w_hh, w_hr = P["lstm.weight_ih_l0"], P["lstm.weight_hh_l0"], P["lstm.weight_hr_l0"]
+        p = m.cfg.dropout if generator is not None else 0.0
+        B, T = x.shape
+        # forward: WordLM.compose, then WordLM.loss (shared_lookup, run_lstm, the tied output layer)
+        emb, bias = k.compose_forward(table.pieces, table.offsets, P["piece_emb"], P["piece_bias"], P["residual"],
+                                      P["word_bias"], table.residual_rows)
+        xe = emb[x]
+        if state is None:
+            state = m.start_state(B)
+        if p > 0:  # models.lm._dropout, its mask drawn from the same generator in the same order
+            mask_x = torch.empty_like(xe).bernoulli_(1 - p, generator=generator)
+            xe = xe * mask_x / (1 - p)
+        xs = xe.transpose(0, 1).contiguous()  # (T, B, d)
+        acts, cs, tcs, hfs, hs = k.lstm_forward(xs, w_ih, P["lstm.bias_ih_l0"] + P["lstm.bias_hh_l0"], w_hh, w_hr,
+                                                state[0].squeeze(0).contiguous(), state[1].squeeze(0).contiguous())
+        out = hs[1:].transpose(0, 1).contiguous()  # (B, T, d)
+        new_state = (hs[T].clone().unsqueeze(0), cs[T].clone().unsqueeze(0))
+        if p > 0:
+            mask_h = torch.empty_like(out).bernoulli_(1 - p, generator=generator)
+            out = out * mask_h / (1 - p)
+        h = out.reshape(-1, out.size(-1))
+        grad, rows, g_bias = k.tied_softmax_xent(h, emb, bias, y.reshape(-1).contiguous(), 1.0 / y.numel())
+        loss = rows.mean()
+        # backward, as models/fused.py's Functions and autograd's views and products run it
+        g_h = (grad @ emb).view(B, T, -1)
+        g_emb = grad.t() @ h
+        if p > 0:
+            g_h = g_h / (1 - p) * mask_h
+        g_hs = g_h.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        d_gates, _, _ = k.lstm_backward(acts, cs, tcs, g_hs, w_hh, w_hr, hs.new_zeros(B, hs.size(2)), cs.new_zeros(B, cs.size(2)))
+        flat = d_gates.view(T * B, -1)
+        g_x = (flat @ w_ih).view(T, B, -1).transpose(0, 1)
+        grads = {"lstm.weight_ih_l0": flat.t() @ xs.view(T * B, -1), "lstm.weight_hh_l0": flat.t() @ hs[:T].reshape(T * B, -1)}
+        grads["lstm.bias_ih_l0"] = grads["lstm.bias_hh_l0"] = flat.sum(0)
+        grads["lstm.weight_hr_l0"] = g_hs.view(T * B, -1).t() @ hfs.view(T * B, -1)
+        if p > 0:
+            g_x = g_x / (1 - p) * mask_x
+        g_emb.index_add_(0, x.reshape(-1), g_x.reshape(-1, g_x.size(-1)))  # the lookup's rows (models.fused.shared_lookup)
+        grads["piece_emb"], grads["piece_bias"] = k.compose_backward(*self.st, g_emb, g_bias)
+        r, n = table.residual_rows, P["residual"].size(0)
+        g_res, g_wbias = g_emb[:r], g_bias[:r]
+        if r < n:
+            g_res = torch.cat([g_res, g_emb.new_zeros(n - r, g_emb.size(1))])
+            g_wbias = torch.cat([g_wbias, g_bias.new_zeros(n - r)])
+        grads["residual"], grads["word_bias"] = g_res, g_wbias
+        k.clip_sgd_(self.params, [grads[name] for name in self.names], float(max_norm), float(lr))
+        return loss.item(), new_state
