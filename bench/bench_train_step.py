@@ -4,12 +4,14 @@
 
 A federated client's step (8 columns x 20 words, the shipped model, one thread) is timed part
 by part over --steps steps (the first 5 are warm-up), median ms per part: the word-table
-composition forwards and backwards, the LSTM forwards (with the embedding lookup and
-dropout) and backwards, the tied output layer with its cross-entropy forwards and backwards,
-gradient clipping with the SGD step (models.fused.clip_and_step, as fit runs it).  Backward
-parts are split with gradient hooks on the LSTM's input and output.  The same is then run in
-two processes at once (what the parallel engine's two workers do), alternating with the single
-runs --reps times; medians are printed.
+composition forwards and backwards, the LSTM forwards (with the embedding lookup and dropout)
+and backwards, the tied output layer with its cross-entropy forwards and backwards, gradient
+clipping with the SGD step (models.fused.clip_and_step, as fit's autograd step runs it).
+Backward parts are split with gradient hooks on the LSTM's input and output.  `direct` is the
+step fit takes where it applies, the same computation without autograd (models/sgd_step.py),
+timed whole on the same batches.  The same is then run in two processes at once (what the
+parallel engine's two workers do), alternating with the single runs --reps times; medians are
+printed.
 The one-thread float32 matmul peak (best of a measurement before and after) is the reference.
 
 The ceiling: the same step's matrix products alone (every product of the forward and backward
@@ -38,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip_and_step", "total", "products")
+PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip_and_step", "total", "direct", "products")
 
 
 def time_products(B: int, T: int, d: int, H: int, V: int, steps: int) -> float:
@@ -119,6 +121,16 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
                      ("output_bwd", marks["output_bwd_end"] - t3), ("lstm_bwd", marks["lstm_bwd_end"] - marks["output_bwd_end"]),
                      ("compose_bwd", t4 - marks["lstm_bwd_end"]), ("clip_and_step", t6 - t4), ("total", t6 - t0)):
             times[k].append(v)
+    from models import sgd_step
+
+    if sgd_step.applies(model, opt, 0):  # the step fit takes: the same, without autograd (models/sgd_step.py)
+        direct, state = sgd_step.SGDStep(model, table), None
+        for step in range(steps):
+            i = (step % n_chunks) * cfg.bptt
+            t0 = time.perf_counter()
+            state = direct(data[:, i : i + cfg.bptt], data[:, i + 1 : i + 1 + cfg.bptt], state, gen, cfg.lr, cfg.clip_grad)[1]
+            if step >= 5:
+                times["direct"].append(time.perf_counter() - t0)
     out = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items() if v}
     mc = model.cfg
     out["products"] = time_products(cfg.batch_size, cfg.bptt, mc.embed_dim, mc.hidden, len(ck.vocab), steps)
@@ -153,7 +165,7 @@ def main() -> None:
     peak = {n: max(v) for n, v in peaks.items()}
 
     def median(runs: list[dict]) -> dict:
-        return {k: round(statistics.median(r[k] for r in runs), 2) for k in PARTS}
+        return {k: round(statistics.median(r[k] for r in runs), 2) for k in PARTS if k in runs[0]}
 
     flops = alone[0]["flops_per_step"]
     ms_alone, ms_pair = median(alone), median(together)
@@ -168,7 +180,9 @@ def main() -> None:
         # step = everything; products = the same step's matrix products only (the ceiling)
         "share_of_peak": {"step_alone": share(ms_alone["total"], 1), "products_alone": share(ms_alone["products"], 1),
                           "step_two_processes": share(ms_pair["total"], 2),
-                          "products_two_processes": share(ms_pair["products"], 2)},
+                          "products_two_processes": share(ms_pair["products"], 2),
+                          **({"direct_step_alone": share(ms_alone["direct"], 1), "direct_step_two_processes": share(ms_pair["direct"], 2)}
+                             if "direct" in ms_alone else {})},
         "peak_matmul_flops": {"threads_1": peak[1], "threads_2": peak[2]},
         "peak_matmul_flops_measured": {f"threads_{n}": v for n, v in peaks.items()}}, indent=1))
 
