@@ -69,10 +69,12 @@ def client_update(
     generator: torch.Generator,
     table: WordTable | None = None,
     stream: Tensor | None = None,
+    out: dict[str, Tensor] | None = None,
 ) -> ClientResult:
     """Train `model` (a workspace whose weights are overwritten) from `global_params`; report the delta.
 
-    `table` / `stream` may be passed precomputed (engines cache them per vocabulary version).
+    `table` / `stream` may be passed precomputed (engines cache them per vocabulary version); the
+    delta is written into `out`'s tensors when given (the parallel engine's shared buffers).
     """
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -83,6 +85,6 @@ def client_update(
     if stream is None:
         stream = user_stream(user_texts, vocab, cfg)
     losses = fit(model, table, stream, cfg.train_config(), generator)
-    delta = P.delta(model.state_dict(), global_params)
+    delta = P.delta(model.state_dict(), global_params, out)
     loss = sum(losses) / len(losses) if losses else float("nan")
     return ClientResult(delta, int(len(stream)) if losses else 0, loss, len(losses), time.perf_counter() - t0)

@@ -5,8 +5,9 @@
     params -> shared flat buffer  ------->  reads the global model from it (no copy, no pickle)
     control[w] <- (round, vocab if new)     loads model, tokenizer, user streams once, keeps them
     tasks <- ClientTask x K, then W stops   takes tasks until a stop: trains, writes its delta
-    results -> consume(task, delta) <-----  into one of ITS two shared delta buffers, reports, and
-    ack[w].release()                        goes on; waits only to reuse a buffer not yet copied out
+    results -> consume(task, delta) <-----  straight into one of ITS two shared delta buffers,
+    ack[w].release() once consume returns   reports, and goes on; waits only to reuse a buffer
+                                            whose delta is not yet consumed
 
 Clients are handed out dynamically (a shared queue), so a slow client does not hold up
 a whole worker's share, longest first (by the size of the device's history, read with a
@@ -87,11 +88,9 @@ def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta
                 if task is _STOP:
                     release_free_memory()
                     break
-                res = runner.run(global_params, task)
-                slot = done % len(outs)  # double buffering: the main process copies one out while this trains
+                slot = done % len(outs)  # double buffering: the main process reads one while this trains
                 ack.acquire()  # a free buffer (released in the order they were filled, so this one)
-                for k, v in outs[slot].items():
-                    v.copy_(res.delta[k])
+                res = runner.run(global_params, task, out=outs[slot])  # the delta, written straight into it
                 del res.delta
                 done += 1
                 if done % TRIM_EVERY == 0:
@@ -144,9 +143,11 @@ class ParallelEngine:
             if err is not None:
                 self.close()
                 raise RuntimeError(f"parallel engine worker {wid} failed:\n{err}")
-            delta = P.unflatten(self.delta_bufs[wid][slot], self.like)  # a copy: the worker may reuse its buffer
-            self.acks[wid].release()
-            consume(task, ClientResult(delta, num_words, loss, steps, seconds, task.slot))
+            delta = _views(self.delta_bufs[wid][slot], self.like)  # no copy: valid until consume returns
+            try:
+                consume(task, ClientResult(delta, num_words, loss, steps, seconds, task.slot))
+            finally:
+                self.acks[wid].release()  # the worker may reuse the buffer now
 
     def _get(self):
         while True:

@@ -34,6 +34,8 @@ class ClientTask:
     seed: int  # the client's generator seed (drawn by the server's generator: engine-independent)
 
 
+# consume(task, result): the result's delta may live in an engine's buffer that is reused once the
+# call returns (the parallel engine's shared memory): a consumer copies what it keeps
 Consume = Callable[[ClientTask, ClientResult], None]
 
 
@@ -70,10 +72,11 @@ class ClientRunner:
             self.streams.move_to_end(real_id)
         return s
 
-    def run(self, global_params: dict[str, Tensor], task: ClientTask) -> ClientResult:
+    def run(self, global_params: dict[str, Tensor], task: ClientTask, out: dict[str, Tensor] | None = None) -> ClientResult:
+        """One client's update; its delta written into `out`'s tensors when given."""
         gen = torch.Generator().manual_seed(task.seed)
         res = client_update(global_params, self.model, self.vocab, self.tokenizer, (), self.cfg, gen,
-                            table=self.table, stream=self.stream(task.real_id))
+                            table=self.table, stream=self.stream(task.real_id), out=out)
         res.slot = task.slot
         return res
 

@@ -23,9 +23,13 @@ def zeros_like(p: Mapping[str, Tensor]) -> Params:
     return {k: torch.zeros_like(v) for k, v in p.items()}
 
 
-def delta(local: Mapping[str, Tensor], global_: Mapping[str, Tensor]) -> Params:
-    """local - global: the update a client reports."""
-    return {k: local[k].detach() - global_[k].detach() for k in global_}
+def delta(local: Mapping[str, Tensor], global_: Mapping[str, Tensor], out: Params | None = None) -> Params:
+    """local - global: the update a client reports (written into `out`'s tensors when given)."""
+    if out is None:
+        return {k: local[k].detach() - global_[k].detach() for k in global_}
+    for k in global_:
+        torch.sub(local[k].detach(), global_[k].detach(), out=out[k])
+    return out
 
 
 def add(a: Mapping[str, Tensor], b: Mapping[str, Tensor], scale: float = 1.0) -> Params:

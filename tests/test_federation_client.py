@@ -29,6 +29,9 @@ def test_client_update_reports_local_minus_global(tiny_loaded, fixture_users):
     local = local_finetune(ck.model, ck.vocab, tok, u.history, cfg, torch.Generator().manual_seed(2))
     assert all(torch.equal(res.delta[k], local[k] - g[k]) for k in g)
     assert res.num_words == len(encode(u.history, ck.vocab)) and res.steps > 0 and res.loss > 0
+    out = {k: torch.empty_like(v) for k, v in g.items()}  # the parallel engine's shared buffers
+    into = client_update(g, WordLM(ck.model.cfg), ck.vocab, tok, u.history, cfg, torch.Generator().manual_seed(2), out=out)
+    assert into.delta is out and all(torch.equal(out[k], res.delta[k]) for k in g)
 
 
 def test_too_little_history_gives_zero_weight(tiny_loaded):
