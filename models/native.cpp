@@ -14,6 +14,7 @@
 // __AVX512F__).  Loaded (compiled on first use) by models/native.py; models/fused.py runs its
 // PyTorch version of each where they are not loaded.
 #include <torch/extension.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -23,6 +24,8 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <mutex>
+#include <vector>
 #include <utility>
 
 using Vec = at::vec::Vectorized<float>;
@@ -511,6 +514,72 @@ double clip_sgd_(std::vector<torch::Tensor> params, std::vector<torch::Tensor> g
   return norm;
 }
 
+// MT19937's state update (Matsumoto & Nishimura 1998, "Mersenne Twister"), as at::mt19937 runs it,
+// in plain loops the compiler vectorizes (each reads words 1 and 397 ahead, or 227 behind).
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+  return (((u & at::UMASK) | (v & at::LMASK)) >> 1) ^ ((0u - (v & 1u)) & at::MATRIX_A);
+}
+
+static void mt_next_state(at::mt19937_data_pod& d) {
+  constexpr int N = at::MERSENNE_STATE_N, M = at::MERSENNE_STATE_M;
+  uint32_t* p = d.state_.data();
+  for (int i = 0; i < N - M; ++i) p[i] = p[i + M] ^ mt_twist(p[i], p[i + 1]);
+  for (int i = N - M; i < N - 1; ++i) p[i] = p[i + M - N] ^ mt_twist(p[i], p[i + 1]);
+  p[N - 1] = p[M - 1] ^ mt_twist(p[N - 1], p[0]);
+  d.left_ = N, d.next_ = 0;
+}
+
+// The next n outputs of the engine whose state is d, exactly what n calls of at::mt19937 would give.
+static void mt_fill(at::mt19937_data_pod& d, uint32_t* out, int64_t n) {
+  int64_t i = 0;
+  while (i < n) {
+    if (d.left_ == 1) {  // the call that finds the state spent renews it and returns its first word
+      mt_next_state(d);
+      out[i++] = d.state_[d.next_++];
+      continue;
+    }
+    const int64_t k = std::min<int64_t>(n - i, d.left_ - 1);
+    std::copy(d.state_.data() + d.next_, d.state_.data() + d.next_ + k, out + i);
+    d.left_ -= k, d.next_ += k, i += k;
+  }
+  for (int64_t j = 0; j < n; ++j) {  // tempering
+    uint32_t y = out[j];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    out[j] = y ^ (y >> 18);
+  }
+}
+
+// Dropout's keep mask (float32): the numbers torch.empty_like(like).bernoulli_(p, generator=gen) gives
+// on the CPU (ATen's serial Bernoulli kernel: per element, in order, a 64-bit draw made of two MT19937
+// outputs, its low 53 bits as a double in [0, 1), 1 if below p), the engine's outputs made in bulk
+// from a copy of its state, which is then put back: the generator ends where bernoulli_ leaves it.
+// models/sgd_step.py checks it against bernoulli_ once per process before using it.
+torch::Tensor bernoulli_mask(torch::Tensor like, double p, at::Generator gen) {
+  TORCH_CHECK(p >= 0 && p <= 1, "bernoulli_mask: p must be in [0, 1]");
+  auto out = torch::empty(like.sizes(), like.options().dtype(torch::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = out.numel();
+  std::vector<uint32_t> raw(2 * n);
+  auto* g = at::check_generator<at::CPUGeneratorImpl>(gen);
+  {
+    std::lock_guard<std::mutex> lock(g->mutex_);
+    at::mt19937 engine = g->engine();
+    at::mt19937_data_pod d = engine.data();
+    mt_fill(d, raw.data(), 2 * n);
+    engine.set_data(d);
+    g->set_engine(engine);
+  }
+  // u = (bits & (2^53 - 1)) * 2^-53 < p, exactly: bits & (2^53 - 1) < ceil(p * 2^53) (both sides scaled by 2^53)
+  const double two53 = static_cast<double>(uint64_t{1} << 53);
+  const uint64_t below = p <= 0 ? 0 : p >= 1 ? uint64_t{1} << 53 : static_cast<uint64_t>(std::ceil(p * two53));
+  constexpr uint64_t kMask = (uint64_t{1} << 53) - 1;
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i)
+    o[i] = ((((uint64_t)raw[2 * i] << 32) | raw[2 * i + 1]) & kMask) < below ? 1.0f : 0.0f;
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_forward", &lstm_forward, "LSTM layer with a projection, forwards");
   m.def("lstm_backward", &lstm_backward, "LSTM time loop with a projection, backwards");
@@ -518,4 +587,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compose_forward", &compose_forward, "word table from pieces and residuals");
   m.def("compose_backward", &compose_backward, "the pieces' gradient from the word table's");
   m.def("clip_sgd_", &clip_sgd_, "gradient clipping by global norm and an SGD step, in place");
+  m.def("bernoulli_mask", &bernoulli_mask, "bernoulli_'s keep mask from the same generator, faster");
 }

@@ -37,6 +37,25 @@ def applies(model, optimizer: torch.optim.Optimizer, sampled_softmax: int) -> bo
             and lstm.num_layers == 1 and not lstm.bidirectional and lstm.batch_first and lstm.proj_size > 0 and lstm.bias)
 
 
+_MASKS_MATCH: bool | None = None
+
+
+def native_masks_match() -> bool:
+    """Whether the kernels' `bernoulli_mask` gives this torch's `bernoulli_` numbers and leaves the
+    generator where it does (checked once per process on a few seeds, sizes and rates); the step
+    draws dropout masks with it only then."""
+    global _MASKS_MATCH
+    if _MASKS_MATCH is None:
+        k, ok = native.loaded(), True
+        for seed, shape, keep in ((0, (8, 20, 96), 0.9), (1, (3, 700), 0.5), (2, (1,), 0.9)):
+            a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            for _ in range(3):
+                ok &= torch.equal(torch.empty(shape).bernoulli_(keep, generator=a), k.bernoulli_mask(torch.empty(shape), keep, b))
+            ok &= torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+        _MASKS_MATCH = bool(ok)
+    return _MASKS_MATCH
+
+
 class SGDStep:
     """`step(x, y, state, generator, lr, max_norm)` for one model and word table: updates the
     model's parameters in place, returns the mean loss and the LSTM state to carry on."""
@@ -49,6 +68,14 @@ class SGDStep:
         self.params = [p.detach() for p in model.parameters()]
         st = table.composition_transpose(model.piece_emb.size(0))
         self.st = (st.crow_indices(), st.col_indices(), st.values())
+        self.fast_masks = native_masks_match()
+
+    def _keep_mask(self, like: Tensor, keep: float, generator: torch.Generator) -> Tensor:
+        """models.lm._dropout's mask: torch.empty_like(like).bernoulli_(keep, generator), the same numbers
+        from the kernels' bulk generator where they match (9x faster on 8 x 20 x 96)."""
+        if self.fast_masks:
+            return self.kernels.bernoulli_mask(like, keep, generator)
+        return torch.empty_like(like).bernoulli_(keep, generator=generator)
 
     @torch.no_grad()
     def __call__(self, x: Tensor, y: Tensor, state, generator: torch.Generator | None, lr: float, max_norm: float):
@@ -64,7 +91,7 @@ class SGDStep:
         if state is None:
             state = m.start_state(B)
         if p > 0:  # models.lm._dropout, its mask drawn from the same generator in the same order
-            mask_x = torch.empty_like(xe).bernoulli_(1 - p, generator=generator)
+            mask_x = self._keep_mask(xe, 1 - p, generator)
             xe = xe * mask_x / (1 - p)
         xs = xe.transpose(0, 1).contiguous()  # (T, B, d)
         acts, cs, tcs, hfs, hs = k.lstm_forward(xs, w_ih, P["lstm.bias_ih_l0"] + P["lstm.bias_hh_l0"], w_hh, w_hr,
@@ -72,7 +99,7 @@ class SGDStep:
         out = hs[1:].transpose(0, 1).contiguous()  # (B, T, d)
         new_state = (hs[T].clone().unsqueeze(0), cs[T].clone().unsqueeze(0))
         if p > 0:
-            mask_h = torch.empty_like(out).bernoulli_(1 - p, generator=generator)
+            mask_h = self._keep_mask(out, 1 - p, generator)
             out = out * mask_h / (1 - p)
         h = out.reshape(-1, out.size(-1))
         grad, rows, g_bias = k.tied_softmax_xent(h, emb, bias, y.reshape(-1).contiguous(), 1.0 / y.numel())

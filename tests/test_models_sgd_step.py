@@ -106,3 +106,31 @@ def test_fit_takes_the_direct_step_only_where_it_applies(kernels, tiny_loaded, m
     table = WordTable.build(ckpt.vocab, tok, model.cfg.base_vocab)
     losses = fit(copy.deepcopy(model), table, _stream(ckpt, FIXTURES / "pretrain.txt.gz"), client, torch.Generator().manual_seed(0))
     assert len(calls) == len(losses) > 0
+
+
+def test_the_kernels_dropout_masks_are_bernoullis_numbers(kernels):
+    """Sizes that end mid-way through the generator's 624-word state, several masks in a row (the
+    state renewed between and within them), rates 0 and 1: the same masks as bernoulli_, and the
+    generator left where bernoulli_ leaves it."""
+    for shape in [(8, 20, 96), (3,), (1000,), (7, 13), (5000, 3)]:
+        for seed in (0, 123):
+            a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            for keep in (0.9, 0.5, 0.0, 1.0, 0.123456789):
+                assert torch.equal(torch.empty(shape).bernoulli_(keep, generator=a), kernels.bernoulli_mask(torch.empty(shape), keep, b))
+            assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+    assert sgd_step.native_masks_match()
+    with pytest.raises(RuntimeError, match="p must be in"):
+        kernels.bernoulli_mask(torch.empty(3), 1.5, torch.Generator())
+
+
+def test_without_the_kernels_masks_the_step_draws_with_bernoulli(kernels, tiny_loaded, monkeypatch):
+    """Where the kernels' masks did not match this torch's (checked once per process), the step
+    draws them with bernoulli_ itself: still the autograd step's numbers."""
+    from tests.conftest import FIXTURES
+
+    monkeypatch.setattr(sgd_step, "_MASKS_MATCH", False)
+    monkeypatch.setattr(kernels, "bernoulli_mask", None, raising=False)
+    ckpt, tok = tiny_loaded
+    table = WordTable.build(ckpt.vocab, tok, ckpt.model.cfg.base_vocab)
+    direct, autograd = _both(ckpt.model, table, _stream(ckpt, FIXTURES / "pretrain.txt.gz"), SGD, monkeypatch)
+    _assert_same(direct, autograd)
