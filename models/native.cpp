@@ -41,12 +41,22 @@ static void check_i64(const torch::Tensor& t, const char* name) {
               " must be a contiguous int64 CPU vector");
 }
 
-// Every value of the int64 vector `ids` lies in [0, n): rows it may index.
+// Every value of the int64 vector `ids` lies in [0, n): rows it may index.  (Plain loops: these
+// run on every call, and ATen's aminmax / diff / all cost more in dispatch than in work.)
 static void check_range(const torch::Tensor& ids, int64_t n, const char* what) {
-  if (ids.size(0) > 0) {
-    const auto [lo, hi] = torch::aminmax(ids);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < n, what);
-  }
+  const int64_t* v = ids.data_ptr<int64_t>();
+  bool bad = false;
+  for (int64_t i = 0; i < ids.size(0); ++i) bad |= static_cast<uint64_t>(v[i]) >= static_cast<uint64_t>(n);
+  TORCH_CHECK(!bad, what);
+}
+
+// The int64 vector `v` starts at 0 and never decreases (strictly: rises at every step).
+static bool rises_from_zero(const torch::Tensor& v, bool strictly) {
+  const int64_t* x = v.data_ptr<int64_t>();
+  if (v.size(0) == 0 || x[0] != 0) return v.size(0) == 0;
+  bool ok = true;
+  for (int64_t i = 1; i < v.size(0); ++i) ok &= strictly ? x[i] > x[i - 1] : x[i] >= x[i - 1];
+  return ok;
 }
 
 // The cell's activations from ATen's fast polynomial exp (exp_u20, a few ulp on the cell's
@@ -409,8 +419,7 @@ std::vector<torch::Tensor> compose_forward(torch::Tensor pieces, torch::Tensor o
                   piece_bias.size(0) == piece_emb.size(0),
               "compose_forward: table shapes do not match");
   if (V > 0) {
-    TORCH_CHECK(offsets[0].item<int64_t>() == 0 && (torch::diff(offsets) > 0).all().item<bool>() &&
-                    offsets[V - 1].item<int64_t>() < total,
+    TORCH_CHECK(rises_from_zero(offsets, true) && offsets.data_ptr<int64_t>()[V - 1] < total,
                 "compose_forward: every word needs at least one piece");
   }
   check_range(pieces, piece_emb.size(0), "compose_forward: a piece id is out of range");
@@ -451,10 +460,10 @@ std::vector<torch::Tensor> compose_backward(torch::Tensor crow, torch::Tensor co
   TORCH_CHECK(g_emb.dim() == 2 && g_bias.size(0) == g_emb.size(0) && col.size(0) == val.size(0) && crow.size(0) >= 1,
               "compose_backward: shapes do not match");
   const int64_t Pn = crow.size(0) - 1, d = g_emb.size(1);
-  TORCH_CHECK(crow[0].item<int64_t>() == 0 && crow[Pn].item<int64_t>() == col.size(0) && (torch::diff(crow) >= 0).all().item<bool>(),
+  TORCH_CHECK(rises_from_zero(crow, false) && crow.data_ptr<int64_t>()[Pn] == col.size(0),
               "compose_backward: the row pointers do not span the column indices");
   check_range(col, g_emb.size(0), "compose_backward: a word index is out of range");
-  auto gp = torch::zeros({Pn, d}, g_emb.options()), gpb = torch::zeros({Pn}, g_emb.options());
+  auto gp = torch::empty({Pn, d}, g_emb.options()), gpb = torch::empty({Pn}, g_emb.options());
   const int64_t *cr = crow.data_ptr<int64_t>(), *cl = col.data_ptr<int64_t>();
   const float *v = val.data_ptr<float>(), *G = g_emb.data_ptr<float>(), *Gb = g_bias.data_ptr<float>();
   float *out = gp.data_ptr<float>(), *outb = gpb.data_ptr<float>();
@@ -462,7 +471,15 @@ std::vector<torch::Tensor> compose_backward(torch::Tensor crow, torch::Tensor co
     for (int64_t p = lo; p < hi; ++p) {
       float* o = out + p * d;
       float ob = 0.0f;
-      for (int64_t k = cr[p]; k < cr[p + 1]; ++k) {
+      const int64_t k0 = cr[p], k1 = cr[p + 1];
+      if (k0 == k1) {
+        std::fill(o, o + d, 0.0f);
+      } else {  // the first term written, not added to a zero fill: 0 + a y, the same bits, one pass less
+        const float a = v[k0];
+        at::vec::map<float>([a](Vec y) { return Vec(0.0f) + Vec(a) * y; }, o, G + cl[k0] * d, d);
+        ob += a * Gb[cl[k0]];
+      }
+      for (int64_t k = k0 + 1; k < k1; ++k) {
         const float a = v[k];
         at::vec::map2<float>([a](Vec x, Vec y) { return x + Vec(a) * y; }, o, o, G + cl[k] * d, d);
         ob += a * Gb[cl[k]];

@@ -97,5 +97,38 @@ def test_the_composition_backward_rejects_row_pointers_past_its_columns():
     for crow in ([0, 3, 2], [0, 1, 5], [1, 1, 2]):
         with pytest.raises(RuntimeError, match="row pointers"):
             mod.compose_backward(torch.tensor(crow), col, val, g, gb)
+    for bad in ([0, 3], [-1, 0]):
+        with pytest.raises(RuntimeError, match="out of range"):
+            mod.compose_backward(torch.tensor([0, 1, 2]), torch.tensor(bad), val, g, gb)
+
+
+def test_the_composition_backward_gives_zeros_to_pieces_no_word_uses():
+    """Its output is not zero-filled first: a piece with no word gets its zeros written, the others
+    the sum over their words, whatever the memory held before."""
+    mod = native.load()
+    if mod is None:
+        pytest.skip("the native kernels could not be built on this machine")
+    g, gb = torch.arange(48.0).view(3, 16), torch.tensor([1.0, 2.0, 3.0])
+    for _ in range(3):  # reuse freed buffers that held other numbers
+        gp, gpb = mod.compose_backward(torch.tensor([0, 0, 2, 2]), torch.tensor([0, 2]), torch.tensor([0.5, 2.0]), g, gb)
+        assert torch.equal(gp[0], torch.zeros(16)) and torch.equal(gp[2], torch.zeros(16))
+        assert torch.equal(gp[1], 0.5 * g[0] + 2.0 * g[2]) and torch.equal(gpb, torch.tensor([0.0, 6.5, 0.0]))
+        torch.full((3, 16), 7.0)  # dirty a freed block
+
+
+def test_the_kernels_reject_indices_outside_their_tables():
+    mod = native.load()
+    if mod is None:
+        pytest.skip("the native kernels could not be built on this machine")
+    pe, pb, res, wb = torch.randn(4, 16), torch.randn(4), torch.randn(2, 16), torch.randn(2)
+    mod.compose_forward(torch.tensor([0, 3, 1]), torch.tensor([0, 2]), pe, pb, res, wb, 2)  # valid
     with pytest.raises(RuntimeError, match="out of range"):
-        mod.compose_backward(torch.tensor([0, 1, 2]), torch.tensor([0, 3]), val, g, gb)
+        mod.compose_forward(torch.tensor([0, 4, 1]), torch.tensor([0, 2]), pe, pb, res, wb, 2)
+    for offsets in ([0, 0], [1, 2], [0, 3]):  # a word without pieces, not from 0, past the pieces
+        with pytest.raises(RuntimeError, match="at least one piece"):
+            mod.compose_forward(torch.tensor([0, 3, 1]), torch.tensor(offsets), pe, pb, res, wb, 2)
+    h, emb, bias = torch.randn(3, 16), torch.randn(5, 16), torch.randn(5)
+    mod.tied_softmax_xent(h, emb, bias, torch.tensor([0, 4, 2]), 1 / 3)  # valid
+    for targets in ([0, 5, 2], [0, -1, 2]):
+        with pytest.raises(RuntimeError, match="outside the vocabulary"):
+            mod.tied_softmax_xent(h, emb, bias, torch.tensor(targets), 1 / 3)
