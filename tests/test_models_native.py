@@ -132,3 +132,21 @@ def test_the_kernels_reject_indices_outside_their_tables():
     for targets in ([0, 5, 2], [0, -1, 2]):
         with pytest.raises(RuntimeError, match="outside the vocabulary"):
             mod.tied_softmax_xent(h, emb, bias, torch.tensor(targets), 1 / 3)
+
+
+@pytest.mark.parametrize("d", [7, 16, 96, 100])  # partial vectors; one to several groups of registers
+def test_the_composition_equals_embedding_bags_table_bit_for_bit(d):
+    mod = native.load()
+    if mod is None:
+        pytest.skip("the native kernels could not be built on this machine")
+    g = torch.Generator().manual_seed(d)
+    counts = torch.randint(1, 8, (50,), generator=g)  # 1..7 pieces: divisions and powers of two
+    pieces = torch.randint(0, 30, (int(counts.sum()),), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])
+    pe, pb, res, wb = (torch.randn(30, d, generator=g), torch.randn(30, generator=g), torch.randn(40, d, generator=g),
+                       torch.randn(40, generator=g))
+    emb, bias = mod.compose_forward(pieces, offsets, pe, pb, res, wb, 40)  # the last 10 words have no residual
+    want = torch.nn.functional.embedding_bag(pieces, pe, offsets, mode="mean")
+    want_b = torch.nn.functional.embedding_bag(pieces, pb.unsqueeze(1), offsets, mode="mean").squeeze(1)
+    assert torch.equal(emb[:40], want[:40] + res) and torch.equal(emb[40:], want[40:])
+    assert torch.equal(bias[:40], want_b[:40] + wb) and torch.equal(bias[40:], want_b[40:])
