@@ -11,7 +11,9 @@
 //     2017) and its backward;
 //   * gradient clipping by global norm with the SGD step.
 // Built for AVX-512 or AVX2 (models/native.py passes the flags; the code below picks by
-// __AVX512F__).  Loaded (compiled on first use) by models/native.py; models/fused.py runs its
+// __AVX512F__), with OpenMP: at::parallel_for splits the work over torch's threads, each output
+// computed in a fixed order, so the results do not depend on the thread count (a test holds
+// them equal on 1 and 2).  Loaded (compiled on first use) by models/native.py; models/fused.py runs its
 // PyTorch version of each where they are not loaded.
 #include <torch/extension.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -501,18 +503,28 @@ double clip_sgd_(std::vector<torch::Tensor> params, std::vector<torch::Tensor> g
     check_f32(params[i], "clip_sgd_: every parameter"), check_f32(grads[i], "clip_sgd_: every gradient");
     TORCH_CHECK(params[i].sizes() == grads[i].sizes(), "clip_sgd_: a gradient's shape differs from its parameter's");
   }
+  // The squared norm in blocks of a fixed size, summed in order: the same bits on any number of
+  // threads (at::parallel_reduce's per-thread partials would depend on it).
+  constexpr int64_t kBlock = 1 << 15;
   double total = 0.0;
+  std::vector<double> parts;
   for (auto& g : grads) {
     const float* x = g.data_ptr<float>();
-    total += at::parallel_reduce(0, g.numel(), 1 << 15, 0.0, [&](int64_t lo, int64_t hi, double acc) {
-      constexpr int64_t n = Vec::size();
-      Vec v(0.0f);
-      int64_t j = lo;
-      for (; j + n <= hi; j += n) { Vec y = Vec::loadu(x + j); v = at::vec::fmadd(y, y, v); }
-      float part = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
-      for (; j < hi; ++j) part += x[j] * x[j];
-      return acc + part;
-    }, std::plus<double>());
+    const int64_t numel = g.numel(), blocks = (numel + kBlock - 1) / kBlock;
+    parts.assign(blocks, 0.0);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        constexpr int64_t n = Vec::size();
+        const int64_t lo = b * kBlock, hi = std::min(numel, lo + kBlock);
+        Vec v(0.0f);
+        int64_t j = lo;
+        for (; j + n <= hi; j += n) { Vec y = Vec::loadu(x + j); v = at::vec::fmadd(y, y, v); }
+        float part = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+        for (; j < hi; ++j) part += x[j] * x[j];
+        parts[b] = part;
+      }
+    });
+    for (double part : parts) total += part;
   }
   const double norm = std::sqrt(total);
   float coef = static_cast<float>(max_norm / (norm + 1e-6));

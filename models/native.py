@@ -17,7 +17,9 @@ The first call on a machine compiles the kernels (a C++ compiler and Python's he
 ~/.cache/fedkb/native; later calls import the cached build in about a second.  Where compiling
 fails, or with FEDKB_NATIVE=0, training runs the PyTorch versions.  The build uses the widest
 vectors torch itself uses on the machine: AVX-512 where it has them (16 floats a register, twice
-AVX2's, and so twice the matrix-product peak that MKL reaches), else AVX2.
+AVX2's, and so twice the matrix-product peak that MKL reaches), else AVX2; and OpenMP, so that
+they split their work over torch's threads (each output in a fixed order: the same bits on any
+number of threads).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def will_compile() -> bool:
     if _tried or _turned_off() or not isa():
         return False
     try:
-        return not _cached(build_dir())
+        return not (_cached(build_dir(True)) or _cached(build_dir(False)))
     except OSError:
         return False
 
@@ -84,13 +86,37 @@ def isa() -> str | None:
     return cpu if cpu in FLAGS else None
 
 
-def build_dir() -> Path:
-    """Where the build is cached: one folder per source, torch version, Python and instruction set."""
+# OpenMP: ATen's at::parallel_for, compiled into the kernels from its headers, splits work over
+# torch's threads only in an OpenMP build (without it every kernel runs on one thread, whatever
+# torch.set_num_threads says).  libgomp.so.1 is the runtime torch's own wheel ships and loads, so
+# the kernels share torch's thread pool and thread count.  A compiler without OpenMP builds them
+# without it (one thread each).
+OPENMP = ["-fopenmp"]
+
+
+def cflags(target: str, openmp: bool = True) -> list[str]:
+    return ["-O3", *(OPENMP if openmp else []), *FLAGS[target]]
+
+
+def build_dir(openmp: bool = True) -> Path:
+    """Where the build is cached: one folder per source, compiler flags, torch version, Python and
+    instruction set."""
     import torch
 
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode() + str(isa()).encode()).hexdigest()[:16]
+    target = isa()
+    flags = " ".join(cflags(target, openmp)) if target else ""
+    key = hashlib.sha256(SOURCE.read_bytes() + flags.encode() + torch.__version__.encode() + sys.version.encode()
+                         + str(target).encode()).hexdigest()[:16]
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedkb" / "native"
     return root / key
+
+
+def _plan() -> list[bool]:
+    """The builds to try, in order (True: with OpenMP).  A cached build without OpenMP exists only
+    because the OpenMP one failed to compile here, so it is not tried again."""
+    if not _cached(build_dir(True)) and _cached(build_dir(False)):
+        return [False]
+    return [True, False]
 
 
 def load():
@@ -110,11 +136,43 @@ def load():
         target = isa()
         if target is None:
             return None
+        plan = _plan()
+        for i, openmp in enumerate(plan):
+            where = build_dir(openmp)
+            if not _cached(where):
+                print("fedkb: compiling native training kernels (once per machine, ~1 min)...", file=sys.stderr, flush=True)
+            where.mkdir(parents=True, exist_ok=True)
+            try:
+                _module = build("fedkb_native", [str(SOURCE)], extra_cflags=cflags(target, openmp),
+                                extra_ldflags=OPENMP if openmp else [], build_directory=str(where), verbose=False)
+                break
+            except Exception as e:
+                if i + 1 == len(plan):
+                    raise
+                log.info("native kernels: no OpenMP build (%s); building them for one thread", _first_line(e))
+    except Exception as e:  # no compiler, no headers, no ninja...: the PyTorch versions run instead
+        log.warning("native training kernels unavailable (%s); training uses the PyTorch versions", _first_line(e))
+        _module = None
+    return _module
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    _tried = True
+    if _turned_off():
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        target = isa()
+        if target is None:
+            return None
         where = build_dir()
         if not _cached(where):
             print("fedkb: compiling native training kernels (once per machine, ~1 min)...", file=sys.stderr, flush=True)
         where.mkdir(parents=True, exist_ok=True)
-        _module = build("fedkb_native", [str(SOURCE)], extra_cflags=["-O3", *FLAGS[target]], build_directory=str(where), verbose=False)
+        _module = build("fedkb_native", [str(SOURCE)], extra_cflags=cflags(target), extra_ldflags=OPENMP,
+                        build_directory=str(where), verbose=False)
     except Exception as e:  # no compiler, no headers, no ninja...: the PyTorch versions run instead
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("native training kernels unavailable (%s); training uses the PyTorch versions", first)

@@ -4,6 +4,7 @@ with the PyTorch versions instead of failing."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,10 +38,35 @@ def test_a_failed_build_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="models.native"):
         assert native.load() is None
         assert native.load() is None  # tried once per process, not once per call
-    if calls:  # an AVX2 machine tried to build, into the cache under XDG_CACHE_HOME
-        assert len(calls) == 1 and calls[0]["build_directory"].startswith(str(tmp_path))
+    if calls:  # an AVX2 machine tried to build (with OpenMP, then without), into the cache under XDG_CACHE_HOME
+        assert len(calls) == 2 and all(c["build_directory"].startswith(str(tmp_path)) for c in calls)
+        assert "-fopenmp" in calls[0]["extra_cflags"] and "-fopenmp" not in calls[1]["extra_cflags"]
         assert "command not found" in caplog.text and "PyTorch versions" in caplog.text
     assert native.loaded() is None
+
+
+def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(monkeypatch, tmp_path):
+    """-fopenmp failing (a compiler without OpenMP) builds without it, and later processes load that
+    build instead of trying OpenMP again."""
+    if native.isa() is None:
+        pytest.skip("no AVX2: the kernels are never built here")
+    monkeypatch.delenv("FEDKB_NATIVE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls, built = [], object()
+
+    def fake_build(*args, **kwargs):
+        calls.append(kwargs["extra_cflags"])
+        if "-fopenmp" in kwargs["extra_cflags"]:
+            raise RuntimeError("c++: error: unsupported option '-fopenmp'")
+        (Path(kwargs["build_directory"]) / "fedkb_native.so").write_bytes(b"")
+        return built
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_build)
+    _fresh(monkeypatch)
+    assert native.load() is built and len(calls) == 2
+    _fresh(monkeypatch)  # the next process
+    assert not native.will_compile()
+    assert native.load() is built and len(calls) == 3 and "-fopenmp" not in calls[2]
 
 
 def test_the_build_folder_follows_the_source(monkeypatch, tmp_path):
@@ -150,3 +176,48 @@ def test_the_composition_equals_embedding_bags_table_bit_for_bit(d):
     want_b = torch.nn.functional.embedding_bag(pieces, pb.unsqueeze(1), offsets, mode="mean").squeeze(1)
     assert torch.equal(emb[:40], want[:40] + res) and torch.equal(emb[40:], want[40:])
     assert torch.equal(bias[:40], want_b[:40] + wb) and torch.equal(bias[40:], want_b[40:])
+
+
+def test_the_kernels_give_the_same_bits_on_any_number_of_threads():
+    """Built with OpenMP, the kernels split their work over torch's threads (the sequential engine
+    uses every core); each output is computed in a fixed order whatever the split, and clipping's
+    norm sums fixed blocks in order."""
+    mod = native.load()
+    if mod is None:
+        pytest.skip("the native kernels could not be built on this machine")
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    T, B, d, H, V = 6, 8, 32, 128, 2100  # 16 panels of gates, 5 vocabulary chunks, 2,100 words
+    xs, w_ih, b, w_hh, w_hr, h0, c0 = r(T, B, d), r(4 * H, d) * 0.1, r(4 * H), r(4 * H, d) * 0.1, r(d, H) * 0.1, r(B, d), r(B, H)
+    h, emb, bias, y = r(T * B, d), r(V, d), r(V), torch.randint(0, V, (T * B,), generator=g)
+    counts = torch.randint(1, 5, (V,), generator=g)
+    pieces, offsets = torch.randint(0, 300, (int(counts.sum()),), generator=g), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])
+    pe, pb = r(300, d), r(300)
+    word, order = torch.repeat_interleave(torch.arange(V), counts), torch.argsort(pieces, stable=True)  # S^T as CSR
+    crow = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(pieces, minlength=300).cumsum(0)])
+    col, val = word[order], (1.0 / counts.float())[word][order]
+    big = [r(70_000), r(300, d)]
+
+    def run():
+        fwd = mod.lstm_forward(xs, w_ih, b, w_hh, w_hr, h0, c0)
+        acts, cs, tcs, hfs, hs = fwd
+        bwd = mod.lstm_backward(acts, cs, tcs, hs[1:].clone(), w_hh, w_hr, torch.zeros(B, d), torch.zeros(B, H))
+        xent = mod.tied_softmax_xent(h, emb, bias, y, 1 / (T * B))
+        comp = mod.compose_forward(pieces, offsets, pe, pb, emb, bias, V)
+        comp_b = mod.compose_backward(crow, col, val, emb, bias)
+        params = [p.clone() for p in big]
+        norm = mod.clip_sgd_(params, [p * 0.5 for p in big], 1.0, 0.1)
+        return [*fwd, *bwd, *xent, *comp, *comp_b, *params, torch.tensor(norm)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
