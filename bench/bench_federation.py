@@ -168,7 +168,20 @@ def memory_child(args) -> None:
         with SequentialEngine(ck.model.cfg, tok.path, pop.root, client) as eng:
             for _ in range(2):
                 state, _ = run_round(state, pop, sim, eng, g)
-    print(json.dumps({"population": pop.size, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"population": pop.size, "max_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS.  Linux's ru_maxrss carries over what the process that spawned it held
+    (exec keeps the old memory map's high-water mark), so a child of a large bench process reports
+    the parent's RSS; /proc/self/status's VmHWM is this memory map's own peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def main() -> None:
