@@ -158,23 +158,3 @@ def load():
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    _tried = True
-    if _turned_off():
-        return None
-    try:
-        from torch.utils.cpp_extension import load as build
-
-        target = isa()
-        if target is None:
-            return None
-        where = build_dir()
-        if not _cached(where):
-            print("fedkb: compiling native training kernels (once per machine, ~1 min)...", file=sys.stderr, flush=True)
-        where.mkdir(parents=True, exist_ok=True)
-        _module = build("fedkb_native", [str(SOURCE)], extra_cflags=cflags(target), extra_ldflags=OPENMP,
-                        build_directory=str(where), verbose=False)
-    except Exception as e:  # no compiler, no headers, no ninja...: the PyTorch versions run instead
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("native training kernels unavailable (%s); training uses the PyTorch versions", first)
-        _module = None
-    return _module
