@@ -11,6 +11,7 @@ import torch
 import torch.utils.cpp_extension
 
 from models import native
+from models.fused import composition_transpose
 
 
 def _fresh(monkeypatch):
@@ -181,7 +182,7 @@ def test_the_composition_equals_embedding_bags_table_bit_for_bit(d):
 def test_the_kernels_give_the_same_bits_on_any_number_of_threads():
     """Built with OpenMP, the kernels split their work over torch's threads (the sequential engine
     uses every core); each output is computed in a fixed order whatever the split, and clipping's
-    norm sums fixed blocks in order."""
+    norm sums fixed blocks in order.  (The output layer's kernel: tests/test_models_fused.py.)"""
     mod = native.load()
     if mod is None:
         pytest.skip("the native kernels could not be built on this machine")
@@ -190,27 +191,24 @@ def test_the_kernels_give_the_same_bits_on_any_number_of_threads():
     def r(*shape):
         return torch.randn(*shape, generator=g)
 
-    T, B, d, H, V = 6, 8, 32, 128, 2100  # 16 panels of gates, 5 vocabulary chunks, 2,100 words
+    T, B, d, H, V = 6, 8, 32, 128, 2100  # 16 panels of gates, 2,100 words
     xs, w_ih, b, w_hh, w_hr, h0, c0 = r(T, B, d), r(4 * H, d) * 0.1, r(4 * H), r(4 * H, d) * 0.1, r(d, H) * 0.1, r(B, d), r(B, H)
-    h, emb, bias, y = r(T * B, d), r(V, d), r(V), torch.randint(0, V, (T * B,), generator=g)
+    emb, bias = r(V, d), r(V)
     counts = torch.randint(1, 5, (V,), generator=g)
     pieces, offsets = torch.randint(0, 300, (int(counts.sum()),), generator=g), torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])
     pe, pb = r(300, d), r(300)
-    word, order = torch.repeat_interleave(torch.arange(V), counts), torch.argsort(pieces, stable=True)  # S^T as CSR
-    crow = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(pieces, minlength=300).cumsum(0)])
-    col, val = word[order], (1.0 / counts.float())[word][order]
+    st = composition_transpose(pieces, offsets, 300)  # S^T as CSR, as the training step passes it
     big = [r(70_000), r(300, d)]
 
     def run():
         fwd = mod.lstm_forward(xs, w_ih, b, w_hh, w_hr, h0, c0)
         acts, cs, tcs, hfs, hs = fwd
         bwd = mod.lstm_backward(acts, cs, tcs, hs[1:].clone(), w_hh, w_hr, torch.zeros(B, d), torch.zeros(B, H))
-        xent = mod.tied_softmax_xent(h, emb, bias, y, 1 / (T * B))
         comp = mod.compose_forward(pieces, offsets, pe, pb, emb, bias, V)
-        comp_b = mod.compose_backward(crow, col, val, emb, bias)
+        comp_b = mod.compose_backward(st.crow_indices(), st.col_indices(), st.values(), emb, bias)
         params = [p.clone() for p in big]
         norm = mod.clip_sgd_(params, [p * 0.5 for p in big], 1.0, 0.1)
-        return [*fwd, *bwd, *xent, *comp, *comp_b, *params, torch.tensor(norm)]
+        return [*fwd, *bwd, *comp, *comp_b, *params, torch.tensor(norm)]
 
     threads = torch.get_num_threads()
     try:
