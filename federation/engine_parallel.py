@@ -21,6 +21,7 @@ it or when: the engines agree bit for bit (tests/test_federation_run.py).
 from __future__ import annotations
 
 import queue as queue_mod
+import signal
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,15 @@ def longest_first(tasks: Sequence[ClientTask], devices_root: Path) -> list[Clien
             return 0
 
     return sorted(tasks, key=size, reverse=True)  # stable: equal sizes keep the round's order
+
+
+def _ending(exitcode: int) -> str:
+    """How a worker process ended, in words: a SIGKILL is what the kernel's OOM killer sends."""
+    if exitcode == -signal.SIGKILL:
+        return "killed by SIGKILL, the out-of-memory killer's signal"
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}" if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
+    return f"exit code {exitcode}; its error, if any, is on stderr"
 
 
 def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_bufs, control, tasks, results, ack, use_native):
@@ -157,10 +167,11 @@ class ParallelEngine:
                 self._check_workers()
 
     def _check_workers(self) -> None:
-        dead = [i for i, p in enumerate(self.procs) if not p.is_alive()]
+        dead = [(i, p.exitcode) for i, p in enumerate(self.procs) if not p.is_alive()]
         if dead:
             self.close()
-            raise FedkbError(f"parallel engine: worker(s) {dead} died (out of memory?)")
+            how = ", ".join(f"{i}: {_ending(code)}" for i, code in dead)
+            raise FedkbError(f"parallel engine: worker(s) {[i for i, _ in dead]} died ({how})")
 
     def close(self) -> None:
         for q in (*self.controls, self.tasks, self.results):

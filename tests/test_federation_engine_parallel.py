@@ -37,13 +37,22 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_a_worker_killed_between_rounds_is_an_error_and_the_process_exits(tiny, tmp_path):
-    """The next round raises at once (the other worker would otherwise run it alone, silently at
-    half speed), and the process exits: no queue's feeder thread is left waiting at exit to
-    write the new vocabulary into the dead worker's full pipe (the process used to hang there)."""
+    """The next round raises at once, saying how the worker ended (the other worker would
+    otherwise run it alone, silently at half speed), and the process exits: no queue's feeder
+    thread is left waiting at exit to write the new vocabulary into the dead worker's full pipe
+    (the process used to hang there)."""
     script = tmp_path / "kill_a_worker.py"
     script.write_text(SCRIPT)
     model, tok = tiny
     r = subprocess.run([sys.executable, str(script), str(model), str(tok), str(FIXTURES / "users.jsonl.gz"), str(tmp_path / "devices")],
                        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
-    assert "error: parallel engine: worker(s) [0] died" in r.stdout
+    assert "error: parallel engine: worker(s) [0] died (0: killed by SIGKILL, the out-of-memory killer's signal)" in r.stdout
+
+
+def test_how_a_worker_ended_is_said_in_words():
+    from federation.engine_parallel import _ending
+
+    assert _ending(-9) == "killed by SIGKILL, the out-of-memory killer's signal"
+    assert _ending(-15) == "killed by SIGTERM"
+    assert _ending(1) == "exit code 1; its error, if any, is on stderr"
