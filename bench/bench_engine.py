@@ -28,24 +28,19 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
-from bench_federation import setup, tasks_for, time_engine, train_flops_per_token  # noqa: E402
+from bench_federation import add_setup_args, setup, tasks_for, time_engine, train_flops_per_token  # noqa: E402
 
 
 def main() -> None:
     from federation.engine_parallel import make_engine
-    from models.checkpoint import default_paths
 
-    base, tokp = default_paths()
     p = argparse.ArgumentParser()
+    add_setup_args(p)
     p.add_argument("--engine", choices=("sequential", "parallel"), default="sequential")
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process (default: 1, a worker's)")
     p.add_argument("--workers", type=int, default=2, help="the parallel engine's worker processes")
     p.add_argument("--k", type=int, default=30, help="clients a round (default: 30)")
     p.add_argument("--rounds", type=int, default=4, help="rounds over the same clients (default: 4)")
-    p.add_argument("--model", type=Path, default=base if (base / "model.json").exists() else Path("/tmp/smoke_base"))
-    p.add_argument("--tokenizer", type=Path, default=tokp)
-    p.add_argument("--users-file", type=Path, default=None)
-    p.add_argument("--client-batch", type=int, default=None)
     args = p.parse_args()
     if args.k < 1 or args.rounds < 1 or args.threads < 1:
         p.error("--k, --rounds and --threads must be >= 1")

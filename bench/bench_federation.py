@@ -57,6 +57,17 @@ def train_flops_per_token(cfg, vocab_size: int) -> float:
     return 3.0 * fwd
 
 
+def add_setup_args(p: argparse.ArgumentParser) -> None:
+    """The options `setup` reads: the model, its tokenizer, the users and the local batch."""
+    from models.checkpoint import default_paths
+
+    base, tokp = default_paths()
+    p.add_argument("--model", type=Path, default=base if (base / "model.json").exists() else Path("/tmp/smoke_base"))
+    p.add_argument("--tokenizer", type=Path, default=tokp)
+    p.add_argument("--users-file", type=Path, default=None)
+    p.add_argument("--client-batch", type=int, default=None, help="local batch (default: ClientConfig's, 8)")
+
+
 def setup(args, root: Path, size: int = 0):
     from federation.config import ClientConfig
     from federation.sampling import build_population
@@ -185,16 +196,10 @@ def peak_rss_mb() -> float:
 
 
 def main() -> None:
-    from models.checkpoint import default_paths
-
     p = argparse.ArgumentParser()
-    base, tokp = default_paths()
-    p.add_argument("--model", type=Path, default=base if (base / "model.json").exists() else Path("/tmp/smoke_base"))
-    p.add_argument("--tokenizer", type=Path, default=tokp)
-    p.add_argument("--users-file", type=Path, default=None)
+    add_setup_args(p)
     p.add_argument("--k", type=int, default=100, help="clients in the engine comparison (default: 100)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--client-batch", type=int, default=None, help="local batch (default: ClientConfig's, 8)")
     p.add_argument("--engine-reps", type=int, default=3, help="alternating runs of each engine; medians compared (default: 3)")
     p.add_argument("--scaling-k", default="5,10,20", help="K values for time per round (default: 5,10,20)")
     p.add_argument("--scaling-reps", type=int, default=3, help="random cohorts per K (default: 3)")
