@@ -53,7 +53,7 @@ def will_compile() -> bool:
     if _tried or _turned_off() or not isa():
         return False
     try:
-        return not (_cached(build_dir(True)) or _cached(build_dir(False)))
+        return not _cached(build_dir(_plan()[0]))  # the build load() tries first
     except OSError:
         return False
 
