@@ -1,11 +1,12 @@
 """How to fine-tune a personal model: learning rates and epochs compared on held-out HISTORY.
 
-    python bench/bench_personalization.py RUN [--users 100] [--grid 0.3:1,0.1:1,0.3:2,0.1:3]
+    python bench/bench_personalization.py RUN [--users 100] [--grid 0.3:1,0.1:1,0.3:2,0.1:3,0.1:3:on]
 
 For each user (the run's held-out evaluation users first, as in `fedkb report`), the
 history is split in time: the first 80 % is fine-tuned on, from the run's final global
-model, with each (lr, epochs) of the grid; the last 20 % scores it against the global
-model (top-1 and loss).  The future text that `fedkb report` scores is never read, so
+model, with each (lr, epochs[, dropout on/off]) of the grid, the rest of the step as
+`personalization_config` makes it from the run's client setting; the last 20 % scores it
+against the global model (top-1 and loss).  The future text that `fedkb report` scores is never read, so
 choosing the personalization setting here does not tune on the test text.  Prints one
 JSON object: per setting, the share of users whose top-1 got better / worse, the median
 relative top-1 change, mean top-1, and the share with lower loss and the median change.
@@ -26,9 +27,18 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 
+def parse_setting(spec: str, client):
+    """`lr:epochs[:on|off]` -> the client setting with that learning rate, epochs and dropout."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("on", "off")):
+        raise SystemExit(f"bad --grid setting {spec!r}: expected LR:EPOCHS or LR:EPOCHS:on|off")
+    c = dataclasses.replace(client, lr=float(parts[0]), epochs=float(parts[1]))
+    return dataclasses.replace(c, dropout=parts[2] == "on") if len(parts) == 3 else c
+
+
 def main() -> None:
     from federation.client import local_finetune
-    from federation.config import SimulationConfig
+    from federation.config import SimulationConfig, personalization_config
     from federation.device import Device
     from federation.report import score_text, study_user_ids
     from federation.run import CONFIG, checkpoint_dir, latest_round
@@ -39,16 +49,17 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run", type=Path)
     p.add_argument("--users", type=int, default=100)
-    p.add_argument("--grid", default="0.3:1,0.1:1,0.3:2,0.1:3", help="lr:epochs settings (default: 0.3:1,0.1:1,0.3:2,0.1:3)")
+    p.add_argument("--grid", default="0.3:1,0.1:1,0.3:2,0.1:3", metavar="LR:EPOCHS[:on|off],...",
+                   help="settings; a third field turns dropout on or off (default: 0.3:1,0.1:1,0.3:2,0.1:3)")
     p.add_argument("--min-words", type=int, default=20, help="validation words a user needs (default: 20)")
     args = p.parse_args()
 
     cfg = json.loads((args.run / CONFIG).read_text())
-    client = SimulationConfig.from_json(cfg["simulation"]).client
+    client = personalization_config(SimulationConfig.from_json(cfg["simulation"]).client)
     tok = Tokenizer(Path(cfg["tokenizer"]))
     glob = load_checkpoint(checkpoint_dir(args.run, latest_round(args.run)), tok)
     root = Path(cfg["devices"])
-    grid = {s: (float(s.split(":")[0]), float(s.split(":")[1])) for s in args.grid.split(",")}
+    grid = {s: parse_setting(s, client) for s in args.grid.split(",")}
 
     rows = []
     for uid in study_user_ids(cfg):
@@ -60,10 +71,9 @@ def main() -> None:
         if not train or sum(len(m.split()) for m in val) < args.min_words:
             continue
         row = {"global": score_text(glob.model, glob.vocab, tok, val)}
-        for name, (lr, epochs) in grid.items():
+        for name, c in grid.items():
             personal = WordLM(glob.model.cfg)
             g = torch.Generator().manual_seed(len(rows))
-            c = dataclasses.replace(client, lr=lr, epochs=epochs)
             personal.load_state_dict(local_finetune(glob.model, glob.vocab, tok, train, c, g))
             row[name] = score_text(personal, glob.vocab, tok, val)
         rows.append(row)

@@ -24,8 +24,15 @@ class ClientConfig:
     lr: float = 0.3  # SGD learning rate, tuned on the base model: 0.2-0.5 helps 11/12 users, 1.0 only 6/12
     optimizer: str = "sgd"  # "sgd" (Gboard) or "adam"
     clip_grad: float = 1.0  # per-step gradient-norm clip: keeps LSTM steps sane
-    dropout: bool = True  # dropout drawn from the client's generator
+    dropout: bool = False  # dropout (the model's rate, masks from the client's generator); off: see below
     max_words: int = 5000  # train on at most the last N words of history (bounds client cost)
+
+    # Why a federated client trains without dropout (measured on held-out users' *history*,
+    # never the future text the targets are scored on): the mean delta of one round of 50
+    # clients from the base model lowered the validation top-1 with dropout (20.68 -> 20.57 %)
+    # and raised it without (-> 20.76 %, lower loss too). Dropout regularizes a model trained
+    # for many epochs; a client takes ~8 steps from the global model, and the average over
+    # the cohort is the regularizer. 50 rounds x 50 clients: README, Results.
 
     def __post_init__(self):
         if self.batch_size < 1 or self.bptt < 1 or self.max_words < 2:
@@ -40,7 +47,8 @@ class ClientConfig:
 
 def personalization_config(client: ClientConfig | None = None) -> ClientConfig:
     """Fine-tuning one user's own model (the keyboard's "Learn now", the report's personalization
-    study): a federated client's step, gentler and longer (lr 0.1, 3 epochs instead of 0.3, 1),
+    study): a federated client's step (without dropout too: with it tied on held-out history,
+    session 19), gentler and longer (lr 0.1, 3 epochs instead of 0.3, 1),
     in batches of at most 8 columns, whatever batch the federation's clients use (a batch of 32
     makes 4x fewer steps: one user's model needs the steps, the federation's average the throughput).
 

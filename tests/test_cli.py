@@ -54,6 +54,7 @@ def test_simulate_client_flags_reach_the_config():
     sim = build_config(p.parse_args(["--client-batch", "8", "--client-lr", "0.3", "--client-epochs", "2"]))
     assert (sim.client.batch_size, sim.client.lr, sim.client.epochs) == (8, 0.3, 2.0)
     assert build_config(p.parse_args([])).client == ClientConfig()
+    assert not ClientConfig().dropout and build_config(p.parse_args(["--client-dropout"])).client.dropout
     for bad in (["--client-batch", "0"], ["--client-lr", "-1"], ["--client-epochs", "0"]):
         with pytest.raises(FedkbError, match="client"):
             build_config(p.parse_args(bad))

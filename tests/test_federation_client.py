@@ -34,6 +34,22 @@ def test_client_update_reports_local_minus_global(tiny_loaded, fixture_users):
     assert into.delta is out and all(torch.equal(out[k], res.delta[k]) for k in g)
 
 
+def test_a_client_trains_without_dropout_unless_asked(tiny_loaded, fixture_users):
+    """By default (README: dropout off does better federated) the generator draws no masks, so
+    the delta does not depend on it; with dropout it does."""
+    ck, tok = tiny_loaded
+    g = P.clone(ck.model.state_dict())
+    u = fixture_users[1]
+
+    def delta(cfg, seed):
+        return client_update(g, WordLM(ck.model.cfg), ck.vocab, tok, u.history, cfg, torch.Generator().manual_seed(seed)).delta
+
+    a, b = delta(ClientConfig(), 1), delta(ClientConfig(), 2)
+    assert all(torch.equal(a[k], b[k]) for k in a) and P.global_norm(a) > 0
+    c, d = delta(ClientConfig(dropout=True), 1), delta(ClientConfig(dropout=True), 2)
+    assert not all(torch.equal(c[k], d[k]) for k in c)
+
+
 def test_too_little_history_gives_zero_weight(tiny_loaded):
     ck, tok = tiny_loaded
     g = P.clone(ck.model.state_dict())

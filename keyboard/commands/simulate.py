@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-lr", type=float, default=None, help="client SGD learning rate (default: ClientConfig.lr)")
     parser.add_argument("--client-epochs", type=float, default=None, help="local epochs (default: 1)")
     parser.add_argument("--client-batch", type=int, default=None, help="local batch: parallel columns of the word stream (default: ClientConfig.batch_size)")
+    parser.add_argument("--client-dropout", action="store_true",
+                        help="train clients with the model's dropout (default: off, which does better; see README)")
     parser.add_argument("--no-secagg", action="store_true", help="sum in plain float64 instead of simulated secure aggregation")
     parser.add_argument("--eval-users", type=int, default=20, help="held-out users whose future text scores each round (default: 20)")
     parser.add_argument("--eval-every", type=int, default=1)
@@ -44,7 +46,8 @@ def build_config(args: argparse.Namespace):
 
     from federation.config import AggregationConfig, ClientConfig, PrivacyConfig, ServerConfig, SimulationConfig
 
-    overrides = {"lr": args.client_lr, "epochs": args.client_epochs, "batch_size": args.client_batch}
+    overrides = {"lr": args.client_lr, "epochs": args.client_epochs, "batch_size": args.client_batch,
+                 "dropout": True if args.client_dropout else None}
     server_lr = args.server_lr if args.server_lr is not None else (0.01 if args.server_opt == "fedadam" else 1.0)
     try:
         client = replace(ClientConfig(), **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,106 @@
+"""Which client setting makes a good federated round? Scored on held-out users' HISTORY.
+
+    python bench/bench_client_setting.py [--k 50] [--settings '{}' '{"dropout": true}' ...] [--parts]
+
+One FedAvg round from the base model, without sampling noise: K training users (a seeded
+draw), each fine-tuned with `client_update` under every setting (a JSON object of
+`ClientConfig` fields over the default), the word-weighted mean delta applied at server
+learning rates 0.5 and 1.  The round's model is scored on the *history* of users held out
+of it (40 by default, never trained on), so choosing a client setting here does not tune on
+the future text that `fedkb eval --users` and the issue's targets score.  `--parts` also
+applies each parameter group of the first setting's mean delta alone and all but it: which
+part of the update moves top-1.
+
+Prints one JSON object: the base's and each setting's top-1 / top-3 / KSR (%) and loss
+(nats) on the validation text, and the mean delta's norm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+PARTS = {
+    "piece": ("piece_emb", "piece_bias"),
+    "residual": ("residual",),
+    "word_bias": ("word_bias",),
+    "lstm": ("lstm.",),
+}
+
+
+def main() -> None:
+    from federation.client import client_update
+    from federation.config import ClientConfig, SimulationConfig
+    from federation.run import split_users
+    from models import params as P
+    from models.checkpoint import default_paths, load_model
+    from models.datasets import load_users
+    from models.evaluate import simulate_typing
+    from models.lm import WordLM, WordTable
+    from models.predictor import Predictor
+    from models.train import encode, evaluate_loss
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--k", type=int, default=50, help="clients in the round (default: 50)")
+    p.add_argument("--held-out", type=int, default=40, help="users held out for validation (default: 40)")
+    p.add_argument("--settings", nargs="+", default=["{}", '{"dropout": true}'],
+                   help="ClientConfig overrides as JSON objects (default: the default and dropout on)")
+    p.add_argument("--parts", action="store_true", help="also score each parameter group of the first setting's delta")
+    p.add_argument("--seed", type=int, default=0, help="the cohort's draw and the clients' generator (default: 0)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base_dir, tok_path = default_paths()
+    ck, tok = load_model(base_dir, tok_path)
+    train, held = split_users(load_users(), SimulationConfig(eval_users=args.held_out, seed=123))
+    val = [m for u in held for m in u.history]
+    table = WordTable.build(ck.vocab, tok, ck.model.cfg.base_vocab)
+    vstream = encode(val, ck.vocab)
+    model, work = WordLM(ck.model.cfg), WordLM(ck.model.cfg)
+    base = P.clone(ck.model.state_dict())
+
+    def score(params) -> dict:
+        model.load_state_dict(params)
+        s = simulate_typing(Predictor(model, ck.vocab, tok), val)
+        return {"top1": s["top1"], "top3": s["top3"], "ksr": s["ksr"], "loss": round(evaluate_loss(model, table, vstream), 4)}
+
+    cohort = random.Random(args.seed).sample(train, min(args.k, len(train)))
+    out = {"k": len(cohort), "validation_users": len(held), "validation_words": sum(len(m.split()) for m in val),
+           "base": score(base), "settings": {}}
+    first = None
+    for spec in args.settings:
+        t0 = time.perf_counter()
+        cfg = replace(ClientConfig(), **json.loads(spec))
+        g = torch.Generator().manual_seed(args.seed)
+        total, words = P.zeros_like(base), 0
+        for u in cohort:
+            r = client_update(base, work, ck.vocab, tok, u.history, cfg, g, table=table)
+            total, words = P.add(total, r.delta, r.num_words), words + r.num_words
+        mean = P.scale(total, 1.0 / words)
+        first = first or mean
+        out["settings"][spec] = {"delta_norm": round(P.global_norm(mean), 4),
+                                 **{f"server_lr_{s}": score(P.add(base, mean, s)) for s in (0.5, 1.0)},
+                                 "seconds": round(time.perf_counter() - t0, 1)}
+    if args.parts:
+        out["parts_of_the_first_setting"] = {}
+        for name, prefixes in PARTS.items():
+            inside = {k: k.startswith(prefixes) for k in first}
+            only = {k: v if inside[k] else torch.zeros_like(v) for k, v in first.items()}
+            without = {k: torch.zeros_like(v) if inside[k] else v for k, v in first.items()}
+            out["parts_of_the_first_setting"][name] = {"only": score(P.add(base, only)), "without": score(P.add(base, without))}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
