@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+SPLIT_SEED = 123  # which users are held out: SimulationConfig(seed=SPLIT_SEED, eval_users=N)'s split
 PARTS = {
     "piece": ("piece_emb", "piece_bias"),
     "residual": ("residual",),
@@ -51,7 +52,7 @@ def simulate(setting: dict, k: int, rounds: int, held_out: int, held) -> dict:
     from federation.run import Simulation
 
     server = {key[len("server_"):]: setting.pop(key) for key in list(setting) if key.startswith("server_")}
-    sim = SimulationConfig(rounds=rounds, clients_per_round=k, engine="parallel", seed=123, eval_users=held_out,
+    sim = SimulationConfig(rounds=rounds, clients_per_round=k, engine="parallel", seed=SPLIT_SEED, eval_users=held_out,
                            client=replace(ClientConfig(), **setting), server=replace(ServerConfig(), **server))
     with tempfile.TemporaryDirectory() as tmp:
         s = Simulation(Path(tmp) / "run", sim)
@@ -80,7 +81,7 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["{}", '{"dropout": true}'],
                    help="ClientConfig overrides as JSON objects (default: the default and dropout on)")
     p.add_argument("--parts", action="store_true", help="also score each parameter group of the first setting's delta")
-    p.add_argument("--seed", type=int, default=0, help="the cohort's draw and the clients' generator (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="one round: the cohort's draw and the clients' generator (default: 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="R > 1: whole simulated rounds per setting (default: 1, the analysis above)")
     args = p.parse_args()
@@ -88,7 +89,7 @@ def main() -> None:
 
     base_dir, tok_path = default_paths()
     ck, tok = load_model(base_dir, tok_path)
-    train, held = split_users(load_users(), SimulationConfig(eval_users=args.held_out, seed=123))
+    train, held = split_users(load_users(), SimulationConfig(eval_users=args.held_out, seed=SPLIT_SEED))
     val = [m for u in held for m in u.history]
     table = WordTable.build(ck.vocab, tok, ck.model.cfg.base_vocab)
     vstream = encode(val, ck.vocab)
