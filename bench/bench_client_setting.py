@@ -17,8 +17,9 @@ engine, K clients a round: sampling, dropouts, secure aggregation), seed 123, wh
 split is the same users; `server_optimizer` and `server_lr` in a setting set the server's step.
 The round-R model is scored on the same held-out history (~3 min a setting at R = 10).
 
-Prints one JSON object: the base's and each setting's top-1 / top-3 / KSR (%) and loss
-(nats) on the validation text, and the mean delta's norm.
+Prints one JSON object: the base's and each setting's top-1 / top-3 / KSR (%), loss (nats)
+and word count on the validation text (as a simulation's evaluator reports them), and the
+mean delta's norm.
 """
 
 from __future__ import annotations
@@ -66,14 +67,12 @@ def simulate(setting: dict, k: int, rounds: int, held_out: int, held) -> dict:
 def main() -> None:
     from federation.client import client_update
     from federation.config import ClientConfig, SimulationConfig
+    from federation.rounds import Evaluator
     from federation.run import split_users
     from models import params as P
     from models.checkpoint import default_paths, load_model
     from models.datasets import load_users
-    from models.evaluate import simulate_typing
     from models.lm import WordLM, WordTable
-    from models.predictor import Predictor
-    from models.train import encode, evaluate_loss
 
     p = argparse.ArgumentParser()
     p.add_argument("--k", type=int, default=50, help="clients in the round (default: 50)")
@@ -91,18 +90,14 @@ def main() -> None:
     ck, tok = load_model(base_dir, tok_path)
     train, held = split_users(load_users(), SimulationConfig(eval_users=args.held_out, seed=SPLIT_SEED))
     val = [m for u in held for m in u.history]
-    table = WordTable.build(ck.vocab, tok, ck.model.cfg.base_vocab)
-    vstream = encode(val, ck.vocab)
-    model, work = WordLM(ck.model.cfg), WordLM(ck.model.cfg)
+    evaluator = Evaluator(WordLM(ck.model.cfg), tok, val)  # what scores a simulation's rounds, on this text
+    work, table = WordLM(ck.model.cfg), WordTable.build(ck.vocab, tok, ck.model.cfg.base_vocab)  # the clients' workspace
     base = P.clone(ck.model.state_dict())
 
     def score(params) -> dict:
-        model.load_state_dict(params)
-        s = simulate_typing(Predictor(model, ck.vocab, tok), val)
-        return {"top1": s["top1"], "top3": s["top3"], "ksr": s["ksr"], "loss": round(evaluate_loss(model, table, vstream), 4)}
+        return evaluator(params, ck.vocab)
 
-    out = {"k": args.k, "rounds": args.rounds, "validation_users": len(held),
-           "validation_words": sum(len(m.split()) for m in val), "base": score(base), "settings": {}}
+    out = {"k": args.k, "rounds": args.rounds, "validation_users": len(held), "base": score(base), "settings": {}}
     if args.rounds > 1:
         for spec in args.settings:
             t0 = time.perf_counter()

@@ -6,8 +6,8 @@ For each user (the run's held-out evaluation users first, as in `fedkb report`),
 history is split in time: the first 80 % is fine-tuned on, from the run's final global
 model, with each (lr, epochs[, dropout on/off]) of the grid, the rest of the step as
 `personalization_config` makes it from the run's client setting; the last 20 % scores it
-against the global model (top-1 and loss).  The future text that `fedkb report` scores is never read, so
-choosing the personalization setting here does not tune on the test text.  Prints one
+against the global model (top-1 and loss).  The future text that `fedkb report` scores is
+never read, so choosing the personalization setting here does not tune on the test text.  Prints one
 JSON object: per setting, the share of users whose top-1 got better / worse, the median
 relative top-1 change, mean top-1, and the share with lower loss and the median change.
 """
