@@ -6,8 +6,9 @@ Never pickle.  A checkpoint directory holds `model.safetensors` and `model.json`
      "tokenizer_sha256": "...", "meta": {...}}
 
 Loading validates everything a corrupt or mismatched file could get wrong
-(missing file, bad header, wrong keys/shapes/dtypes, NaN, tokenizer mismatch) and
-raises `FedkbError` with a message that says what to do.
+(missing file, bad header, damaged data (a checksum, models/tensorfile.py), wrong
+keys/shapes/dtypes, NaN, tokenizer mismatch) and raises `FedkbError` with a message
+that says what to do.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from models import atomic
+from models import atomic, tensorfile
 from models.errors import FedkbError
 from models.lm import START_STATE_KEYS, LMConfig, WordLM
 from models.params import Params, all_finite, check_compatible
@@ -42,9 +43,10 @@ class Checkpoint:
 
 
 def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
-    """Atomically write tensors (contiguous float copies) as safetensors; `meta` goes in the header as strings."""
-    data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                   metadata={k: str(v) for k, v in (meta or {}).items()})
+    """Atomically write tensors (contiguous float copies) as safetensors; `meta` goes in the header as
+    strings, with the data's checksum (models/tensorfile.py)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = tensorfile.with_checksum(lambda md: st_save(tensors, metadata=md), {k: str(v) for k, v in (meta or {}).items()})
     atomic.write_bytes(Path(path), data)
 
 
@@ -55,11 +57,13 @@ def load_tensors(path: Path, reference: Params | None = None) -> Params:
     as zeros, which is what such a model started every message from (and a zero delta)."""
     path = Path(path)
     try:
-        tensors = st_load(path.read_bytes())
+        blob = path.read_bytes()
+        tensors = st_load(blob)
     except FileNotFoundError:
         raise FedkbError(f"{path} does not exist") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FedkbError(f"{path} is not a valid safetensors file ({e})") from None
+    tensorfile.check(path, blob)
     if reference is not None:
         for key in START_STATE_KEYS:  # written before models/start_state.py: the old all-zero start
             if key in reference and key not in tensors:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file
+from safetensors.numpy import load
 
+from models import tensorfile
 from models.errors import FedkbError
 from models.text import BOS, SPECIALS, UNK
 from models.tokenizer import Tokenizer
@@ -47,11 +48,13 @@ class NumpyPredictor:
         if sha != tokenizer.sha256:
             raise FedkbError(f"model {model_dir} was trained with a different tokenizer than {tokenizer.path}")
         try:
-            w = load_file(str(model_dir / "model.safetensors"))
+            blob = (model_dir / "model.safetensors").read_bytes()
+            w = load(blob)
         except FileNotFoundError:
             raise FedkbError(f"{model_dir / 'model.safetensors'} does not exist") from None
         except (SafetensorError, OSError, ValueError) as e:
             raise FedkbError(f"{model_dir / 'model.safetensors'} is not a valid safetensors file ({e})") from None
+        tensorfile.check(model_dir / "model.safetensors", blob)
         missing = [n for n in _SHAPES if n not in w]
         if missing or w["piece_emb"].shape[0] != tokenizer.num_pieces:
             raise FedkbError(f"{model_dir / 'model.safetensors'} does not fit the model (missing {missing[:3]} or wrong shapes)")

@@ -44,6 +44,14 @@ def _set_tensor(d: Path, key: str, fn) -> None:
     save_tensors(d / "model.safetensors", t)
 
 
+def _flip_data_byte(path: Path, at: float = 0.5) -> None:
+    """Flip one bit in the data section (past the header), as a bad disk or a partial copy would."""
+    blob = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(blob[:8], "little")
+    blob[start + int((len(blob) - start) * at)] ^= 0x10
+    path.write_bytes(bytes(blob))
+
+
 BREAKERS = {
     "missing dir": (lambda d: shutil.rmtree(d), "no model"),
     "missing weights": (lambda d: (d / "model.safetensors").unlink(), "does not exist"),
@@ -53,6 +61,7 @@ BREAKERS = {
     "not a fedkb model": (lambda d: (d / "model.json").write_text("[1, 2]"), "not a fedkb model"),
     "newer format": (lambda d: (d / "model.json").write_text(json.dumps({**json.loads((d / "model.json").read_text()), "format_version": 99})), "format version"),
     "bad vocab": (lambda d: (d / "model.json").write_text(json.dumps({**json.loads((d / "model.json").read_text()), "vocab": {"words": ["x"]}})), "vocabulary"),
+    "one bit of the weights flipped": (lambda d: _flip_data_byte(d / "model.safetensors"), "damaged"),
     "NaN": (lambda d: _set_tensor(d, "piece_bias", lambda t: t.clone().fill_(float("nan"))), "NaN"),
     "wrong shape": (lambda d: _set_tensor(d, "piece_bias", lambda t: t[:-1].clone()), "shape"),
     "wrong dtype": (lambda d: _set_tensor(d, "piece_bias", lambda t: t.double()), "dtype"),
@@ -67,6 +76,27 @@ def test_broken_checkpoint_is_a_fedkb_error(tiny, tmp_path, name):
     breakit(d)
     with pytest.raises(FedkbError, match=message):
         load_model(d, tiny[1])
+
+
+def test_tensor_files_carry_a_checksum_and_older_files_without_one_still_load(tmp_path):
+    from safetensors.torch import save
+
+    from models import tensorfile
+
+    t = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4)}
+    save_tensors(tmp_path / "new.safetensors", t, meta={"note": "x"})
+    blob = (tmp_path / "new.safetensors").read_bytes()
+    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    assert header["__metadata__"]["note"] == "x" and len(header["__metadata__"][tensorfile.CHECKSUM]) == 64
+    back = load_tensors(tmp_path / "new.safetensors")
+    assert all(torch.equal(back[k], t[k]) for k in t)
+    for at in (0.0, 0.99):  # the first and the last tensor's bytes
+        (tmp_path / "bad.safetensors").write_bytes(blob)
+        _flip_data_byte(tmp_path / "bad.safetensors", at)
+        with pytest.raises(FedkbError, match="bad.safetensors is damaged"):
+            load_tensors(tmp_path / "bad.safetensors")
+    (tmp_path / "old.safetensors").write_bytes(save(t))  # as written before the checksum: no metadata
+    assert all(torch.equal(load_tensors(tmp_path / "old.safetensors")[k], t[k]) for k in t)
 
 
 def test_tokenizer_mismatch_and_broken_tokenizer(tiny, tmp_path):

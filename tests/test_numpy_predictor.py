@@ -40,3 +40,8 @@ def test_bad_files_are_clear_errors(tiny, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(FedkbError, match="not a valid safetensors"):
         NumpyPredictor(tmp_path, tok)
+    blob = bytearray((tiny[0] / "model.safetensors").read_bytes())
+    blob[-5] ^= 0x01  # one bit of the last tensor: safetensors alone would load it
+    (tmp_path / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(FedkbError, match="damaged"):
+        NumpyPredictor(tmp_path, tok)

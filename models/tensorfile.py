@@ -1,0 +1,61 @@
+"""A checksum inside every safetensors file fedkb writes, checked on every read.
+
+safetensors validates a file's header (offsets, shapes, dtypes) but not its data: a file
+damaged after it was written (a bad disk, a partial copy, an edit) loads with some weights
+silently changed.  fedkb therefore writes the SHA-256 of the data section (everything after
+the header) into the header's metadata, under `data_sha256`, and refuses a file whose data
+no longer matches it.  Files written before the checksum existed have none and load as
+before.  Torch-free, so `fedkb predict`'s NumPy path checks files too.
+
+File layout (the safetensors format): 8 bytes little-endian header length n, n bytes of
+JSON header ({"__metadata__": {str: str}, name: {dtype, shape, data_offsets}, ...}), data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from models.errors import FedkbError
+
+CHECKSUM = "data_sha256"
+
+
+def _split(blob: bytes) -> tuple[dict, memoryview]:
+    """(header, data section); ValueError if the bytes are too short to hold the header they announce."""
+    if len(blob) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(blob[:8], "little")
+    if 8 + n > len(blob):
+        raise ValueError(f"header of {n} bytes in a file of {len(blob)}")
+    header = json.loads(bytes(blob[8 : 8 + n]))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, memoryview(blob)[8 + n :]
+
+
+def with_checksum(serialize: Callable[[dict[str, str]], bytes], metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes `serialize(metadata)` makes, with the SHA-256 of their data section added to the metadata.
+
+    `serialize` is called twice (the checksum goes into the header, the data stays the same)."""
+    metadata = {k: v for k, v in (metadata or {}).items() if k != CHECKSUM}
+    _, data = _split(serialize(metadata))
+    blob = serialize({**metadata, CHECKSUM: hashlib.sha256(data).hexdigest()})
+    _, again = _split(blob)
+    if again != data:  # serialization is deterministic; if it ever is not, fail loudly rather than write a bad sum
+        raise RuntimeError("safetensors serialization changed the data section between two calls")
+    return blob
+
+
+def check(path: Path, blob: bytes) -> None:
+    """Raise FedkbError if `blob` (the bytes of `path`) carries a checksum its data does not match."""
+    try:
+        header, data = _split(blob)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FedkbError(f"{path} is not a valid safetensors file ({e})") from None
+    meta = header.get("__metadata__") or {}
+    want = meta.get(CHECKSUM) if isinstance(meta, dict) else None
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise FedkbError(f"{path} is damaged: its data no longer matches the checksum it was written with")
