@@ -38,10 +38,10 @@ def parse_setting(spec: str, client):
 
 def main() -> None:
     from federation.client import local_finetune
-    from federation.config import SimulationConfig, personalization_config
+    from federation.config import personalization_config
     from federation.device import Device
     from federation.report import score_text, study_user_ids
-    from federation.run import CONFIG, checkpoint_dir, latest_round
+    from federation.run import checkpoint_dir, latest_round, read_config
     from models.checkpoint import load_checkpoint
     from models.lm import WordLM
     from models.tokenizer import Tokenizer
@@ -54,8 +54,8 @@ def main() -> None:
     p.add_argument("--min-words", type=int, default=20, help="validation words a user needs (default: 20)")
     args = p.parse_args()
 
-    cfg = json.loads((args.run / CONFIG).read_text())
-    client = personalization_config(SimulationConfig.from_json(cfg["simulation"]).client)
+    cfg, sim = read_config(args.run)
+    client = personalization_config(sim.client)
     tok = Tokenizer(Path(cfg["tokenizer"]))
     glob = load_checkpoint(checkpoint_dir(args.run, latest_round(args.run)), tok)
     root = Path(cfg["devices"])

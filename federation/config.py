@@ -132,14 +132,33 @@ class SimulationConfig:
 
     @classmethod
     def from_json(cls, obj: dict) -> "SimulationConfig":
+        """The config `to_json` wrote (keys it lacks take their defaults); TypeError if a value has the wrong type."""
         nested = {"client": ClientConfig, "server": ServerConfig, "privacy": PrivacyConfig, "aggregation": AggregationConfig}
-        kw = {}
-        for f in fields(cls):
-            if f.name not in obj:
-                continue
-            v = obj[f.name]
-            if f.name in nested:
-                sub = nested[f.name]
-                v = sub(**{k: v[k] for k in (g.name for g in fields(sub)) if k in v})
-            kw[f.name] = v
-        return cls(**kw)
+        kw = {k: _checked(nested[k], v, k) for k, v in obj.items() if k in nested}
+        return _checked(cls, {k: v for k, v in obj.items() if k not in nested}, "simulation", **kw)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _fits(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated e.g. `int`, `float` (an int fits) or `float | None`."""
+    names = [t.strip() for t in str(annotation).split("|")]
+    if any(n not in _TYPES and n != "None" for n in names):
+        return True  # a type this check does not know: left to the dataclass
+    if value is None:
+        return "None" in names
+    if isinstance(value, bool):  # a bool is an int to isinstance, never to a config
+        return "bool" in names
+    return any(isinstance(value, _TYPES[n]) for n in names if n != "None")
+
+
+def _checked(cls, obj: dict, where: str, **extra):
+    """`cls(**obj, **extra)` for the keys of `obj` that are fields; TypeError naming a value of the wrong type."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"{where} is not an object")
+    kw = {f.name: obj[f.name] for f in fields(cls) if f.name in obj}
+    for f in fields(cls):
+        if f.name in kw and not _fits(kw[f.name], f.type):
+            raise TypeError(f"{where}.{f.name} = {kw[f.name]!r} is not of type {f.type}")
+    return cls(**kw, **extra)

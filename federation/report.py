@@ -11,7 +11,6 @@ without ids; the text never leaves the device folders.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -19,9 +18,9 @@ from pathlib import Path
 import torch
 
 from federation.client import local_finetune
-from federation.config import ClientConfig, SimulationConfig, personalization_config
+from federation.config import ClientConfig, personalization_config
 from federation.device import Device
-from federation.run import CONFIG, checkpoint_dir, latest_round, read_metrics
+from federation.run import checkpoint_dir, latest_round, read_config, read_metrics
 from models import atomic
 from models.checkpoint import load_checkpoint
 from models.errors import FedkbError
@@ -113,8 +112,7 @@ def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig |
                           min_future_words: int = 20) -> dict:
     """Per user: base vs global vs personalized on the user's future text (held-out users first)."""
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / CONFIG).read_text())
-    sim = SimulationConfig.from_json(cfg["simulation"])
+    cfg, sim = read_config(run_dir)
     client = client or personalization_config(sim.client)
     tok = Tokenizer(Path(cfg["tokenizer"]))
     base = load_checkpoint(Path(cfg["model"]), tok)
@@ -203,7 +201,8 @@ def plot_personalization(study: dict, out_dir: Path) -> Path:
 def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, personalization: bool = True) -> dict:
     run_dir = Path(run_dir)
     if latest_round(run_dir) is None:
-        raise FedkbError(f"{run_dir} is not a simulation run folder (no latest.json)")
+        raise FedkbError(f"{run_dir} is not a simulation run folder (latest.json missing or unreadable; "
+                         "`fedkb simulate --out RUN --resume` repairs it)")
     out_dir = Path(out_dir or run_dir / "report")
     files = plot_run(run_dir, out_dir)
     rep = {"summary": summarize(run_dir)}

@@ -10,7 +10,11 @@
 A round is committed by: checkpoint files (each atomic) -> metrics line -> latest.json.
 `resume` reloads the latest committed round, drops metrics lines past it, and continues;
 because every random draw comes from the saved generator, a killed and resumed run ends
-with exactly the parameters of an uninterrupted one.  Device folders (users' text) live
+with exactly the parameters of an uninterrupted one.  Any whole checkpoint is a state to
+continue from, so a damaged one (its files carry checksums, models/tensorfile.py) or an
+unreadable latest.json costs rounds, never the run: resume takes the newest checkpoint that
+loads, says what it skipped (`Simulation.notes`), and redoes the rounds after it, to the
+same result.  Device folders (users' text) live
 OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user text.
 """
 
@@ -51,10 +55,44 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def latest_round(run_dir: Path) -> int | None:
+    """The last committed round, from latest.json; None if it is missing or unreadable."""
     try:
         return int(json.loads((Path(run_dir) / LATEST).read_text())["round"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
+    """A run's config.json and the SimulationConfig in it; FedkbError if it is missing or damaged."""
+    path = Path(run_dir) / CONFIG
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(stored, dict):
+            raise TypeError("not a JSON object")
+        sim = SimulationConfig.from_json(stored["simulation"])
+        for key in ("model", "tokenizer", "devices"):
+            if not isinstance(stored[key], str):
+                raise TypeError(f"{key} is not a path")
+    except FileNotFoundError:
+        raise FedkbError(f"{run_dir} is not a simulation run folder ({CONFIG} missing)") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        why = f"no {e}" if isinstance(e, KeyError) else str(e)
+        raise FedkbError(f"{path} is damaged ({why})") from None
+    return stored, sim
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a round was ever committed here: a latest.json (readable or not) or a checkpoint."""
+    return (Path(run_dir) / LATEST).exists() or bool(checkpoint_rounds(run_dir))
+
+
+def checkpoint_rounds(run_dir: Path) -> list[int]:
+    """The rounds that have a checkpoint folder (whole or not), newest first."""
+    rounds = []
+    for d in (Path(run_dir) / "checkpoints").glob("round-*"):
+        if d.is_dir() and d.name[6:].isdigit():
+            rounds.append(int(d.name[6:]))
+    return sorted(rounds, reverse=True)
 
 
 def split_users(users: list[UserData], sim: SimulationConfig) -> tuple[list[UserData], list[UserData]]:
@@ -77,11 +115,10 @@ class Simulation:
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / CONFIG
-        if cfg_path.exists() and not resume and latest_round(self.run_dir) is not None:
+        if not resume and holds_run(self.run_dir):
             raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         if resume and cfg_path.exists():
-            stored = json.loads(cfg_path.read_text())
-            base = SimulationConfig.from_json(stored["simulation"])
+            stored, base = read_config(self.run_dir)
             sim = replace(base, rounds=sim.rounds) if sim is not None else base  # only the round count may change
             model_dir = Path(stored["model"])
             tokenizer_path = Path(stored["tokenizer"])
@@ -113,8 +150,8 @@ class Simulation:
         self.evaluator = Evaluator(WordLM(self.model_cfg), self.tokenizer, msgs) if msgs and self.sim.eval_users else None
 
         self.generator = torch.Generator().manual_seed(self.sim.seed)
-        start = latest_round(self.run_dir) if resume else None
-        if start is None:
+        self.notes: list[str] = []  # what resuming skipped or repaired, for the CLI and the screen to show
+        if not (resume and holds_run(self.run_dir)):
             self.state = init_state(base.model.state_dict(), base.vocab, self.sim.server)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic.write_json(cfg_path, {
@@ -128,7 +165,7 @@ class Simulation:
                 m0.update(self.evaluator(self.state.params, self.state.vocab))
             self._commit(m0)
         else:
-            self._load(start)
+            self._resume()
         self.engine = None
 
     # -- persistence ------------------------------------------------------------------------
@@ -144,8 +181,13 @@ class Simulation:
         save_tensors(d / "rng.safetensors", {"server": self.generator.get_state()})
         if metrics is not None:
             atomic.append_line(self.run_dir / METRICS, json.dumps(metrics))
-        atomic.write_json(self.run_dir / LATEST, {"round": s.round, "checkpoint": str(d.relative_to(self.run_dir))})
+        self._write_latest(s.round)
         self._prune(s.round)
+
+    def _write_latest(self, rnd: int) -> None:
+        """The commit point: atomically name `rnd` the last committed round."""
+        d = checkpoint_dir(self.run_dir, rnd)
+        atomic.write_json(self.run_dir / LATEST, {"round": rnd, "checkpoint": str(d.relative_to(self.run_dir))})
 
     def _prune(self, rnd: int) -> None:
         keep = self.sim.keep_checkpoints
@@ -153,6 +195,40 @@ class Simulation:
             d = checkpoint_dir(self.run_dir, r)
             if d.exists():
                 shutil.rmtree(d, ignore_errors=True)
+
+    def _resume(self) -> None:
+        """Continue from the newest committed round whose checkpoint loads; note what was skipped.
+
+        Committed: at or before latest.json's round; with latest.json unreadable, a round whose
+        metrics line was written (the line comes after the checkpoint, before latest.json)."""
+        latest = latest_round(self.run_dir)
+        have = checkpoint_rounds(self.run_dir)
+        logged = {m["round"] for m in read_metrics(self.run_dir)}
+        if latest is None:
+            candidates = [r for r in have if r in logged] or have  # no metrics either: any whole checkpoint
+            self.notes.append(f"{LATEST} is missing or unreadable: resuming from the newest checkpoint whose round "
+                              f"{METRICS} records")
+        else:
+            candidates = [r for r in have if r <= latest]
+            if latest not in have:
+                self.notes.append(f"the checkpoint of round {latest} (from {LATEST}) is missing")
+        skipped = []
+        for r in candidates:
+            try:
+                self._load(r)
+            except FedkbError as e:
+                skipped.append(f"round {r}: {e}")
+                continue
+            self.notes += [f"skipped the checkpoint of {why}" for why in skipped]
+            if r != latest:
+                last = latest if latest is not None else max(logged, default=r)
+                rounds = f"round {last} runs" if last == r + 1 else f"rounds {r + 1}-{last} run"
+                again = f"; {rounds} again (same seed, same result)" if last > r else ""
+                self.notes.append(f"resuming from round {r}{again}")
+                self._write_latest(r)
+            return
+        why = f": {'; '.join(skipped)}" if skipped else ""
+        raise FedkbError(f"no checkpoint in {self.run_dir} can be resumed from{why}; delete the folder to start over")
 
     def _load(self, rnd: int) -> None:
         d = checkpoint_dir(self.run_dir, rnd)
@@ -164,8 +240,12 @@ class Simulation:
                 continue
             name, k = key.split(".", 1)
             opt.setdefault(name, {})[k] = v
+        rng = load_tensors(d / "rng.safetensors").get("server")
+        try:
+            self.generator.set_state(rng)
+        except (TypeError, RuntimeError) as e:
+            raise FedkbError(f"{d / 'rng.safetensors'} does not hold a generator state ({e})") from None
         self.state = ServerState(ck.model.state_dict(), ck.vocab, rnd, self.sim.server, opt)
-        self.generator.set_state(load_tensors(d / "rng.safetensors")["server"])
         lines = [m for m in read_metrics(self.run_dir) if m["round"] <= rnd]  # drop rounds never committed
         atomic.write_text(self.run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in lines))
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +110,72 @@ def test_resume_refuses_a_missing_run(tiny, tmp_path, capsys):
 
     assert main(_cli(tiny, tmp_path / "none", "--resume")[3:]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def _copy_run(reference_run, dest: Path) -> Path:
+    """A copy of the reference run with its own device folders (config.json names them)."""
+    run = dest / "run"
+    shutil.copytree(reference_run, run)
+    shutil.copytree(reference_run.parent / "run-devices", dest / "run-devices")
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "devices": str(dest / "run-devices")}))
+    return run
+
+
+def _strip(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(l).items() if k != "timings"} for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_damaged_checkpoint_costs_rounds_never_the_run(tiny, tmp_path, reference_run, capsys):
+    """One bit flipped in the last round's weights: resume notices (the checksum), goes back one
+    round and runs it again, to the same bits as the uninterrupted run."""
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    final = "checkpoints/round-0004/model.safetensors"
+    blob = bytearray((run / final).read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    (run / final).write_bytes(bytes(blob))
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    err = capsys.readouterr().err
+    assert "skipped the checkpoint of round 4" in err and "damaged" in err and "round 4 runs again" in err
+    assert (run / final).read_bytes() == (reference_run / final).read_bytes()
+    assert _strip(run) == _strip(reference_run) and _latest(run) == 4
+
+
+def test_an_unreadable_latest_json_is_repaired_never_overwritten(tiny, tmp_path, reference_run, capsys):
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    (run / "latest.json").write_text('{"round": 4, "checkp')  # torn by hand: the file is always written atomically
+    assert main(_cli(tiny, run, "--rounds", "4")[3:]) == 2  # without --resume: refused, not started over
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    assert "missing or unreadable" in capsys.readouterr().err
+    assert _latest(run) == 4 and _strip(run) == _strip(reference_run)  # round 4 was whole: nothing lost, nothing rerun
+    for d in (run / "checkpoints").iterdir():  # now nothing loads
+        (d / "model.safetensors").unlink()
+    assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "round 4:" in err and "delete the folder" in err
+
+
+def test_a_damaged_config_json_is_a_clear_error(tiny, tmp_path, reference_run, capsys):
+    from federation.report import write_report
+    from keyboard.cli import main
+    from models.errors import FedkbError
+
+    run = _copy_run(reference_run, tmp_path)
+    cfg = json.loads((run / "config.json").read_text())
+    wrong_type = {**cfg, "simulation": {**cfg["simulation"], "client": {**cfg["simulation"]["client"], "lr": "fast"}}}
+    for body, why in (('{"simulation": ', "Expecting value"), (json.dumps(wrong_type), "client.lr = 'fast' is not of type float"),
+                      ("[1]", "not a JSON object"), (json.dumps({k: v for k, v in cfg.items() if k != "model"}), "no 'model'")):
+        (run / "config.json").write_text(body)
+        assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 2
+        assert f"config.json is damaged ({why}" in capsys.readouterr().err
+        with pytest.raises(FedkbError, match="config.json is damaged"):
+            write_report(run, tmp_path / "rep", users=2)
+    assert _latest(run) == 4 and _strip(run) == _strip(reference_run)  # nothing was touched
 
 
 def test_report_writes_plots_and_personalization_study(reference_run, tmp_path):

@@ -94,6 +94,8 @@ class FederationScreen(Screen):
         except Exception as e:  # shown in the log, the app keeps running
             self.app.call_from_thread(self._finished, 0, f"{type(e).__name__}: {e}")
             return
+        for note in s.notes:  # what resuming had to skip or repair
+            self.app.call_from_thread(self._log, note)
         self.app.call_from_thread(self._log, f"population {s.population.size} users, {len(s.eval_ids)} held out for evaluation")
         if native.will_compile():
             self.app.call_from_thread(self._log, "compiling the native training kernels (once per machine, ~1 min) ...")
