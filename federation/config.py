@@ -39,6 +39,10 @@ class ClientConfig:
             raise ValueError("client batch size and bptt must be >= 1, max_words >= 2")
         if not self.epochs > 0 or not self.lr > 0:
             raise ValueError("client epochs and learning rate must be > 0")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown client optimizer {self.optimizer!r} (sgd or adam)")
+        if not self.clip_grad > 0:
+            raise ValueError("the client's gradient clip must be > 0")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, bptt=self.bptt, lr=self.lr,
@@ -76,6 +80,10 @@ class ServerConfig:
     def __post_init__(self):
         if self.optimizer not in ("fedavg", "fedavgm", "fedadam"):
             raise ValueError(f"unknown server optimizer {self.optimizer!r}")
+        if not self.lr > 0 or not self.tau >= 0:  # `not >` also refuses NaN
+            raise ValueError("server learning rate must be > 0, tau >= 0")
+        if not all(0 <= b < 1 for b in (self.momentum, self.beta1, self.beta2)):
+            raise ValueError("server momentum and betas must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -92,8 +100,12 @@ class PrivacyConfig:
             raise ValueError("noise multiplier must be >= 0")
         if self.noise_multiplier > 0 and self.clip is None:
             raise ValueError("Gaussian noise needs a clip norm (--clip)")
-        if self.clip is not None and self.clip <= 0:
+        if self.clip is not None and not self.clip > 0:
             raise ValueError("clip must be > 0")
+        if not 0 < self.delta < 1:
+            raise ValueError("delta must be in (0, 1)")
+        if self.weight_cap_words < 1:
+            raise ValueError("weight_cap_words must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,14 @@ class AggregationConfig:
     secagg_neighbors: int = 8  # masks with k neighbours (Bell et al. 2020); >= cohort-1 = complete graph
     secagg_threshold: float = 0.5  # Shamir threshold as a share of the cohort
     secagg_scale_bits: int = 32  # fixed-point resolution 2^-bits for the masked sum
+
+    def __post_init__(self):
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError("max_update_norm must be > 0 (or None)")
+        if self.secagg_neighbors < 1 or not 0 < self.secagg_threshold <= 1:
+            raise ValueError("secure aggregation needs >= 1 neighbour and a threshold in (0, 1]")
+        if not 1 <= self.secagg_scale_bits <= 48:
+            raise ValueError("secagg_scale_bits must be in 1..48")
 
 
 @dataclass(frozen=True)
@@ -126,6 +146,18 @@ class SimulationConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+
+    def __post_init__(self):
+        if self.users < 0 or self.clients_per_round < 1 or self.rounds < 0:
+            raise ValueError("--users must be >= 0, --clients-per-round >= 1, --rounds >= 0")
+        if self.workers < 1 or self.eval_every < 1 or self.eval_users < 0 or self.eval_messages < 1:
+            raise ValueError("--workers and --eval-every must be >= 1, --eval-users >= 0")
+        if self.engine not in ("sequential", "parallel"):
+            raise ValueError(f"unknown engine {self.engine!r} (sequential or parallel)")
+        if not self.over_selection >= 1 or not 0 <= self.dropout_min <= self.dropout_max < 1:
+            raise ValueError("over_selection must be >= 1 and 0 <= dropout_min <= dropout_max < 1")
+        if self.keep_checkpoints < 1:
+            raise ValueError("keep_checkpoints must be >= 1")
 
     def to_json(self) -> dict:
         return asdict(self)

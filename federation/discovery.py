@@ -54,6 +54,10 @@ class DiscoveryConfig:
     max_word_len: int = 12  # longer words are never discovered; trie depth L = max_word_len + 1
     population: int = 0  # users who could be sampled (for the sampling rate); 0 = unknown
 
+    def __post_init__(self):
+        if self.theta < 1 or self.max_word_len < 1 or self.population < 0:
+            raise ValueError("--theta and max_word_len must be >= 1 (theta <= 3: no privacy guarantee, epsilon inf)")
+
 
 @dataclass(frozen=True)
 class TrieState:

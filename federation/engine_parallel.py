@@ -114,6 +114,8 @@ class ParallelEngine:
     name = "parallel"
 
     def __init__(self, model_cfg: LMConfig, tokenizer_path: Path, devices_root: Path, cfg: ClientConfig, workers: int = 2):
+        if workers < 1:
+            raise FedkbError(f"the parallel engine needs >= 1 worker (got {workers})")  # with none, a round would wait forever
         ctx = mp.get_context("spawn")
         use_native = native.load() is not None  # compiled here, once, before the workers load the cached build
         like = WordLM(model_cfg).state_dict()

@@ -139,8 +139,6 @@ class Simulation:
         base = load_checkpoint(self.model_dir, self.tokenizer)
         self.model_cfg = base.model.cfg
 
-        if self.sim.users < 0 or self.sim.clients_per_round < 1 or self.sim.rounds < 0:
-            raise FedkbError("--users must be >= 0, --clients-per-round >= 1, --rounds >= 0")
         users = load_users(self.users_file)
         train, held = split_users(users, self.sim)
         build_population(self.devices_root, users)  # every user's device folder (held-out ones too)

@@ -3,7 +3,8 @@
 Each command module defines `HELP` (one line), `add_arguments(parser)` and
 `run(args) -> int`.  Modules are imported only when their command runs, so
 `fedkb predict` never pays for importing Textual, and `fedkb --help` is instant.
-User errors raise `FedkbError`: printed as one clear line, exit status 2, no traceback.
+User errors raise `FedkbError`: printed as one clear line, exit status 2, no traceback; so is an
+`OSError` (disk full, permission denied, a folder that cannot be made), with its path.
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except FedkbError as e:
         print(f"fedkb {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's answer (disk full, permission denied, no such folder): one line too
+        where = f": {e.filename}" if e.filename else ""
+        print(f"fedkb {name}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fedkb {name}: interrupted", file=sys.stderr)

@@ -35,6 +35,14 @@ class TrainConfig:
     lr_decay: bool = False  # linear decay to 10% of lr over the run (pretraining)
     sampled_softmax: int = 0  # >0: negatives per step (unigram^0.75 proposal); 0: exact softmax
 
+    def __post_init__(self):
+        if not self.epochs > 0 or not self.lr >= 0 or not self.clip_grad > 0:  # `not >` refuses NaN too
+            raise ValueError("epochs and gradient clip must be > 0, learning rate >= 0")
+        if self.batch_size < 1 or self.bptt < 1 or self.sampled_softmax < 0:
+            raise ValueError("batch size and bptt must be >= 1, sampled softmax >= 0")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r} (adam or sgd)")
+
 
 def encode(lines: Iterable[str], vocab: Vocabulary, max_words: int | None = None) -> torch.Tensor:
     """One 1-D LongTensor of word ids: each message starts with BOS; OOV words map to UNK.

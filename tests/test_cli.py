@@ -58,3 +58,47 @@ def test_simulate_client_flags_reach_the_config():
     for bad in (["--client-batch", "0"], ["--client-lr", "-1"], ["--client-epochs", "0"]):
         with pytest.raises(FedkbError, match="client"):
             build_config(p.parse_args(bad))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0", "--engine", "parallel"], "--workers"),  # hung forever before: no worker to answer
+    (["--eval-every", "0"], "--eval-every"),  # a ZeroDivisionError before
+    (["--eval-users", "-1"], "--eval-users"),
+    (["-k", "0"], "--clients-per-round"),
+    (["--rounds", "-1"], "--rounds"),
+    (["--server-lr", "0"], "server learning rate"),
+    (["--server-lr", "nan"], "server learning rate"),
+    (["--dp", "1"], "needs a clip"),
+    (["--dp", "1", "--clip", "1", "--delta", "2"], "delta"),
+    (["--clip", "-1"], "clip"),
+    (["--discover", "--theta", "0"], "--theta"),  # any word anyone typed, before
+])
+def test_simulate_refuses_bad_settings_before_touching_anything(flags, message, tmp_path, capsys, tiny):
+    out = tmp_path / "run"
+    args = ["simulate", "--out", str(out), "--model", str(tiny[0]), "--tokenizer", str(tiny[1]), *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_stored_config_is_checked_like_flags():
+    from federation.config import SimulationConfig
+
+    c = SimulationConfig()
+    assert SimulationConfig.from_json(c.to_json()) == c
+    assert SimulationConfig.from_json({"privacy": {"clip": 2}, "client": {"lr": 1}}).privacy.clip == 2  # int for float
+    for obj, message in (({"rounds": "x"}, "rounds = 'x' is not of type int"), ({"client": {"dropout": 1}}, "dropout"),
+                         ({"privacy": {"clip": True}}, "clip"), ({"client": [1]}, "client is not an object")):
+        with pytest.raises(TypeError, match=message):
+            SimulationConfig.from_json(obj)
+    with pytest.raises(ValueError, match="--workers"):
+        SimulationConfig.from_json({"workers": 0})
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--batch-size", "0"]])
+def test_pretrain_refuses_bad_settings_in_one_line(flags, tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main(["pretrain", "--out", str(out), "--work", str(tmp_path / "work"), *flags]) == 2  # a torch traceback before
+    err = capsys.readouterr().err
+    assert err.startswith("fedkb pretrain: error: ") and "must be" in err and not out.exists()

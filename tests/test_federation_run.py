@@ -192,3 +192,13 @@ def test_report_writes_plots_and_personalization_study(reference_run, tmp_path):
     assert pv["median_relative_perplexity_change"] > -1.0  # a ratio of perplexities minus one
     assert rep["summary"]["rounds"] == 4 and rep["summary"]["aggregated"] > 0
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["summary"] == rep["summary"]
+
+
+def test_an_os_error_is_one_line_with_its_path(reference_run, tmp_path, capsys):
+    from keyboard.cli import main
+
+    (tmp_path / "f").write_text("a file where the report's folder would go")
+    assert main(["report", str(reference_run), "--out", str(tmp_path / "f" / "rep"), "--users", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedkb report: error: Not a directory: ") and str(tmp_path / "f") in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

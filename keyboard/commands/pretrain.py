@@ -81,18 +81,21 @@ def run(args: argparse.Namespace) -> int:
         raise FedkbError("--device cuda: this torch sees no CUDA GPU (train with --device cpu)")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise FedkbError(f"--dropout must be in [0, 1), not {args.dropout}")
+    base = PretrainConfig()
+    try:
+        cfg = PretrainConfig(
+            model=LMConfig(base_vocab=args.vocab_size, dropout=NEW_MODEL_DROPOUT),
+            train=replace(base.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampled_softmax=args.sampled_softmax),
+            seed=args.seed,
+            dropout=args.dropout,
+        )
+    except ValueError as e:
+        raise FedkbError(f"{e} (--epochs, --lr, --batch-size, --sampled-softmax)") from None
     _, tok_path = default_paths()
     tokenizer = Tokenizer(tok_path)
     lines = pretraining_lines(args.sotu_words)
     if args.limit_lines:
         lines = lines[: args.limit_lines]
-    base = PretrainConfig()
-    cfg = PretrainConfig(
-        model=LMConfig(base_vocab=args.vocab_size, dropout=NEW_MODEL_DROPOUT),
-        train=replace(base.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampled_softmax=args.sampled_softmax),
-        seed=args.seed,
-        dropout=args.dropout,
-    )
     with Progress(TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                   TimeElapsedColumn(), TimeRemainingColumn()) as progress:
         task = progress.add_task("train", total=None, loss=float("nan"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.errors import FedkbError
+
 HELP = "run rounds of federated learning over the simulated users"
 
 
@@ -59,8 +61,6 @@ def build_config(args: argparse.Namespace):
             aggregation=AggregationConfig(secure_aggregation=not args.no_secagg),
         )
     except ValueError as e:
-        from models.errors import FedkbError
-
         raise FedkbError(str(e)) from None
 
 
@@ -91,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "discover", False) or (args.resume and (Path(args.out) / "vocab.jsonl").exists()):
         from federation.discovery import DiscoveryConfig, make_discovery_step
 
-        discover = make_discovery_step(DiscoveryConfig(theta=args.theta), args.out)
+        try:
+            discover = make_discovery_step(DiscoveryConfig(theta=args.theta), args.out)
+        except ValueError as e:
+            raise FedkbError(str(e)) from None
     s = Simulation(args.out, sim, args.model, args.tokenizer, args.users_file, args.devices, resume=args.resume,
                    discover=discover)
     if discover is not None:
