@@ -6,6 +6,7 @@
                                         vocabulary and its version), server.safetensors (server
                                         optimizer state), rng.safetensors (the server generator)
     RUN/latest.json                     {"round": N}: written last, atomically: the commit point
+    RUN/.lock                           held (flock) by the one process running the folder's rounds
 
 A round is committed by: checkpoint files (each atomic) -> metrics line -> latest.json.
 `resume` reloads the latest committed round, drops metrics lines past it, and continues;
@@ -20,7 +21,9 @@ OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -43,6 +46,7 @@ from models.tokenizer import Tokenizer
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 LATEST = "latest.json"
+LOCK = ".lock"
 
 
 def checkpoint_dir(run_dir: Path, rnd: int) -> Path:
@@ -79,6 +83,22 @@ def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
         why = f"no {e}" if isinstance(e, KeyError) else str(e)
         raise FedkbError(f"{path} is damaged ({why})") from None
     return stored, sim
+
+
+def lock_run(run_dir: Path) -> int:
+    """Lock the run folder for this process (an exclusive `flock` on RUN/.lock); the descriptor.
+
+    Two processes running rounds in one folder would interleave checkpoints and metrics lines;
+    the second now stops at once.  The kernel drops the lock when its holder exits, `kill -9`
+    included, so a killed run never leaves its folder locked."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FedkbError(f"{run_dir} is in use: another fedkb process is running its rounds") from None
+    return fd
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -149,9 +169,20 @@ class Simulation:
 
         self.generator = torch.Generator().manual_seed(self.sim.seed)
         self.notes: list[str] = []  # what resuming skipped or repaired, for the CLI and the screen to show
+        self.engine = None
+        self._lock = lock_run(self.run_dir)  # before the first write; close() releases it
+        try:
+            self._start(base, resume, cfg_path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, base, resume: bool, cfg_path: Path) -> None:
+        """A new run's round 0, or the state of the run being resumed."""
+        if not resume and holds_run(self.run_dir):  # again, under the lock: another process may just have started one
+            raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         if not (resume and holds_run(self.run_dir)):
             self.state = init_state(base.model.state_dict(), base.vocab, self.sim.server)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic.write_json(cfg_path, {
                 "simulation": self.sim.to_json(), "model": str(self.model_dir), "tokenizer": str(self.tokenizer_path),
                 "users_file": str(self.users_file) if self.users_file else None, "devices": str(self.devices_root),
@@ -164,7 +195,6 @@ class Simulation:
             self._commit(m0)
         else:
             self._resume()
-        self.engine = None
 
     # -- persistence ------------------------------------------------------------------------
     def _commit(self, metrics: dict | None) -> None:
@@ -281,6 +311,10 @@ class Simulation:
             self.close()
 
     def close(self) -> None:
+        """Stop the engine and release the run folder (this object can still be read, not run)."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock = None

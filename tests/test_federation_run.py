@@ -202,3 +202,16 @@ def test_an_os_error_is_one_line_with_its_path(reference_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fedkb report: error: Not a directory: ") and str(tmp_path / "f") in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_process_at_a_time_runs_a_folders_rounds(reference_run, tmp_path, tiny, capsys):
+    from federation.run import Simulation
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    first = Simulation(run, resume=True)  # holds the folder until it is closed (or its process dies)
+    assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 2
+    assert "is in use: another fedkb process" in capsys.readouterr().err
+    assert _latest(run) == 4 and _strip(run) == _strip(reference_run)  # the second touched nothing
+    first.close()
+    assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 0 and _latest(run) == 5
