@@ -50,3 +50,40 @@ async def test_federation_screen_runs_rounds_and_announces_globals(tiny, tmp_pat
         assert seen == [tmp_path / "run" / "checkpoints" / "round-0001", tmp_path / "run" / "checkpoints" / "round-0002"]
         assert all((d / "model.safetensors").exists() for d in seen[-1:])
         assert len(screen.top1) == 2 and screen.query_one("#fed-top1").data == screen.top1
+
+
+@sync
+async def test_federation_screen_says_what_resuming_skipped(tiny, tmp_path):
+    """A damaged last checkpoint: the screen resumes from the one before and says so in its log."""
+    from textual.widgets import RichLog
+
+    from federation.config import SimulationConfig
+    from federation.run import Simulation
+
+    sim = SimulationConfig(rounds=2, clients_per_round=3, eval_users=3)
+    Simulation(tmp_path / "run", sim, tiny[0], tiny[1], FIXTURES / "users.jsonl.gz").run()
+    weights = tmp_path / "run" / "checkpoints" / "round-0002" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-3] ^= 0x01
+    weights.write_bytes(bytes(blob))
+    finished = []
+    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run",
+                              sim=SimulationConfig(rounds=3, clients_per_round=3, eval_users=3), resume=True)
+
+    class Host(App):
+        def on_mount(self):
+            self.push_screen(screen)
+
+        def on_federation_screen_finished(self, msg):
+            finished.append((msg.rounds, msg.error))
+
+    async with Host().run_test() as pilot:
+        for _ in range(600):
+            if finished:
+                break
+            await asyncio.sleep(0.1)
+        await pilot.pause()
+        assert finished == [(3, None)]
+        log = "\n".join(line.text for line in screen.query_one(RichLog).lines)
+        assert "skipped the checkpoint of round 2" in log and "damaged" in log
+        assert "resuming from round 1; round 2 runs again" in log
