@@ -105,6 +105,7 @@ class KeyboardSession:
         self.incognito = incognito
         self._users: dict[str, UserData] | None = None
         self.has_delta = False
+        self.delta_error: str | None = None  # why the device's personal delta could not be used, if it could not
         self.predictor = Predictor(self.model, self.vocab, self.tokenizer)
         self.open(user_id)
 
@@ -164,13 +165,15 @@ class KeyboardSession:
 
     # -- the personal delta ------------------------------------------------------------
     def _load_delta(self) -> dict | None:
+        self.delta_error = None
         f = self.device.delta_dir / DELTA_FILE
         if not f.exists():
             return None
         try:
             delta = load_tensors(f, reference=self.global_params)
-        except FedkbError:
-            return None  # a delta for another model shape or a corrupt file: run on the global model
+        except FedkbError as e:  # a delta for another model shape, or a damaged file: run on the global model, say so
+            self.delta_error = f"personal model not used ({e}); typing with the global model; Learn now makes a new one"
+            return None
         return params.add(self.global_params, delta)
 
     def delta_info(self) -> dict:

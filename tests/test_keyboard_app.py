@@ -151,6 +151,18 @@ async def test_learn_now_changes_the_personal_model(tiny, tmp_path):
     app2 = make_app(tiny, tmp_path, user_id="u0001")
     assert app2.session.label == "base + personal delta"
     assert all(torch.allclose(app2.session.model.state_dict()[k], after[k], atol=1e-6) for k in after)
+    # one bit of the saved delta flipped: typing goes on with the global model, and the app says why
+    f = app2.session.device.delta_dir / DELTA_FILE
+    blob = bytearray(f.read_bytes())
+    blob[-2] ^= 0x01
+    f.write_bytes(bytes(blob))
+    app3 = make_app(tiny, tmp_path, user_id="u0001")
+    assert app3.session.label == "base" and "damaged" in app3.session.delta_error
+    said = []
+    app3.notify = lambda message, **kw: said.append((message, kw.get("severity")))
+    async with app3.run_test() as pilot:
+        await pilot.pause()
+    assert any(m.startswith("personal model not used") and sev == "warning" for m, sev in said)
 
 
 @sync

@@ -81,6 +81,8 @@ class TypingScreen(Screen):
             line += f"  ·  last learn: {_summary(info['before'])} → {_summary(info['after'])} on {info.get('eval_on', '')}"
         self.query_one("#profile", Static).update(line)
         self.show_stats()
+        if s.delta_error:
+            self.app.notify(s.delta_error, severity="warning", timeout=8)
 
     def show_stats(self) -> None:
         s = self.app.session
