@@ -46,7 +46,7 @@ def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
     """Atomically write tensors (contiguous float copies) as safetensors; `meta` goes in the header as
     strings, with the data's checksum (models/tensorfile.py)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    data = tensorfile.with_checksum(lambda md: st_save(tensors, metadata=md), {k: str(v) for k, v in (meta or {}).items()})
+    data = tensorfile.with_checksum(st_save(tensors, metadata={k: str(v) for k, v in (meta or {}).items()} or None))
     atomic.write_bytes(Path(path), data)
 
 

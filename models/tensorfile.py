@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from models.errors import FedkbError
@@ -36,17 +35,18 @@ def _split(blob: bytes) -> tuple[dict, memoryview]:
     return header, memoryview(blob)[8 + n :]
 
 
-def with_checksum(serialize: Callable[[dict[str, str]], bytes], metadata: dict[str, str] | None = None) -> bytes:
-    """The bytes `serialize(metadata)` makes, with the SHA-256 of their data section added to the metadata.
+def with_checksum(blob: bytes) -> bytes:
+    """The safetensors file `blob` with the SHA-256 of its data section added to its header's metadata.
 
-    `serialize` is called twice (the checksum goes into the header, the data stays the same)."""
-    metadata = {k: v for k, v in (metadata or {}).items() if k != CHECKSUM}
-    _, data = _split(serialize(metadata))
-    blob = serialize({**metadata, CHECKSUM: hashlib.sha256(data).hexdigest()})
-    _, again = _split(blob)
-    if again != data:  # serialization is deterministic; if it ever is not, fail loudly rather than write a bad sum
-        raise RuntimeError("safetensors serialization changed the data section between two calls")
-    return blob
+    Only the header is rewritten (padded with spaces to a multiple of 8 bytes, as safetensors
+    writes it, so the data stays aligned); the data section is the same bytes."""
+    header, data = _split(blob)
+    meta = header.get("__metadata__") or {}
+    header = {"__metadata__": {**meta, CHECKSUM: hashlib.sha256(data).hexdigest()},
+              **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data
 
 
 def check(path: Path, blob: bytes) -> None:
