@@ -53,6 +53,22 @@ def read(run_dir: Path) -> list[dict]:
     return [rec for rec in atomic.read_jsonl(path_of(run_dir)) if isinstance(rec, dict) and isinstance(rec.get("round"), int)]
 
 
+def _problem(rec: dict) -> str | None:
+    """What is wrong with a record, if anything: the fields readers use, with their types."""
+    if not all(isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) for k in ("vocab_version", "vocab_size")):
+        return "vocab_version and vocab_size must be integers"
+    added = rec.get("added", [])
+    if not isinstance(added, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("word"), str) and isinstance(a.get("votes"), int) for a in added):
+        return "added must be a list of {word, votes}"
+    for k in ("oov_rate", "epsilon_run", "delta_run"):
+        if rec.get(k) is not None and not isinstance(rec[k], (int, float)):
+            return f"{k} must be a number"
+    if "theta" in rec and not isinstance(rec["theta"], int):
+        return "theta must be an integer"
+    return None
+
+
 def _write_all(run_dir: Path, records: list[dict]) -> None:
     atomic.write_text(path_of(run_dir), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -101,6 +117,10 @@ def timeline(run_dir: Path) -> list[dict]:
     recs = read(run_dir)
     if not recs:
         raise FedkbError(f"{path_of(run_dir)} is missing or empty: was the run made with --discover?")
+    for rec in recs:  # the fields the queries read: a file edited by hand or damaged is an error, not a traceback
+        why = _problem(rec)
+        if why:
+            raise FedkbError(f"{path_of(run_dir)}: the record of round {rec['round']} is malformed ({why})")
     return recs
 
 

@@ -82,6 +82,23 @@ def test_a_history_from_another_vocabulary_is_refused(tmp_path):
         vh.resume(tmp_path, 2, BASE, Counter(), DiscoveryConfig())
 
 
+@pytest.mark.parametrize("record, why", [
+    ({"added": []}, "vocab_version"),
+    ({"vocab_version": 1, "vocab_size": 5, "added": "yeet"}, "added"),
+    ({"vocab_version": 1, "vocab_size": 5, "added": [{"word": "yeet"}]}, "added"),
+    ({"vocab_version": 1, "vocab_size": 5, "added": [], "oov_rate": "low"}, "oov_rate"),
+])
+def test_an_edited_or_damaged_record_is_a_clear_error(tmp_path, capsys, record, why):
+    from keyboard.cli import main
+
+    vh.start(tmp_path, BASE, Counter())
+    vh.append(tmp_path, 1, record)
+    with pytest.raises(FedkbError, match=f"round 1 is malformed .*{why}"):
+        vh.timeline(tmp_path)
+    assert main(["vocab", str(tmp_path)]) == 2  # a traceback in the table before
+    assert "malformed" in capsys.readouterr().err
+
+
 def test_missing_history_is_a_clear_error(tmp_path):
     with pytest.raises(FedkbError, match="--discover"):
         vh.timeline(tmp_path)
