@@ -31,6 +31,24 @@ from models.tokenizer import Tokenizer
 from models.train import encode, evaluate_loss
 
 
+_NUMBERS = ("top1", "top3", "ksr", "loss", "eval_loss", "epsilon", "rejected", "clipped", "dropouts", "aggregated")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics lines, each field the report reads a number (or absent): FedkbError naming
+    the round of a line that was edited or damaged, instead of a plot of strings or a traceback."""
+    ms = read_metrics(run_dir)
+    for m in ms:
+        bad = [k for k in _NUMBERS if m.get(k) is not None and (isinstance(m[k], bool) or not isinstance(m[k], (int, float)))]
+        t = m.get("timings", {})
+        if m["round"] > 0 and not (isinstance(t, dict) and isinstance(t.get("round_s"), (int, float))):
+            bad.append("timings.round_s")
+        if bad:
+            raise FedkbError(f"{Path(run_dir) / 'metrics.jsonl'}: the line of round {m['round']} is malformed "
+                             f"({', '.join(bad)}: not a number)")
+    return ms
+
+
 def _series(ms: list[dict], key: str) -> tuple[list[int], list[float]]:
     pts = [(m["round"], m[key]) for m in ms if m.get(key) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -43,7 +61,7 @@ def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = read_metrics(run_dir)
+    ms = _metrics(run_dir)
     if not ms:
         raise FedkbError(f"{run_dir}: no metrics (is it a `fedkb simulate` run folder?)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +93,7 @@ def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def summarize(run_dir: Path) -> dict:
-    ms = read_metrics(run_dir)
+    ms = _metrics(run_dir)
     if not ms:
         raise FedkbError(f"{run_dir}: no metrics")
     first = next((m for m in ms if "top1" in m), {})

@@ -54,8 +54,9 @@ def checkpoint_dir(run_dir: Path, rnd: int) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The metrics lines of a run (a torn last line is skipped)."""
-    return [obj for obj in atomic.read_jsonl(Path(run_dir) / METRICS) if isinstance(obj, dict) and "round" in obj]
+    """The metrics lines of a run (a torn last line, or a line without an integer round, is skipped)."""
+    return [obj for obj in atomic.read_jsonl(Path(run_dir) / METRICS)
+            if isinstance(obj, dict) and isinstance(obj.get("round"), int) and not isinstance(obj["round"], bool)]
 
 
 def latest_round(run_dir: Path) -> int | None:

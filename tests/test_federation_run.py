@@ -215,3 +215,23 @@ def test_one_process_at_a_time_runs_a_folders_rounds(reference_run, tmp_path, ti
     assert _latest(run) == 4 and _strip(run) == _strip(reference_run)  # the second touched nothing
     first.close()
     assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 0 and _latest(run) == 5
+
+
+def test_edited_metrics_lines_are_skipped_or_named(reference_run, tmp_path, tiny):
+    """Lines without an integer round are skipped (by the report and by resume); a line whose
+    figures are not numbers is an error naming its round, not a plot of strings or a traceback."""
+    from federation.report import write_report
+    from keyboard.cli import main
+    from models.errors import FedkbError
+
+    run = _copy_run(reference_run, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"round": "two"}\n[1, 2]\n{"no": "round"}\n')
+    assert write_report(run, tmp_path / "rep", users=0)["summary"]["rounds"] == 4
+    assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 0 and _latest(run) == 5
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    m = json.loads(lines[2])
+    lines[2] = json.dumps({**m, "top1": "20 %"})
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FedkbError, match=r"line of round 2 is malformed \(top1: not a number\)"):
+        write_report(run, tmp_path / "rep2", users=0)
