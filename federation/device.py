@@ -97,7 +97,13 @@ class Device:
             obj = json.loads(self.words_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise FedkbError(f"{self.words_file} is corrupt; fix or delete it") from None
-        return {k: obj.get(k, v) for k, v in empty.items()}
+        state = {k: obj.get(k, v) for k, v in empty.items()} if isinstance(obj, dict) else None
+        if state is None or not (all(isinstance(state[k], list) and all(isinstance(w, str) for w in state[k])
+                                     for k in ("personal", "blocked"))
+                                 and isinstance(state["oov_counts"], dict)
+                                 and all(isinstance(n, int) for n in state["oov_counts"].values())):
+            raise FedkbError(f"{self.words_file} is corrupt (not lists of words and word counts); fix or delete it")
+        return state
 
     def _write_words(self, state: dict) -> None:
         atomic.write_json(self.words_file, state)

@@ -212,6 +212,16 @@ def test_unknown_user_is_a_clear_error(tiny, tmp_path):
         make_app(tiny, tmp_path, user_id="nobody")
 
 
+@pytest.mark.parametrize("body", ["{not json", "[1, 2]", '{"blocked": 5}', '{"personal": "abc"}', '{"oov_counts": {"x": "many"}}'])
+def test_a_damaged_words_file_is_a_clear_error_and_is_kept(tiny, tmp_path, body):
+    words = tmp_path / "devices" / "me" / "words.json"
+    words.parent.mkdir(parents=True)
+    words.write_text(body)
+    with pytest.raises(FedkbError, match="words.json is corrupt"):  # `blocked: 5` was a TypeError traceback
+        make_app(tiny, tmp_path)
+    assert words.read_text() == body  # the forgotten words in it are not dropped behind the user's back
+
+
 def test_missing_model_is_a_clear_error(tmp_path, tiny):
     with pytest.raises(FedkbError, match="no model"):
         FedkbApp(tmp_path / "nope", tiny[1], devices_root=tmp_path)
