@@ -177,10 +177,18 @@ class KeyboardSession:
         return params.add(self.global_params, delta)
 
     def delta_info(self) -> dict:
+        """The last learning's record (delta.json), {} if there is none or it is unreadable; its
+        before/after scores are kept only where they are whole (a record the app can show)."""
         try:
-            return json.loads((self.device.delta_dir / DELTA_META).read_text(encoding="utf-8"))
+            info = json.loads((self.device.delta_dir / DELTA_META).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
+        if not isinstance(info, dict):
+            return {}
+        whole = lambda d: isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) for k in ("top1", "top3", "ksr"))
+        if not (whole(info.get("before")) and whole(info.get("after"))):
+            info = {k: v for k, v in info.items() if k not in ("before", "after")}
+        return info
 
     def apply_params(self, personal: dict | None) -> None:
         """Load global (None) or personal params into the live model; call from the UI thread."""

@@ -222,6 +222,21 @@ def test_a_damaged_words_file_is_a_clear_error_and_is_kept(tiny, tmp_path, body)
     assert words.read_text() == body  # the forgotten words in it are not dropped behind the user's back
 
 
+@pytest.mark.parametrize("body", ["[1]", '{"after": {"top1": "x"}}', '{"before": {"top1": 1, "top3": 2, "ksr": 3}, "after": 7}'])
+@sync
+async def test_a_damaged_learning_record_is_not_shown(tiny, tmp_path, body):
+    from textual.widgets import Static
+
+    meta = tmp_path / "devices" / "me" / "personal" / "delta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(body)  # a TypeError / KeyError in the profile line before
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await pilot.pause()
+        line = str(app.screen.query_one("#profile", Static).render())
+        assert "Profile" in line and "last learn" not in line
+
+
 def test_missing_model_is_a_clear_error(tmp_path, tiny):
     with pytest.raises(FedkbError, match="no model"):
         FedkbApp(tmp_path / "nope", tiny[1], devices_root=tmp_path)
