@@ -61,6 +61,7 @@ def load_pretrain_lines(path: Path | str | None = None) -> list[str]:
 
 
 def _iter_objects(path: Path) -> Iterator[dict]:
+    seen: set[str] = set()  # one id is one device folder: a second user with it would share (and leak) its text
     for n, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
@@ -70,6 +71,9 @@ def _iter_objects(path: Path) -> Iterator[dict]:
             raise _broken(path, f"corrupt JSON on line {n} ({e})") from e
         if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
             raise _broken(path, f"line {n} is not a user object")
+        if obj["id"] in seen:
+            raise _broken(path, f"user id {obj['id']!r} appears twice (line {n})")
+        seen.add(obj["id"])
         yield obj
 
 

@@ -75,7 +75,8 @@ def test_truncated_gzip(loader, tmp_path):
 
 
 @pytest.mark.parametrize("loader", [load_users, load_shakespeare])
-@pytest.mark.parametrize("body", ['{"id": "u0", "history": [', '[1, 2]\n', '{"id": "u0", "history": "x"}\n'])
+@pytest.mark.parametrize("body", ['{"id": "u0", "history": [', '[1, 2]\n', '{"id": "u0", "history": "x"}\n',
+                                  '{"id": "u0", "history": [], "future": [], "lines": []}\n' * 2])  # one id twice
 def test_corrupt_json(loader, body, tmp_path):
     path = _gz(tmp_path / "bad.jsonl.gz", body)
     with pytest.raises(FedkbError, match=r"bad\.jsonl\.gz.*fedkb prepare"):
