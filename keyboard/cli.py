@@ -47,7 +47,8 @@ def _load(name: str):
 
 
 def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedkb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fedkb", description="fedkb: a Gboard-style federated keyboard in your terminal; "
+                                     "`fedkb` alone opens the keyboard", epilog="`fedkb COMMAND --help` for a command's options")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         p = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
