@@ -21,7 +21,6 @@ OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -30,6 +29,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): runs go unlocked
+    fcntl = None
 
 from federation.config import SimulationConfig
 from federation.engine_parallel import make_engine
@@ -86,20 +90,26 @@ def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
     return stored, sim
 
 
-def lock_run(run_dir: Path) -> int:
-    """Lock the run folder for this process (an exclusive `flock` on RUN/.lock); the descriptor.
+def lock_run(run_dir: Path) -> tuple[int | None, str | None]:
+    """Lock the run folder for this process (an exclusive `flock` on RUN/.lock): (descriptor, None),
+    or (None, why) where the system cannot lock files (the run then goes on unlocked).
 
     Two processes running rounds in one folder would interleave checkpoints and metrics lines;
     the second now stops at once.  The kernel drops the lock when its holder exits, `kill -9`
     included, so a killed run never leaves its folder locked."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return None, "this system has no file locks: nothing stops a second process from running this folder"
     fd = os.open(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise FedkbError(f"{run_dir} is in use: another fedkb process is running its rounds") from None
-    return fd
+    except OSError as e:  # a file system without locks (some network mounts)
+        os.close(fd)
+        return None, f"cannot lock {Path(run_dir) / LOCK} ({e.strerror}): nothing stops a second process from running this folder"
+    return fd, None
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -171,7 +181,8 @@ class Simulation:
         self.generator = torch.Generator().manual_seed(self.sim.seed)
         self.notes: list[str] = []  # what resuming skipped or repaired, for the CLI and the screen to show
         self.engine = None
-        self._lock = lock_run(self.run_dir)  # before the first write; close() releases it
+        self._lock, why = lock_run(self.run_dir)  # before the first write; close() releases it
+        self.notes += [why] if why else []
         try:
             self._start(base, resume, cfg_path)
         except BaseException:

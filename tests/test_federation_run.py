@@ -235,3 +235,27 @@ def test_edited_metrics_lines_are_skipped_or_named(reference_run, tmp_path, tiny
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(FedkbError, match=r"line of round 2 is malformed \(top1: not a number\)"):
         write_report(run, tmp_path / "rep2", users=0)
+
+
+def test_a_system_without_file_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from federation import run as run_mod
+
+    fd, why = run_mod.lock_run(tmp_path / "a")
+    assert fd is not None and why is None
+    os.close(fd)
+
+    class NoLocks:  # a network mount that refuses flock
+        LOCK_EX = LOCK_NB = 0
+
+        @staticmethod
+        def flock(fd, op):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_mod, "fcntl", NoLocks)
+    fd, why = run_mod.lock_run(tmp_path / "b")
+    assert fd is None and "cannot lock" in why and "second process" in why
+    monkeypatch.setattr(run_mod, "fcntl", None)  # no fcntl at all (not POSIX)
+    fd, why = run_mod.lock_run(tmp_path / "c")
+    assert fd is None and "no file locks" in why
