@@ -24,11 +24,17 @@ number of threads).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sys
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialized
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +117,42 @@ def build_dir(openmp: bool = True) -> Path:
     return root / key
 
 
+@contextlib.contextmanager
+def _building(where: Path):
+    """Hold `where/fedkb.lock` (an exclusive flock) while building, or loading, the kernels there.
+
+    torch's own lock for a build folder (`where/lock`, its FileBaton) is a plain file that the
+    builder deletes when done: a build killed mid-way (kill -9, the out-of-memory killer) leaves
+    it behind, and every later build in that folder then waited on it forever, silently (found in
+    session 20).  Under this lock no other fedkb process is building there, so a baton found is
+    stale and is removed.  The kernel drops a flock when its holder dies."""
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / "fedkb.lock", "a+") as f:
+        try:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: build without (as torch alone would)
+            yield
+            return
+        baton = where / "lock"
+        if fcntl is not None and baton.exists():
+            log.warning("native kernels: removing %s, left behind by a build that was killed", baton)
+            baton.unlink()
+        yield  # the flock goes with the file's closing
+
+
+def _source_in(where: Path) -> Path:
+    """A copy of the source inside the build folder, the file the build compiles: every checkout
+    with this source then builds the same command, where building each checkout's own path made
+    two checkouts sharing the cache recompile each other's build at every switch."""
+    from models import atomic
+
+    src, data = where / SOURCE.name, SOURCE.read_bytes()
+    if not src.exists() or src.read_bytes() != data:
+        atomic.write_bytes(src, data)
+    return src
+
+
 def _plan() -> list[bool]:
     """The builds to try, in order (True: with OpenMP).  A cached build without OpenMP exists only
     because the OpenMP one failed to compile here, so it is not tried again."""
@@ -141,10 +183,10 @@ def load():
             where = build_dir(openmp)
             if not _cached(where):
                 print("fedkb: compiling native training kernels (once per machine, ~1 min)...", file=sys.stderr, flush=True)
-            where.mkdir(parents=True, exist_ok=True)
             try:
-                _module = build("fedkb_native", [str(SOURCE)], extra_cflags=cflags(target, openmp),
-                                extra_ldflags=OPENMP if openmp else [], build_directory=str(where), verbose=False)
+                with _building(where):
+                    _module = build("fedkb_native", [str(_source_in(where))], extra_cflags=cflags(target, openmp),
+                                    extra_ldflags=OPENMP if openmp else [], build_directory=str(where), verbose=False)
                 break
             except Exception as e:
                 if i + 1 == len(plan):

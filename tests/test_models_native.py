@@ -101,6 +101,38 @@ def test_the_build_targets_the_widest_vectors_torch_uses(monkeypatch, tmp_path, 
     assert len(folders) == 2
 
 
+def test_a_build_killed_midway_does_not_make_the_next_one_wait_forever(monkeypatch, tmp_path, caplog):
+    """torch's FileBaton (`lock` in the build folder) outlives a build killed with kill -9, and every
+    later load waited on it forever; the build now runs under a flock that dies with its holder, and
+    removes a baton it finds.  The build compiles a copy of the source inside the folder, so two
+    checkouts sharing the cache build the same command (their own paths rebuilt it at each switch)."""
+    if native.isa() is None:
+        pytest.skip("no AVX2: the kernels are never built here")
+    import fcntl
+
+    _fresh(monkeypatch)
+    monkeypatch.delenv("FEDKB_NATIVE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    where = native.build_dir()
+    where.mkdir(parents=True)
+    (where / "lock").write_bytes(b"")  # what a killed build leaves
+    seen, built = [], object()
+
+    def fake_build(name, sources, **kwargs):
+        with open(where / "fedkb.lock") as f:  # held by load() for the whole build
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        seen.append((sources, (where / "lock").exists()))
+        (where / "fedkb_native.so").write_bytes(b"")
+        return built
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_build)
+    with caplog.at_level(logging.WARNING, logger="models.native"):
+        assert native.load() is built
+    assert seen == [([str(where / "native.cpp")], False)] and "left behind by a build that was killed" in caplog.text
+    assert (where / "native.cpp").read_bytes() == native.SOURCE.read_bytes()
+
+
 def test_will_compile_only_before_a_first_build(monkeypatch, tmp_path):
     _fresh(monkeypatch)
     monkeypatch.delenv("FEDKB_NATIVE", raising=False)
