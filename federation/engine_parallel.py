@@ -20,6 +20,7 @@ it or when: the engines agree bit for bit (tests/test_federation_run.py).
 
 from __future__ import annotations
 
+import os
 import queue as queue_mod
 import signal
 import traceback
@@ -76,6 +77,30 @@ def _ending(exitcode: int) -> str:
     return f"exit code {exitcode}; its error, if any, is on stderr"
 
 
+ORPHAN_CHECK_S = 2.0  # how often an idle worker checks that the main process is still there
+
+
+def _wait(get):
+    """`get(timeout)` until it answers; exit if the main process died meanwhile (kill -9, the OOM
+    killer): with nobody to report to, the worker would otherwise wait forever, holding its model
+    and users' streams (~350 MB), as both did after a killed run until session 20."""
+    parent = mp.parent_process()
+    while True:
+        try:
+            return get(ORPHAN_CHECK_S)
+        except queue_mod.Empty:
+            pass
+        if parent is not None and not parent.is_alive():
+            os._exit(0)
+
+
+def _acquire(sem):
+    def get(timeout):
+        if not sem.acquire(timeout=timeout):
+            raise queue_mod.Empty
+    return _wait(get)
+
+
 def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_bufs, control, tasks, results, ack, use_native):
     torch.set_num_threads(1)
     if not use_native:
@@ -86,7 +111,7 @@ def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta
         global_params = _views(params_buf, like)
         outs = [_views(buf, like) for buf in delta_bufs]
         while True:
-            msg = control.get()
+            msg = _wait(lambda t: control.get(timeout=t))
             if msg is _STOP:
                 return
             _round, vocab_json = msg
@@ -94,12 +119,12 @@ def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta
                 runner.set_vocab(Vocabulary.from_json(vocab_json))
             done = 0
             while True:
-                task = tasks.get()
+                task = _wait(lambda t: tasks.get(timeout=t))
                 if task is _STOP:
                     release_free_memory()
                     break
                 slot = done % len(outs)  # double buffering: the main process reads one while this trains
-                ack.acquire()  # a free buffer (released in the order they were filled, so this one)
+                _acquire(ack)  # a free buffer (released in the order they were filled, so this one)
                 res = runner.run(global_params, task, out=outs[slot])  # the delta, written straight into it
                 del res.delta
                 done += 1

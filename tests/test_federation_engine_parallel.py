@@ -56,3 +56,58 @@ def test_how_a_worker_ended_is_said_in_words():
     assert _ending(-9) == "killed by SIGKILL, the out-of-memory killer's signal"
     assert _ending(-15) == "killed by SIGTERM"
     assert _ending(1) == "exit code 1; its error, if any, is on stderr"
+
+
+ORPHAN_SCRIPT = textwrap.dedent('''
+    import os, sys, time
+    from pathlib import Path
+
+    from federation.config import ClientConfig
+    from federation.engine_parallel import ParallelEngine
+    from federation.engine_sequential import ClientTask
+    from federation.sampling import build_population
+    from models.checkpoint import load_model
+    from models.datasets import load_users
+
+    if __name__ == "__main__":
+        model, tokenizer, users, root = map(Path, sys.argv[1:5])
+        ck, tok = load_model(model, tokenizer)
+        pop = build_population(root, load_users(users), 6)
+        tasks = [ClientTask(i, i, pop.real_id(i), 100 + i) for i in range(4)]
+        engine = ParallelEngine(ck.model.cfg, tok.path, pop.root, ClientConfig(), workers=2)
+        engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)  # the workers now wait for a round
+        print(" ".join(str(p.pid) for p in engine.procs), flush=True)
+        time.sleep(600)  # killed here
+''')
+
+
+def test_workers_exit_when_the_main_process_is_killed(tiny, tmp_path):
+    """kill -9 of the main process (between rounds: the workers wait on their queues) leaves no
+    worker behind; each held its model and users' streams (~350 MB on the real data) forever."""
+    import signal
+    import time
+
+    script = tmp_path / "orphans.py"
+    script.write_text(ORPHAN_SCRIPT)
+    model, tok = tiny
+    p = subprocess.Popen([sys.executable, str(script), str(model), str(tok), str(FIXTURES / "users.jsonl.gz"), str(tmp_path / "devices")],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(x) for x in p.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(w) for w in workers)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.time() + 30
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
