@@ -7,8 +7,8 @@ import textwrap
 
 from tests.conftest import FIXTURES, REPO
 
-SCRIPT = textwrap.dedent('''
-    import os, signal, sys
+SETUP = textwrap.dedent('''
+    import os, signal, sys, time
     from pathlib import Path
 
     from federation.config import ClientConfig
@@ -25,15 +25,18 @@ SCRIPT = textwrap.dedent('''
         pop = build_population(root, load_users(users), 6)
         tasks = [ClientTask(i, i, pop.real_id(i), 100 + i) for i in range(4)]
         engine = ParallelEngine(ck.model.cfg, tok.path, pop.root, ClientConfig(), workers=2)
-        engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)
-        os.kill(engine.procs[0].pid, signal.SIGKILL)  # the OOM killer, between two rounds
-        engine.procs[0].join()
-        bigger = ck.vocab.add([f"zorble{i}" for i in range(6000)])  # a new vocabulary: a message larger than a pipe holds
-        try:
-            engine.run(ck.model.state_dict(), bigger, tasks, lambda t, r: None)
-        except FedkbError as e:
-            print("error:", e)
+        engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)  # the workers now wait for a round
 ''')
+
+SCRIPT = SETUP + textwrap.indent(textwrap.dedent('''
+    os.kill(engine.procs[0].pid, signal.SIGKILL)  # the OOM killer, between two rounds
+    engine.procs[0].join()
+    bigger = ck.vocab.add([f"zorble{i}" for i in range(6000)])  # a new vocabulary: a message larger than a pipe holds
+    try:
+        engine.run(ck.model.state_dict(), bigger, tasks, lambda t, r: None)
+    except FedkbError as e:
+        print("error:", e)
+'''), "    ")
 
 
 def test_a_worker_killed_between_rounds_is_an_error_and_the_process_exits(tiny, tmp_path):
@@ -58,27 +61,10 @@ def test_how_a_worker_ended_is_said_in_words():
     assert _ending(1) == "exit code 1; its error, if any, is on stderr"
 
 
-ORPHAN_SCRIPT = textwrap.dedent('''
-    import os, sys, time
-    from pathlib import Path
-
-    from federation.config import ClientConfig
-    from federation.engine_parallel import ParallelEngine
-    from federation.engine_sequential import ClientTask
-    from federation.sampling import build_population
-    from models.checkpoint import load_model
-    from models.datasets import load_users
-
-    if __name__ == "__main__":
-        model, tokenizer, users, root = map(Path, sys.argv[1:5])
-        ck, tok = load_model(model, tokenizer)
-        pop = build_population(root, load_users(users), 6)
-        tasks = [ClientTask(i, i, pop.real_id(i), 100 + i) for i in range(4)]
-        engine = ParallelEngine(ck.model.cfg, tok.path, pop.root, ClientConfig(), workers=2)
-        engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)  # the workers now wait for a round
-        print(" ".join(str(p.pid) for p in engine.procs), flush=True)
-        time.sleep(600)  # killed here
-''')
+ORPHAN_SCRIPT = SETUP + textwrap.indent(textwrap.dedent('''
+    print(" ".join(str(p.pid) for p in engine.procs), flush=True)
+    time.sleep(600)  # killed here
+'''), "    ")
 
 
 def test_workers_exit_when_the_main_process_is_killed(tiny, tmp_path):
