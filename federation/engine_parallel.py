@@ -81,17 +81,20 @@ ORPHAN_CHECK_S = 2.0  # how often an idle worker checks that the main process is
 
 
 def _wait(get):
-    """`get(timeout)` until it answers; exit if the main process died meanwhile (kill -9, the OOM
-    killer): with nobody to report to, the worker would otherwise wait forever, holding its model
-    and users' streams (~350 MB), as both did after a killed run until session 20."""
+    """`get(timeout)` until it answers; exit if the main process has died (kill -9, the OOM killer),
+    checked while waiting and before what it answered is used: with nobody to report to, the
+    worker would otherwise wait forever, holding its model and users' streams (~350 MB), as both
+    did after a killed run until session 20, or first train the round's queued clients for no one."""
     parent = mp.parent_process()
     while True:
         try:
-            return get(ORPHAN_CHECK_S)
+            got = get(ORPHAN_CHECK_S)
         except queue_mod.Empty:
-            pass
+            got = queue_mod.Empty
         if parent is not None and not parent.is_alive():
             os._exit(0)
+        if got is not queue_mod.Empty:
+            return got
 
 
 def _acquire(sem):
