@@ -95,6 +95,28 @@ async def test_enter_stores_message_unless_incognito(tiny, tmp_path):
 
 
 @sync
+async def test_a_message_that_cannot_be_stored_stays_in_the_box(tiny, tmp_path):
+    """A full disk or an unwritable device folder: the app says so and keeps the text to send
+    again (the app crashed with a traceback, and the message was gone)."""
+    app = make_app(tiny, tmp_path)
+    said = []
+    app.notify = lambda message, **kw: said.append((message, kw.get("severity")))
+    async with app.run_test() as pilot:
+        history = app.session.device.history_file
+        history.parent.mkdir(parents=True, exist_ok=True)
+        history.mkdir()  # appending to it now fails, as on a full disk
+        await type_(pilot, "and the king")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert text(app) == "and the king" and app.is_running
+        assert any(m.startswith("the message not saved on this device") and sev == "error" for m, sev in said)
+        history.rmdir()
+        await pilot.press("enter")  # sent again, now stored
+        await pilot.pause()
+        assert text(app) == "" and app.session.device.history() == ["and the king"]
+
+
+@sync
 async def test_incognito_stores_nothing_on_disk(tiny, tmp_path):
     app = make_app(tiny, tmp_path, incognito=True)
     async with app.run_test() as pilot:

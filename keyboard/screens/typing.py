@@ -89,21 +89,34 @@ class TypingScreen(Screen):
         self.query_one(StatsBar).show(self.typing.stats, s.label, s.user_id, s.incognito)
 
     # -- typing ------------------------------------------------------------------------
+    def _device_write(self, write, what: str):
+        """`write()` to the device folder; a full disk or a folder that cannot be written is a
+        notification, not a crash of the app (it was a traceback, and the message was gone)."""
+        try:
+            return write()
+        except (OSError, FedkbError) as e:
+            self.notify(f"{what} not saved on this device: {e}", severity="error", timeout=8)
+            return None
+
     def typed(self, value: str) -> None:
         """Every change of the text (MessageInput calls this directly: see its docstring)."""
         update = self.typing.update(value)
-        if update.new_words and self.app.session.add_personal_words(update.new_words):
+        if update.new_words and self._device_write(lambda: self.app.session.add_personal_words(update.new_words),
+                                                   "new personal words"):
             self.typing.resync()
         self.query_one(SuggestionStrip).show(self.typing.suggestions)
         self.show_stats()
 
     @on(Input.Submitted, "#text")
     def send(self, event: Input.Submitted) -> None:
-        text = self.typing.finish()
+        text = self.typing.text
         if text.strip():
-            stored = self.app.session.finish_message(text)
+            stored = self._device_write(lambda: self.app.session.finish_message(text), "the message")
+            if stored is None:
+                return  # kept in the box, to send again
             if not stored and self.app.session.incognito:
                 self.notify("incognito: message not stored", timeout=2)
+        self.typing.finish()
         inp = self.query_one(Input)
         inp.value = ""
         self.query_one(SuggestionStrip).show(self.typing.suggestions)
@@ -130,7 +143,7 @@ class TypingScreen(Screen):
         if not word:
             self.notify("no suggestion to forget", severity="warning")
             return
-        self.app.session.forget(word)
+        self._device_write(lambda: self.app.session.forget(word), f"forgetting {word!r}")  # blocked in this session anyway
         self.typing.refresh()
         self.query_one(SuggestionStrip).show(self.typing.suggestions)
         self.notify(f"'{word}' will not be suggested again on this device", timeout=3)
