@@ -177,7 +177,7 @@ class TypingScreen(Screen):
 
         try:
             result, personal = self.app.session.learn(on_step=on_step)
-        except FedkbError as e:
+        except (FedkbError, OSError) as e:  # OSError: the personal model could not be written (a full disk)
             self.app.call_from_thread(self._learn_failed, str(e))
             return
         if not worker.is_cancelled:
