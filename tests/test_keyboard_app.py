@@ -188,6 +188,18 @@ async def test_learn_now_changes_the_personal_model(tiny, tmp_path):
 
 
 @sync
+async def test_a_personal_model_that_cannot_be_written_is_a_failed_learning(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, user_id="u0001")
+    async with app.run_test() as pilot:
+        app.session.device.delta_dir.write_text("a file where the personal model's folder goes")  # as a full disk would
+        await pilot.press("ctrl+l")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.is_running and app.session.label == "base"  # the app crashed before
+        assert "Learning failed" in str(app.screen.query_one("#learn-result").render())
+
+
+@sync
 async def test_clear_removes_learned_data(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
     async with app.run_test() as pilot:
