@@ -72,7 +72,7 @@ class ProfilesScreen(Screen[str]):
         worker = get_current_worker()
         try:
             out = self.app.session.evaluate_user(uid)
-        except FedkbError as e:
+        except (FedkbError, OSError) as e:  # OSError: a device folder that cannot be read or laid out
             text = f"[b]cannot evaluate:[/b] {e}"
         else:
             label = self.app.session.label.replace(" + personal delta", "")
