@@ -174,7 +174,7 @@ class FedkbApp(App):
             t.workers.cancel_group(t, "learn")
         try:
             self.session.open(uid)
-        except FedkbError as e:
+        except (FedkbError, OSError) as e:  # OSError: the device folder cannot be laid out (a full disk)
             self.notify(str(e), severity="error")
             return
         if t is not None:
