@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from models.jsonvalues import is_int, is_number
 from models.train import TrainConfig
 
 
@@ -170,19 +171,16 @@ class SimulationConfig:
         return _checked(cls, {k: v for k, v in obj.items() if k not in nested}, "simulation", **kw)
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_TYPES = {"int": is_int, "float": is_number, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+          "None": lambda v: v is None}
 
 
 def _fits(value, annotation: str) -> bool:
     """Whether a JSON value fits a field annotated e.g. `int`, `float` (an int fits) or `float | None`."""
     names = [t.strip() for t in str(annotation).split("|")]
-    if any(n not in _TYPES and n != "None" for n in names):
+    if any(n not in _TYPES for n in names):
         return True  # a type this check does not know: left to the dataclass
-    if value is None:
-        return "None" in names
-    if isinstance(value, bool):  # a bool is an int to isinstance, never to a config
-        return "bool" in names
-    return any(isinstance(value, _TYPES[n]) for n in names if n != "None")
+    return any(_TYPES[n](value) for n in names)
 
 
 def _checked(cls, obj: dict, where: str, **extra):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from models import atomic
 from models.errors import FedkbError
+from models.jsonvalues import is_int
 from models.text import is_word, normalize_text, words
 
 MAX_MESSAGE_CHARS = 10_000  # a longer paste is stored truncated
@@ -101,7 +102,7 @@ class Device:
         if state is None or not (all(isinstance(state[k], list) and all(isinstance(w, str) for w in state[k])
                                      for k in ("personal", "blocked"))
                                  and isinstance(state["oov_counts"], dict)
-                                 and all(isinstance(n, int) for n in state["oov_counts"].values())):
+                                 and all(is_int(n) for n in state["oov_counts"].values())):
             raise FedkbError(f"{self.words_file} is corrupt (not lists of words and word counts); fix or delete it")
         return state
 

@@ -25,6 +25,7 @@ from models import atomic
 from models.checkpoint import load_checkpoint
 from models.errors import FedkbError
 from models.evaluate import simulate_typing
+from models.jsonvalues import is_number
 from models.lm import WordLM, WordTable
 from models.predictor import Predictor
 from models.tokenizer import Tokenizer
@@ -39,9 +40,9 @@ def _metrics(run_dir: Path) -> list[dict]:
     the round of a line that was edited or damaged, instead of a plot of strings or a traceback."""
     ms = read_metrics(run_dir)
     for m in ms:
-        bad = [k for k in _NUMBERS if m.get(k) is not None and (isinstance(m[k], bool) or not isinstance(m[k], (int, float)))]
+        bad = [k for k in _NUMBERS if m.get(k) is not None and not is_number(m[k])]
         t = m.get("timings", {})
-        if m["round"] > 0 and not (isinstance(t, dict) and isinstance(t.get("round_s"), (int, float))):
+        if m["round"] > 0 and not (isinstance(t, dict) and is_number(t.get("round_s"))):
             bad.append("timings.round_s")
         if bad:
             raise FedkbError(f"{Path(run_dir) / 'metrics.jsonl'}: the line of round {m['round']} is malformed "

@@ -44,6 +44,7 @@ from models import atomic
 from models.checkpoint import load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from models.datasets import UserData, load_users
 from models.errors import FedkbError
+from models.jsonvalues import is_int
 from models.lm import WordLM
 from models.tokenizer import Tokenizer
 
@@ -60,7 +61,7 @@ def checkpoint_dir(run_dir: Path, rnd: int) -> Path:
 def read_metrics(run_dir: Path) -> list[dict]:
     """The metrics lines of a run (a torn last line, or a line without an integer round, is skipped)."""
     return [obj for obj in atomic.read_jsonl(Path(run_dir) / METRICS)
-            if isinstance(obj, dict) and isinstance(obj.get("round"), int) and not isinstance(obj["round"], bool)]
+            if isinstance(obj, dict) and is_int(obj.get("round"))]
 
 
 def latest_round(run_dir: Path) -> int | None:

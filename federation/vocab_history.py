@@ -22,6 +22,7 @@ from pathlib import Path
 
 from models import atomic
 from models.errors import FedkbError
+from models.jsonvalues import is_int, is_number
 from models.text import is_word, words
 
 FILE = "vocab.jsonl"
@@ -50,21 +51,21 @@ def oov_rate(counts: Mapping[str, int], vocab) -> float | None:
 # -- the file -----------------------------------------------------------------------------------
 def read(run_dir: Path) -> list[dict]:
     """All records in round order (a torn last line after a crash is skipped)."""
-    return [rec for rec in atomic.read_jsonl(path_of(run_dir)) if isinstance(rec, dict) and isinstance(rec.get("round"), int)]
+    return [rec for rec in atomic.read_jsonl(path_of(run_dir)) if isinstance(rec, dict) and is_int(rec.get("round"))]
 
 
 def _problem(rec: dict) -> str | None:
     """What is wrong with a record, if anything: the fields readers use, with their types."""
-    if not all(isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) for k in ("vocab_version", "vocab_size")):
+    if not (is_int(rec.get("vocab_version")) and is_int(rec.get("vocab_size"))):
         return "vocab_version and vocab_size must be integers"
     added = rec.get("added", [])
     if not isinstance(added, list) or not all(
-            isinstance(a, dict) and isinstance(a.get("word"), str) and isinstance(a.get("votes"), int) for a in added):
+            isinstance(a, dict) and isinstance(a.get("word"), str) and is_int(a.get("votes")) for a in added):
         return "added must be a list of {word, votes}"
     for k in ("oov_rate", "epsilon_run", "delta_run"):
-        if rec.get(k) is not None and not isinstance(rec[k], (int, float)):
+        if rec.get(k) is not None and not is_number(rec[k]):
             return f"{k} must be a number"
-    if "theta" in rec and not isinstance(rec["theta"], int):
+    if "theta" in rec and not is_int(rec["theta"]):
         return "theta must be an integer"
     return None
 

@@ -35,6 +35,7 @@ from models.checkpoint import load_checkpoint, load_model, load_tensors, save_te
 from models.datasets import UserData, load_users
 from models.errors import FedkbError
 from models.evaluate import simulate_typing
+from models.jsonvalues import is_number
 from models.lm import WordLM
 from models.predictor import Predictor
 from models.text import is_word
@@ -185,7 +186,7 @@ class KeyboardSession:
             return {}
         if not isinstance(info, dict):
             return {}
-        whole = lambda d: isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) for k in ("top1", "top3", "ksr"))
+        whole = lambda d: isinstance(d, dict) and all(is_number(d.get(k)) for k in ("top1", "top3", "ksr"))
         if not (whole(info.get("before")) and whole(info.get("after"))):
             info = {k: v for k, v in info.items() if k not in ("before", "after")}
         return info
