@@ -192,9 +192,10 @@ class Simulation:
 
     def _start(self, base, resume: bool, cfg_path: Path) -> None:
         """A new run's round 0, or the state of the run being resumed."""
-        if not resume and holds_run(self.run_dir):  # again, under the lock: another process may just have started one
+        held = holds_run(self.run_dir)  # again, under the lock: another process may just have started one
+        if held and not resume:
             raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-        if not (resume and holds_run(self.run_dir)):
+        if not held:
             self.state = init_state(base.model.state_dict(), base.vocab, self.sim.server)
             atomic.write_json(cfg_path, {
                 "simulation": self.sim.to_json(), "model": str(self.model_dir), "tokenizer": str(self.tokenizer_path),

@@ -128,14 +128,15 @@ def _building(where: Path):
     stale and is removed.  The kernel drops a flock when its holder dies."""
     where.mkdir(parents=True, exist_ok=True)
     with open(where / "fedkb.lock", "a+") as f:
-        try:
-            if fcntl is not None:
+        locked = False
+        if fcntl is not None:
+            try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except OSError:  # a file system without locks: build without (as torch alone would)
-            yield
-            return
+                locked = True
+            except OSError:  # a file system without locks: build without (as torch alone would)
+                pass
         baton = where / "lock"
-        if fcntl is not None and baton.exists():
+        if locked and baton.exists():
             log.warning("native kernels: removing %s, left behind by a build that was killed", baton)
             baton.unlink()
         yield  # the flock goes with the file's closing
