@@ -213,7 +213,25 @@ class ParallelEngine:
             p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
+        if self.procs and all(p.exitcode == 0 for p in self.procs):
+            self._end_feeders()
         self.procs = []
+
+    def _end_feeders(self) -> None:
+        """End each queue's feeder thread now, once every worker has read its last message.
+
+        A feeder thread holds the queue's write lock and semaphore; left running, it drops them
+        when the queue is garbage collected, and their finalizer (unlink the named semaphore, then
+        tell multiprocessing's resource tracker) then runs in that daemon thread. A process
+        exiting at that moment stopped it between the two, and the tracker warned of a "leaked
+        semaphore" it could not find (about one `fedkb simulate --engine parallel` in five). Joined
+        here, the locks outlive their thread and are finalized in the main thread.  Not after a
+        worker died: a feeder may be blocked on its full pipe, and the exit must not wait on it."""
+        for q in (*self.controls, self.tasks, self.results):
+            q.close()  # hands the feeder thread its sentinel
+            feeder = getattr(q, "_thread", None)  # CPython's Queue keeps it here; None if nothing was ever put
+            if feeder is not None:
+                feeder.join(timeout=5)
 
     def __enter__(self):
         return self
