@@ -112,7 +112,7 @@ def load_checkpoint(directory: Path, tokenizer: Tokenizer) -> Checkpoint:
         raise FedkbError(f"model {directory} was trained with a different tokenizer than {tokenizer.path}")
     try:
         cfg = LMConfig.from_json(obj["config"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise FedkbError(f"{directory / META}: bad config ({e})") from None
     if cfg.num_pieces != tokenizer.num_pieces:
         raise FedkbError(f"model expects {cfg.num_pieces} pieces, tokenizer has {tokenizer.num_pieces}")

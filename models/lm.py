@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.fused import compose_words, composition_transpose, lstm_projected, shared_lookup, tied_softmax_cross_entropy
+from models.jsonvalues import is_int, is_number
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 
@@ -43,6 +44,14 @@ class LMConfig:
     embed_dim: int = 96  # projection / embedding size (Gboard: 96)
     hidden: int = 670  # LSTM units (Gboard: 670)
     dropout: float = 0.1  # on embeddings and LSTM outputs, training only
+
+    def __post_init__(self):
+        sizes = {"num_pieces": self.num_pieces, "base_vocab": self.base_vocab, "embed_dim": self.embed_dim, "hidden": self.hidden}
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if not (is_int(v) and v >= 1)]
+        if bad:
+            raise ValueError(f"model sizes must be whole numbers >= 1 ({', '.join(bad)})")
+        if not (is_number(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"model dropout must be in [0, 1) (dropout={self.dropout!r})")
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -96,7 +96,8 @@ def test_a_stored_config_is_checked_like_flags():
         SimulationConfig.from_json({"workers": 0})
 
 
-@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--batch-size", "0"]])
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--lr", "nan"], ["--batch-size", "0"],
+                                   ["--vocab-size", "0"]])  # a model of the specials only, before
 def test_pretrain_refuses_bad_settings_in_one_line(flags, tmp_path, capsys):
     out = tmp_path / "model"
     assert main(["pretrain", "--out", str(out), "--work", str(tmp_path / "work"), *flags]) == 2  # a torch traceback before

@@ -204,6 +204,15 @@ def test_an_os_error_is_one_line_with_its_path(reference_run, tmp_path, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags", [["--users", "-3"], ["--threads", "0"]])
+def test_report_refuses_bad_settings_before_writing(flags, reference_run, tmp_path, capsys):
+    from keyboard.cli import main
+
+    assert main(["report", str(reference_run), "--out", str(tmp_path / "rep"), *flags]) == 2  # -3 users ran as 0 before
+    assert capsys.readouterr().err.startswith("fedkb report: error: --users must be >= 0")
+    assert not (tmp_path / "rep").exists()
+
+
 def test_one_process_at_a_time_runs_a_folders_rounds(reference_run, tmp_path, tiny, capsys):
     from federation.run import Simulation
     from keyboard.cli import main

@@ -52,6 +52,12 @@ def _flip_data_byte(path: Path, at: float = 0.5) -> None:
     path.write_bytes(bytes(blob))
 
 
+def _edit_config(d: Path, **changes) -> None:
+    meta = json.loads((d / "model.json").read_text())
+    meta["config"].update(changes)
+    (d / "model.json").write_text(json.dumps(meta))
+
+
 BREAKERS = {
     "missing dir": (lambda d: shutil.rmtree(d), "no model"),
     "missing weights": (lambda d: (d / "model.safetensors").unlink(), "does not exist"),
@@ -61,6 +67,8 @@ BREAKERS = {
     "not a fedkb model": (lambda d: (d / "model.json").write_text("[1, 2]"), "not a fedkb model"),
     "newer format": (lambda d: (d / "model.json").write_text(json.dumps({**json.loads((d / "model.json").read_text()), "format_version": 99})), "format version"),
     "bad vocab": (lambda d: (d / "model.json").write_text(json.dumps({**json.loads((d / "model.json").read_text()), "vocab": {"words": ["x"]}})), "vocabulary"),
+    "sizes edited": (lambda d: _edit_config(d, hidden=0), "bad config.*hidden=0"),  # a torch error inside WordLM before
+    "a size as a string": (lambda d: _edit_config(d, embed_dim="16"), "bad config.*embed_dim='16'"),
     "one bit of the weights flipped": (lambda d: _flip_data_byte(d / "model.safetensors"), "damaged"),
     "NaN": (lambda d: _set_tensor(d, "piece_bias", lambda t: t.clone().fill_(float("nan"))), "NaN"),
     "wrong shape": (lambda d: _set_tensor(d, "piece_bias", lambda t: t[:-1].clone()), "shape"),

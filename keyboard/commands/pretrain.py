@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             dropout=args.dropout,
         )
     except ValueError as e:
-        raise FedkbError(f"{e} (--epochs, --lr, --batch-size, --sampled-softmax)") from None
+        raise FedkbError(f"{e} (--vocab-size, --epochs, --lr, --batch-size, --sampled-softmax)") from None
     _, tok_path = default_paths()
     tokenizer = Tokenizer(tok_path)
     lines = pretraining_lines(args.sotu_words)

@@ -23,8 +23,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from federation.report import write_report
+    from models.errors import FedkbError
 
-    torch.set_num_threads(max(1, args.threads))
+    if args.users < 0 or args.threads < 1:
+        raise FedkbError(f"--users must be >= 0 (0 skips the study) and --threads >= 1 (got {args.users}, {args.threads})")
+    torch.set_num_threads(args.threads)
     rep = write_report(args.run, args.out, users=args.users, personalization=args.users > 0)
     s = rep["summary"]
     st, en = s["start"], s["end"]
