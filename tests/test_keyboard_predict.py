@@ -26,6 +26,13 @@ def test_predict_plain_next_words_capitalised_at_sentence_start(tiny, capsys):
     assert len(lines) == 3 and all(w[0].isupper() for w in lines)
 
 
+def test_predict_says_why_when_nothing_completes(tiny, capsys):
+    model, tok = tiny
+    assert main(["predict", "and zzqxv", "--model", str(model), "--tokenizer", str(tok)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == "no suggestions: no word in the vocabulary starts with 'zzqxv'\n"  # silence before
+
+
 def test_predict_missing_model_is_one_line(tmp_path, tiny, capsys):
     assert main(["predict", "hi", "--model", str(tmp_path), "--tokenizer", str(tiny[1])]) == 2
     err = capsys.readouterr().err

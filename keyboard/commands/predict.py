@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 HELP = "print the 3 suggestions for the text typed so far"
@@ -44,4 +45,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for word in update.suggestions:
             print(word)
+        if not update.suggestions:  # stdout stays empty for scripts; a person sees why
+            why = f": no word in the vocabulary starts with {update.partial!r}" if update.partial else ""
+            print(f"no suggestions{why}", file=sys.stderr)
     return 0
