@@ -39,17 +39,29 @@ SCRIPT = SETUP + textwrap.indent(textwrap.dedent('''
 '''), "    ")
 
 
+def _args(script: str, tiny, tmp_path) -> list[str]:
+    """The command line that runs `script` (SETUP and more) on the tiny model and the fixture users."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    model, tok = tiny
+    return [sys.executable, str(path), str(model), str(tok), str(FIXTURES / "users.jsonl.gz"), str(tmp_path / "devices")]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _run(script: str, tiny, tmp_path) -> subprocess.CompletedProcess:
+    r = subprocess.run(_args(script, tiny, tmp_path), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def test_a_worker_killed_between_rounds_is_an_error_and_the_process_exits(tiny, tmp_path):
     """The next round raises at once, saying how the worker ended (the other worker would
     otherwise run it alone, silently at half speed), and the process exits: no queue's feeder
     thread is left waiting at exit to write the new vocabulary into the dead worker's full pipe
     (the process used to hang there)."""
-    script = tmp_path / "kill_a_worker.py"
-    script.write_text(SCRIPT)
-    model, tok = tiny
-    r = subprocess.run([sys.executable, str(script), str(model), str(tok), str(FIXTURES / "users.jsonl.gz"), str(tmp_path / "devices")],
-                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
+    r = _run(SCRIPT, tiny, tmp_path)
     assert "error: parallel engine: worker(s) [0] died (0: killed by SIGKILL, the out-of-memory killer's signal)" in r.stdout
 
 
@@ -73,12 +85,7 @@ def test_closing_the_engine_ends_its_queue_threads(tiny, tmp_path):
     named semaphores itself when the queue was freed, and a process exiting then cut it off
     half-way, so multiprocessing's resource tracker warned of a leaked semaphore (about one
     parallel `fedkb simulate` in five)."""
-    script = tmp_path / "close.py"
-    script.write_text(CLOSE_SCRIPT)
-    model, tok = tiny
-    r = subprocess.run([sys.executable, str(script), str(model), str(tok), str(FIXTURES / "users.jsonl.gz"), str(tmp_path / "devices")],
-                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
+    r = _run(CLOSE_SCRIPT, tiny, tmp_path)
     assert "feeders after close: 0" in r.stdout, r.stdout
     assert "leaked" not in r.stderr
 
@@ -95,11 +102,7 @@ def test_workers_exit_when_the_main_process_is_killed(tiny, tmp_path):
     import signal
     import time
 
-    script = tmp_path / "orphans.py"
-    script.write_text(ORPHAN_SCRIPT)
-    model, tok = tiny
-    p = subprocess.Popen([sys.executable, str(script), str(model), str(tok), str(FIXTURES / "users.jsonl.gz"), str(tmp_path / "devices")],
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
+    p = subprocess.Popen(_args(ORPHAN_SCRIPT, tiny, tmp_path), cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True,
                          stderr=subprocess.DEVNULL)  # its resource tracker, outliving it, warns of the semaphores a kill -9 leaves
     try:
         workers = [int(x) for x in p.stdout.readline().split()]
