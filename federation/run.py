@@ -38,7 +38,7 @@ except ImportError:  # not POSIX (Windows): runs go unlocked
 from federation.config import SimulationConfig
 from federation.engine_parallel import make_engine
 from federation.rounds import Discover, Evaluator, run_round
-from federation.sampling import Population, build_population, eval_users
+from federation.sampling import Population, build_population, devices_to_select, eval_users
 from federation.server import ServerState, init_state
 from models import atomic
 from models.checkpoint import load_checkpoint, load_tensors, save_checkpoint, save_tensors
@@ -137,6 +137,18 @@ def split_users(users: list[UserData], sim: SimulationConfig) -> tuple[list[User
     return [u for i, u in enumerate(users) if i not in held], [u for i, u in enumerate(users) if i in held]
 
 
+def _limits(sim: SimulationConfig, users: int, held: int, population: int) -> list[str]:
+    """Settings the users cannot satisfy, in words: the run goes on with what there is."""
+    notes = []
+    if held < sim.eval_users:
+        notes.append(f"{held} users held out for evaluation, not {sim.eval_users}: at most half of the {users} users are")
+    asked = devices_to_select(sim.clients_per_round, sim.over_selection)
+    if asked > population:
+        notes.append(f"-k {sim.clients_per_round} with over-selection asks for {asked} devices a round, more than the "
+                     f"population's {population}: each round selects all of them, and aggregates at most {population} updates")
+    return notes
+
+
 class Simulation:
     """Owns a run folder, the engine and the server state; `step()` runs and commits one round."""
 
@@ -180,7 +192,9 @@ class Simulation:
         self.evaluator = Evaluator(WordLM(self.model_cfg), self.tokenizer, msgs) if msgs and self.sim.eval_users else None
 
         self.generator = torch.Generator().manual_seed(self.sim.seed)
-        self.notes: list[str] = []  # what resuming skipped or repaired, for the CLI and the screen to show
+        # what the run could not do as asked (settings larger than the users allow, a folder that cannot be
+        # locked) and what resuming skipped or repaired, for the CLI and the screen to show
+        self.notes: list[str] = _limits(self.sim, len(users), len(held), self.population.size)
         self.engine = None
         self._lock, why = lock_run(self.run_dir)  # before the first write; close() releases it
         self.notes += [why] if why else []

@@ -56,9 +56,14 @@ class RoundPlan:
     dropout_rate: float
 
 
+def devices_to_select(k: int, over_selection: float) -> int:
+    """ceil(over_selection * K), at least K: how many devices a round asks for."""
+    return max(k, math.ceil(over_selection * k - 1e-9))
+
+
 def plan_round(population_size: int, k: int, over_selection: float, dropout_min: float, dropout_max: float,
                generator: torch.Generator) -> RoundPlan:
-    n_sel = min(population_size, max(k, math.ceil(over_selection * k - 1e-9)))
+    n_sel = min(population_size, devices_to_select(k, over_selection))
     perm = torch.randperm(population_size, generator=generator)[:n_sel].tolist()
     rate = dropout_min + (dropout_max - dropout_min) * float(torch.rand((), generator=generator, dtype=torch.float64))
     drops = (torch.rand(n_sel, generator=generator, dtype=torch.float64) < rate).tolist()

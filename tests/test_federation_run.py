@@ -204,6 +204,17 @@ def test_an_os_error_is_one_line_with_its_path(reference_run, tmp_path, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_settings_larger_than_the_users_allow_are_said(tiny, tmp_path, capsys):
+    """-k and --eval-users beyond what the 24 fixture users allow run with what there is, and say so
+    (both were cut down silently)."""
+    from keyboard.cli import main
+
+    assert main(_cli(tiny, tmp_path / "run", "--rounds", "0")[3:] + ["-k", "30", "--eval-users", "40"]) == 0
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "12 users held out for evaluation, not 40: at most half of the 24 users are" in err
+    assert "-k 30 with over-selection asks for 39 devices a round, more than the population's 12" in err
+
+
 @pytest.mark.parametrize("flags", [["--users", "-3"], ["--threads", "0"]])
 def test_report_refuses_bad_settings_before_writing(flags, reference_run, tmp_path, capsys):
     from keyboard.cli import main

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if discover is not None:
         discover.bind(s)
     console = Console(stderr=True)
-    for note in s.notes:  # what resuming had to skip or repair (federation/run.py)
+    for note in s.notes:  # settings the users cannot satisfy, what resuming had to skip or repair (federation/run.py)
         console.print(f"[yellow]{note}[/yellow]", highlight=False)
     start = s.round
     if start and args.resume:

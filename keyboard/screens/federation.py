@@ -94,7 +94,7 @@ class FederationScreen(Screen):
         except Exception as e:  # shown in the log, the app keeps running
             self.app.call_from_thread(self._finished, 0, f"{type(e).__name__}: {e}")
             return
-        for note in s.notes:  # what resuming had to skip or repair
+        for note in s.notes:  # settings the users cannot satisfy, what resuming had to skip or repair
             self.app.call_from_thread(self._log, note)
         self.app.call_from_thread(self._log, f"population {s.population.size} users, {len(s.eval_ids)} held out for evaluation")
         if native.will_compile():
