@@ -137,6 +137,20 @@ def split_users(users: list[UserData], sim: SimulationConfig) -> tuple[list[User
     return [u for i, u in enumerate(users) if i not in held], [u for i, u in enumerate(users) if i in held]
 
 
+def _flat(obj: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in obj.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _ignored_on_resume(asked: SimulationConfig, stored: SimulationConfig) -> list[str]:
+    """A resumed run keeps its stored settings but the round count: the settings asked for (not left at
+    their defaults) that differ from the stored ones, in words."""
+    a, s, d = (_flat(c.to_json()) for c in (asked, stored, SimulationConfig()))
+    return [f"{k} {a[k]!r} (the run has {s[k]!r})" for k in a if k != "rounds" and a[k] != s[k] and a[k] != d[k]]
+
+
 def _limits(sim: SimulationConfig, users: int, held: int, population: int) -> list[str]:
     """Settings the users cannot satisfy, in words: the run goes on with what there is."""
     notes = []
@@ -161,9 +175,14 @@ class Simulation:
         cfg_path = self.run_dir / CONFIG
         if not resume and holds_run(self.run_dir):
             raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        ignored: list[str] = []  # settings a resumed run did not take
         if resume and cfg_path.exists():
             stored, base = read_config(self.run_dir)
+            ignored = _ignored_on_resume(sim, base) if sim is not None else []
             sim = replace(base, rounds=sim.rounds) if sim is not None else base  # only the round count may change
+            given = {"model": model_dir, "tokenizer": tokenizer_path, "users_file": users_file, "devices": devices_root}
+            ignored += [f"{k} {str(v)!r} (the run has {stored.get(k)!r})" for k, v in given.items()
+                        if v is not None and str(Path(v).resolve()) != stored.get(k)]
             model_dir = Path(stored["model"])
             tokenizer_path = Path(stored["tokenizer"])
             users_file = Path(stored["users_file"]) if stored.get("users_file") else None
@@ -194,7 +213,8 @@ class Simulation:
         self.generator = torch.Generator().manual_seed(self.sim.seed)
         # what the run could not do as asked (settings larger than the users allow, a folder that cannot be
         # locked) and what resuming skipped or repaired, for the CLI and the screen to show
-        self.notes: list[str] = _limits(self.sim, len(users), len(held), self.population.size)
+        self.notes: list[str] = ([f"--resume keeps the run's stored settings but --rounds; not taken: {', '.join(ignored)}"]
+                                 if ignored else []) + _limits(self.sim, len(users), len(held), self.population.size)
         self.engine = None
         self._lock, why = lock_run(self.run_dir)  # before the first write; close() releases it
         self.notes += [why] if why else []

@@ -215,6 +215,19 @@ def test_settings_larger_than_the_users_allow_are_said(tiny, tmp_path, capsys):
     assert "-k 30 with over-selection asks for 39 devices a round, more than the population's 12" in err
 
 
+def test_resume_says_which_settings_it_did_not_take(reference_run, tiny, tmp_path, capsys):
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    other = tmp_path / "other-devices"
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume", "-k", "7", "--client-lr", "0.5", "--devices", str(other))[3:]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("--resume keeps the run's stored settings but --rounds; not taken: clients_per_round 7 (the run has 4), "
+            "client.lr 0.5 (the run has 0.3), devices") in err
+    assert "seed" not in err and not other.exists()  # the stored seed was asked for again: nothing to say; the devices unused
+    assert _strip(run) == _strip(reference_run)
+
+
 @pytest.mark.parametrize("flags", [["--users", "-3"], ["--threads", "0"]])
 def test_report_refuses_bad_settings_before_writing(flags, reference_run, tmp_path, capsys):
     from keyboard.cli import main
