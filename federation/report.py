@@ -219,9 +219,9 @@ def plot_personalization(study: dict, out_dir: Path) -> Path:
 
 def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, personalization: bool = True) -> dict:
     run_dir = Path(run_dir)
+    read_config(run_dir)  # "not a simulation run folder" where it has none, a one-line error where it is damaged
     if latest_round(run_dir) is None:
-        raise FedkbError(f"{run_dir} is not a simulation run folder (latest.json missing or unreadable; "
-                         "`fedkb simulate --out RUN --resume` repairs it)")
+        raise FedkbError(f"{run_dir}: latest.json is missing or unreadable (`fedkb simulate --out {run_dir} --resume` repairs it)")
     out_dir = Path(out_dir or run_dir / "report")
     files = plot_run(run_dir, out_dir)
     rep = {"summary": summarize(run_dir)}

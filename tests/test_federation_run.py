@@ -160,6 +160,17 @@ def test_an_unreadable_latest_json_is_repaired_never_overwritten(tiny, tmp_path,
     assert "no checkpoint" in err and "round 4:" in err and "delete the folder" in err
 
 
+def test_report_tells_a_folder_that_is_no_run_from_a_run_to_repair(tmp_path, reference_run, capsys):
+    from keyboard.cli import main
+
+    assert main(["report", str(tmp_path), "--users", "0"]) == 2  # it said to repair it with --resume, which has nothing to resume
+    assert f"{tmp_path} is not a simulation run folder (config.json missing)" in capsys.readouterr().err
+    run = _copy_run(reference_run, tmp_path)
+    (run / "latest.json").unlink()
+    assert main(["report", str(run), "--users", "0"]) == 2
+    assert f"latest.json is missing or unreadable (`fedkb simulate --out {run} --resume` repairs it)" in capsys.readouterr().err
+
+
 def test_a_damaged_config_json_is_a_clear_error(tiny, tmp_path, reference_run, capsys):
     from federation.report import write_report
     from keyboard.cli import main
