@@ -175,7 +175,7 @@ class Simulation:
         cfg_path = self.run_dir / CONFIG
         if not resume and holds_run(self.run_dir):
             raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-        ignored: list[str] = []  # settings a resumed run did not take
+        notes: list[str] = []  # becomes self.notes
         if resume and cfg_path.exists():
             stored, base = read_config(self.run_dir)
             ignored = _ignored_on_resume(sim, base) if sim is not None else []
@@ -183,6 +183,8 @@ class Simulation:
             given = {"model": model_dir, "tokenizer": tokenizer_path, "users_file": users_file, "devices": devices_root}
             ignored += [f"{k} {str(v)!r} (the run has {stored.get(k)!r})" for k, v in given.items()
                         if v is not None and str(Path(v).resolve()) != stored.get(k)]
+            if ignored:
+                notes.append(f"--resume keeps the run's stored settings but --rounds; not taken: {', '.join(ignored)}")
             model_dir = Path(stored["model"])
             tokenizer_path = Path(stored["tokenizer"])
             users_file = Path(stored["users_file"]) if stored.get("users_file") else None
@@ -213,8 +215,7 @@ class Simulation:
         self.generator = torch.Generator().manual_seed(self.sim.seed)
         # what the run could not do as asked (settings larger than the users allow, a folder that cannot be
         # locked) and what resuming skipped or repaired, for the CLI and the screen to show
-        self.notes: list[str] = ([f"--resume keeps the run's stored settings but --rounds; not taken: {', '.join(ignored)}"]
-                                 if ignored else []) + _limits(self.sim, len(users), len(held), self.population.size)
+        self.notes = notes + _limits(self.sim, len(users), len(held), self.population.size)
         self.engine = None
         self._lock, why = lock_run(self.run_dir)  # before the first write; close() releases it
         self.notes += [why] if why else []
