@@ -214,7 +214,7 @@ def main() -> None:
     from federation.engine_parallel import ParallelEngine
     from federation.engine_sequential import SequentialEngine
 
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # taskset's cores
     out: dict = {"cores": cores, "k": args.k, "workers": args.workers, "model": str(args.model)}
     with tempfile.TemporaryDirectory() as d:
         ck, tok, pop, client = setup(args, Path(d))
