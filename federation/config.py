@@ -53,7 +53,7 @@ class ClientConfig:
 def personalization_config(client: ClientConfig | None = None) -> ClientConfig:
     """Fine-tuning one user's own model (the keyboard's "Learn now", the report's personalization
     study): a federated client's step (without dropout too: with it tied on held-out history,
-    session 19), gentler and longer (lr 0.1, 3 epochs instead of 0.3, 1),
+    README's Results), gentler and longer (lr 0.1, 3 epochs instead of 0.3, 1),
     in batches of at most 8 columns, whatever batch the federation's clients use (a batch of 32
     makes 4x fewer steps: one user's model needs the steps, the federation's average the throughput).
 

@@ -83,8 +83,8 @@ ORPHAN_CHECK_S = 2.0  # how often an idle worker checks that the main process is
 def _wait(get):
     """`get(timeout)` until it answers; exit if the main process has died (kill -9, the OOM killer),
     checked while waiting and before what it answered is used: with nobody to report to, the
-    worker would otherwise wait forever, holding its model and users' streams (~350 MB), as both
-    did after a killed run until session 20, or first train the round's queued clients for no one."""
+    worker would otherwise wait forever, holding its model and users' streams (~350 MB),
+    or first train the round's queued clients for no one."""
     parent = mp.parent_process()
     while True:
         try:

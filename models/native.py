@@ -123,8 +123,7 @@ def _building(where: Path):
 
     torch's own lock for a build folder (`where/lock`, its FileBaton) is a plain file that the
     builder deletes when done: a build killed mid-way (kill -9, the out-of-memory killer) leaves
-    it behind, and every later build in that folder then waited on it forever, silently (found in
-    session 20).  Under this lock no other fedkb process is building there, so a baton found is
+    it behind, and every later build in that folder would then wait on it forever, silently.  Under this lock no other fedkb process is building there, so a baton found is
     stale and is removed.  The kernel drops a flock when its holder dies."""
     where.mkdir(parents=True, exist_ok=True)
     with open(where / "fedkb.lock", "a+") as f:
