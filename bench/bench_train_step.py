@@ -9,7 +9,9 @@ and backwards, the tied output layer with its cross-entropy forwards and backwar
 clipping with the SGD step (models.fused.clip_and_step, as fit's autograd step runs it).
 Backward parts are split with gradient hooks on the LSTM's input and output.  `direct` is the
 step fit takes where it applies, the same computation without autograd (models/sgd_step.py),
-timed whole on the same batches.  The same is then run in two processes at once (what the
+timed whole on the same batches, and its parts (`direct_compose`, ... `direct_clip_and_step`:
+the same seven, marked by SGDStep's `on_part`) on every other step, so that the marks' own
+cost stays out of `direct`.  The same is then run in two processes at once (what the
 parallel engine's two workers do), alternating with the single runs --reps times; medians are
 printed.
 The one-thread float32 matmul peak (best of a measurement before and after) is the reference.
@@ -41,6 +43,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip_and_step", "total", "direct", "products")
+DIRECT_PARTS = tuple(f"direct_{k}" for k in PARTS[:7])  # the same parts of the direct step (models/sgd_step.py)
 
 
 def time_products(B: int, T: int, d: int, H: int, V: int, steps: int) -> float:
@@ -124,13 +127,23 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
     from models import sgd_step
 
     if sgd_step.applies(model, opt, 0):  # the step fit takes: the same, without autograd (models/sgd_step.py)
+        last = [0.0]
+        direct_parts: dict[str, list[float]] = {k: [] for k in sgd_step.SGDStep.PARTS}
+
+        def on_part(name: str) -> None:  # each part's end: its time since the previous part's
+            t = time.perf_counter()
+            direct_parts[name].append(t - last[0])
+            last[0] = t
+
         direct, state = sgd_step.SGDStep(model, table), None
-        for step in range(steps):
+        for step in range(2 * steps):  # timed whole, then (every other step) part by part
             i = (step % n_chunks) * cfg.bptt
-            t0 = time.perf_counter()
+            direct.on_part = on_part if step % 2 else None
+            last[0] = t0 = time.perf_counter()
             state = direct(data[:, i : i + cfg.bptt], data[:, i + 1 : i + 1 + cfg.bptt], state, gen, cfg.lr, cfg.clip_grad)[1]
-            if step >= 5:
+            if step >= 10 and not step % 2:
                 times["direct"].append(time.perf_counter() - t0)
+        times.update({f"direct_{k}": v[5:] for k, v in direct_parts.items()})
     out = {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items() if v}
     mc = model.cfg
     out["products"] = time_products(cfg.batch_size, cfg.bptt, mc.embed_dim, mc.hidden, len(ck.vocab), steps)
@@ -165,7 +178,7 @@ def main() -> None:
     peak = {n: max(v) for n, v in peaks.items()}
 
     def median(runs: list[dict]) -> dict:
-        return {k: round(statistics.median(r[k] for r in runs), 2) for k in PARTS if k in runs[0]}
+        return {k: round(statistics.median(r[k] for r in runs), 2) for k in PARTS + DIRECT_PARTS if k in runs[0]}
 
     flops = alone[0]["flops_per_step"]
     ms_alone, ms_pair = median(alone), median(together)

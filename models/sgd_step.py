@@ -58,9 +58,15 @@ def native_masks_match() -> bool:
 
 class SGDStep:
     """`step(x, y, state, generator, lr, max_norm)` for one model and word table: updates the
-    model's parameters in place, returns the mean loss and the LSTM state to carry on."""
+    model's parameters in place, returns the mean loss and the LSTM state to carry on.
 
-    def __init__(self, model, table):
+    `on_part(name)`, if given, is called as each part of the step ends (PARTS, in order), for a
+    profiler (bench/bench_train_step.py times the parts of this step with it)."""
+
+    PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip_and_step")
+
+    def __init__(self, model, table, on_part=None):
+        self.on_part = on_part
         self.kernels = native.loaded()
         self.model = model
         self.table = table
@@ -79,7 +85,7 @@ class SGDStep:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, y: Tensor, state, generator: torch.Generator | None, lr: float, max_norm: float):
-        k, m, table = self.kernels, self.model, self.table
+        k, m, table, mark = self.kernels, self.model, self.table, self.on_part
         P = dict(zip(self.names, self.params))
         w_ih, w_hh, w_hr = P["lstm.weight_ih_l0"], P["lstm.weight_hh_l0"], P["lstm.weight_hr_l0"]
         p = m.cfg.dropout if generator is not None else 0.0
@@ -87,6 +93,8 @@ class SGDStep:
         # forward: WordLM.compose, then WordLM.loss (shared_lookup, run_lstm, the tied output layer)
         emb, bias = k.compose_forward(table.pieces, table.offsets, P["piece_emb"], P["piece_bias"], P["residual"],
                                       P["word_bias"], table.residual_rows)
+        if mark:
+            mark("compose")
         xe = emb[x]
         if state is None:
             state = m.start_state(B)
@@ -101,12 +109,18 @@ class SGDStep:
         if p > 0:
             mask_h = self._keep_mask(out, 1 - p, generator)
             out = out * mask_h / (1 - p)
+        if mark:
+            mark("lstm_fwd")
         h = out.reshape(-1, out.size(-1))
         grad, rows, g_bias = k.tied_softmax_xent(h, emb, bias, y.reshape(-1).contiguous(), 1.0 / y.numel())
         loss = rows.mean()
+        if mark:
+            mark("output_fwd")
         # backward, as models/fused.py's Functions and autograd's views and products run it
         g_h = (grad @ emb).view(B, T, -1)
         g_emb = grad.t() @ h
+        if mark:
+            mark("output_bwd")
         if p > 0:
             g_h = g_h / (1 - p) * mask_h
         g_hs = g_h.transpose(0, 1).clone(memory_format=torch.contiguous_format)
@@ -119,6 +133,8 @@ class SGDStep:
         if p > 0:
             g_x = g_x / (1 - p) * mask_x
         g_emb.index_add_(0, x.reshape(-1), g_x.reshape(-1, g_x.size(-1)))  # the lookup's rows (models.fused.shared_lookup)
+        if mark:
+            mark("lstm_bwd")
         grads["piece_emb"], grads["piece_bias"] = k.compose_backward(*self.st, g_emb, g_bias)
         r, n = table.residual_rows, P["residual"].size(0)
         g_res, g_wbias = g_emb[:r], g_bias[:r]
@@ -126,5 +142,9 @@ class SGDStep:
             g_res = torch.cat([g_res, g_emb.new_zeros(n - r, g_emb.size(1))])
             g_wbias = torch.cat([g_wbias, g_bias.new_zeros(n - r)])
         grads["residual"], grads["word_bias"] = g_res, g_wbias
+        if mark:
+            mark("compose_bwd")
         k.clip_sgd_(self.params, [grads[name] for name in self.names], float(max_norm), float(lr))
+        if mark:
+            mark("clip_and_step")
         return loss.item(), new_state
