@@ -13,7 +13,7 @@ pilot's own waits for the process to go idle (compare `pilot_floor`); every
 such keystroke is checked to have reached the strip (`strip_mismatches`).
 Prints one JSON object with p50/p95/p99 in ms and, measured in the same run:
 
-* `predictor`: the bare model work of the same keystrokes (Predictor.commit +
+* `predictor`: the bare model work of the same keystrokes (the keyboard's NumpyPredictor: commit +
   suggest at a word end, suggest(prefix) inside a word), the floor;
 * `typing_logic`: keyboard/typing.py's `TypingSession.update` for the same keys;
 * `pilot_floor`: the same presses into a bare Textual app with one Input and
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -109,21 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=Path, default=None, help="users file whose future text is typed (default data/users.jsonl.gz)")
     ap.add_argument("--keys", type=int, default=400, help="keystrokes timed")
     ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the keyboard uses 1)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS threads, OMP_NUM_THREADS (the keyboard uses 1)")
     args = ap.parse_args(argv)
 
-    import torch
-
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # as `fedkb type` sets it, before NumPy loads its BLAS
     from keyboard.app import FedkbApp  # first: the keyboard package sets Textual's frame rate (keyboard/__init__.py)
     from textual.app import App
     from textual.widgets import Input
     from keyboard.typing import TypingSession
     from keyboard.widgets.suggestions import SuggestionStrip
     from models.datasets import load_users
-    from models.predictor import Predictor
+    from models.numpy_predictor import NumpyPredictor
     from models.text import split_partial
 
-    torch.set_num_threads(args.threads)
     text = " ".join(m for u in load_users(args.users) for m in u.future if m.isascii())
     n = args.keys + args.warmup
     text = (text + " ") * (n // max(len(text), 1) + 1)
@@ -133,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         app = FedkbApp(args.model, args.tokenizer, devices_root=Path(tmp), users_file=args.users,
                        incognito=True, cursor_blink=False, extra_screens=False)
-        pred_model, vocab, tok = app.session.model, app.session.vocab, app.session.tokenizer
+        weights, vocab, tok = app.session.global_weights, app.session.vocab, app.session.tokenizer
 
-        # 1. the bare model work per keystroke, on a separate Predictor
-        pred = Predictor(pred_model, vocab, tok)
+        # 1. the bare model work per keystroke, on a separate predictor of the keyboard's kind (NumPy)
+        pred = NumpyPredictor(weights, vocab, tok)
         bare = []
         typed = ""
         for c in keys_text:
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             bare.append(time.perf_counter() - t)
 
         # 2. the typing logic alone
-        session = TypingSession(Predictor(pred_model, vocab, tok))
+        session = TypingSession(NumpyPredictor(weights, vocab, tok))
         logic = []
         typed = ""
         for c in keys_text:

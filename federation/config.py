@@ -10,9 +10,12 @@ lr 1.0), available as `fedavgm`; the default here is plain FedAvg, which did bet
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 from models.jsonvalues import is_int, is_number
-from models.train import TrainConfig
+
+if TYPE_CHECKING:  # configs are plain data, read without torch (the keyboard's start); the trainer's is imported when made
+    from models.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class ClientConfig:
             raise ValueError("the client's gradient clip must be > 0")
 
     def train_config(self) -> TrainConfig:
+        from models.train import TrainConfig
+
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, bptt=self.bptt, lr=self.lr,
                            optimizer=self.optimizer, clip_grad=self.clip_grad, dropout=self.dropout)
 

@@ -14,6 +14,13 @@ device's own history follows Wang et al. 2019, "Federated Evaluation of
 On-device Personalization".  Like the typing logic, this module never imports
 Textual: the app runs `learn` in a worker thread and the module takes care
 that the live predictor is only touched by `apply_params`, called from the UI.
+
+Typing runs on NumPy: the weights are read without torch (models/modelfile.py)
+and suggestions come from models/numpy_predictor.py, as a phone's keyboard runs
+an inference runtime and loads the training framework only to learn.  torch is
+imported by the methods that train or measure (`learn`, `evaluate`,
+`evaluate_user`), the first time one runs, so the keyboard opens in well under
+a second instead of after `import torch`'s ~1.5-2 s.
 """
 
 from __future__ import annotations
@@ -25,20 +32,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from federation.client import local_finetune
 from federation.config import ClientConfig, personalization_config
 from federation.device import Device
-from models import atomic, params
-from models.checkpoint import load_checkpoint, load_model, load_tensors, save_tensors
+from models import atomic
 from models.datasets import UserData, load_users
 from models.errors import FedkbError
-from models.evaluate import simulate_typing
 from models.jsonvalues import is_number
-from models.lm import WordLM
-from models.predictor import Predictor
+from models.modelfile import Arrays, default_paths, read_arrays, read_model
+from models.numpy_predictor import NumpyPredictor
 from models.text import is_word
+from models.tokenizer import Tokenizer
 
 ME = "me"
 DELTA_FILE = "delta.safetensors"
@@ -94,12 +97,13 @@ class KeyboardSession:
         users_file: Path | None = None,
         learn_cfg: LearnConfig = LearnConfig(),
     ):
-        ckpt, self.tokenizer = load_model(model_dir, tokenizer_path)
+        base, tok = default_paths()
+        self.tokenizer = Tokenizer(tokenizer_path or tok)
+        f = read_model(model_dir or base, self.tokenizer)
         self.model_dir = model_dir
-        self.meta = ckpt.meta
-        self.vocab = ckpt.vocab
-        self.model = ckpt.model
-        self.global_params = params.clone(self.model.state_dict())
+        self.meta, self.vocab, self.config = f.meta, f.vocab, f.config  # config: model.json's, for torch's WordLM
+        self.global_weights = f.weights  # the global model's arrays; never changed in place
+        self.weights = f.weights  # the model in use: global, or global + the device's delta
         self.devices_root = Path(devices_root) if devices_root else default_devices_root()
         self.users_file = users_file
         self.learn_cfg = learn_cfg
@@ -107,7 +111,7 @@ class KeyboardSession:
         self._users: dict[str, UserData] | None = None
         self.has_delta = False
         self.delta_error: str | None = None  # why the device's personal delta could not be used, if it could not
-        self.predictor = Predictor(self.model, self.vocab, self.tokenizer)
+        self.predictor = NumpyPredictor(self.global_weights, self.vocab, self.tokenizer)
         self.open(user_id)
 
     # -- profiles ----------------------------------------------------------------------
@@ -148,12 +152,12 @@ class KeyboardSession:
         The device's personal delta, if any, is applied on top of the new global model
         (personal = global + delta, as on a phone whose base model was updated).
         """
-        ckpt = load_checkpoint(Path(model_dir), self.tokenizer)
-        if ckpt.model.cfg != self.model.cfg:
+        f = read_model(Path(model_dir), self.tokenizer)
+        if f.shapes != {k: v.shape for k, v in self.global_weights.items()}:
             raise FedkbError(f"{model_dir} has another architecture than the model in use")
-        self.model_dir, self.meta, self.vocab = Path(model_dir), ckpt.meta, ckpt.vocab
-        self.global_params = params.clone(ckpt.model.state_dict())
-        self.open(self.user_id)  # same model and predictor objects: new params, vocabulary, personal words
+        self.model_dir, self.meta, self.vocab, self.config = Path(model_dir), f.meta, f.vocab, f.config
+        self.global_weights = f.weights
+        self.open(self.user_id)  # the same predictor: new weights, vocabulary, personal words
 
     @property
     def simulated(self) -> bool:
@@ -165,17 +169,18 @@ class KeyboardSession:
         return model_label(self.meta) + (" + personal delta" if self.has_delta else "")
 
     # -- the personal delta ------------------------------------------------------------
-    def _load_delta(self) -> dict | None:
+    def _load_delta(self) -> Arrays | None:
+        """global + the device's delta, or None where it has none (or one that cannot be used: delta_error says why)."""
         self.delta_error = None
         f = self.device.delta_dir / DELTA_FILE
         if not f.exists():
             return None
         try:
-            delta = load_tensors(f, reference=self.global_params)
+            delta = read_arrays(f, reference={k: v.shape for k, v in self.global_weights.items()})
         except FedkbError as e:  # a delta for another model shape, or a damaged file: run on the global model, say so
             self.delta_error = f"personal model not used ({e}); typing with the global model; Learn now makes a new one"
             return None
-        return params.add(self.global_params, delta)
+        return {k: g + delta[k] for k, g in self.global_weights.items()}  # models/params.py's add, on arrays
 
     def delta_info(self) -> dict:
         """The last learning's record (delta.json), {} if there is none or it is unreadable; its
@@ -191,17 +196,19 @@ class KeyboardSession:
             info = {k: v for k, v in info.items() if k not in ("before", "after")}
         return info
 
-    def apply_params(self, personal: dict | None) -> None:
-        """Load global (None) or personal params into the live model; call from the UI thread."""
-        self.model.load_state_dict(personal if personal is not None else self.global_params)
-        self.model.eval()
+    def apply_params(self, personal: Arrays | None) -> None:
+        """Type with the global model (None) or personal weights (`learn`'s); call from the UI thread."""
+        self.weights = personal if personal is not None else self.global_weights
         self.has_delta = personal is not None
-        self.predictor.refresh_model()
+        self.predictor.set_weights(self.weights)
 
     def _save_delta(self, personal: dict, info: dict) -> None:
+        from models import params
+        from models.checkpoint import save_tensors
+
         d = self.device.delta_dir
         d.mkdir(parents=True, exist_ok=True)
-        save_tensors(d / DELTA_FILE, params.delta(personal, self.global_params),
+        save_tensors(d / DELTA_FILE, params.delta(personal, _tensors(self.global_weights)),
                      meta={"global": model_label(self.meta)})
         atomic.write_json(d / DELTA_META, info)
 
@@ -251,23 +258,31 @@ class KeyboardSession:
                 return fut[:n], "held-out future text"
         return self.device.history()[-n:], "typed history"
 
-    def _predictor_for(self, state: dict) -> Predictor:
-        model = WordLM(self.model.cfg)
-        model.load_state_dict(state)
-        return Predictor(model.eval(), self.vocab, self.tokenizer,
-                         personal_words=self.device.personal_words(), blocked=self.device.blocked_words())
+    def _predictor_for(self, weights: Arrays, personal_words=(), blocked=()):
+        """A torch Predictor of `weights` (what simulate_typing scores with); imports torch."""
+        from models.lm import LMConfig, WordLM
+        from models.predictor import Predictor
 
-    def evaluate(self, state: dict | None = None) -> dict:
-        """simulate_typing on eval_texts() with `state` (default: the model in use); safe in a worker."""
+        model = WordLM(LMConfig.from_json(self.config))
+        model.load_state_dict(_tensors(weights))
+        return Predictor(model.eval(), self.vocab, self.tokenizer, personal_words=personal_words, blocked=blocked)
+
+    def evaluate(self, weights: Arrays | None = None) -> dict:
+        """simulate_typing on eval_texts() with `weights` (default: the model in use); safe in a worker."""
+        from models.evaluate import simulate_typing
+
         texts, _ = self.eval_texts()
-        state = state if state is not None else params.clone(self.model.state_dict())
-        return simulate_typing(self._predictor_for(state), texts)
+        pred = self._predictor_for(weights if weights is not None else self.weights,
+                                   self.device.personal_words(), self.device.blocked_words())
+        return simulate_typing(pred, texts)
 
     def evaluate_user(self, user_id: str) -> dict:
         """How the models do on a simulated user's held-out future text (worker-safe; touches no live state).
 
         {"user", "messages", "global": summary, "personal": summary or None (if that device has a delta)}.
         """
+        from models.evaluate import simulate_typing
+
         user = self.users().get(user_id)
         if user is None:
             raise FedkbError(f"unknown user {user_id!r}")
@@ -275,28 +290,29 @@ class KeyboardSession:
         texts = list(user.future[: self.learn_cfg.eval_messages])
         words = device.personal_words() if device.exists() else []
         blocked = device.blocked_words() if device.exists() else set()
+        glob = self.global_weights
 
-        def run(state: dict) -> dict:
-            model = WordLM(self.model.cfg)
-            model.load_state_dict(state)
-            return simulate_typing(Predictor(model.eval(), self.vocab, self.tokenizer, words, blocked), texts)
+        def run(weights: Arrays) -> dict:
+            return simulate_typing(self._predictor_for(weights, words, blocked), texts)
 
         out = {"user": user_id, "messages": len(texts), "history": len(user.history),
-               "global": run(self.global_params), "personal": None}
+               "global": run(glob), "personal": None}
         f = device.delta_dir / DELTA_FILE
         if f.exists():
             try:
-                out["personal"] = run(params.add(self.global_params, load_tensors(f, reference=self.global_params)))
+                delta = read_arrays(f, reference={k: v.shape for k, v in glob.items()})
             except FedkbError:
                 pass
+            else:
+                out["personal"] = run({k: g + delta[k] for k, g in glob.items()})
         return out
 
     def learn(self, on_step: Callable[[int, int, float], None] | None = None,
               should_stop: Callable[[], bool] | None = None) -> tuple[LearnResult, dict]:
         """Fine-tune a personal model on the device history (in a worker thread).
 
-        Returns (result, personal params).  Saves the delta on the device; the
-        caller applies the params to the live model with `apply_params` (UI thread).
+        Returns (result, personal weights as arrays).  Saves the delta on the device;
+        the caller types with them through `apply_params` (UI thread).
         """
         if self.incognito:
             raise FedkbError("incognito: nothing is learned")
@@ -304,22 +320,34 @@ class KeyboardSession:
         if not texts:
             raise FedkbError("nothing to learn from yet: type and send (Enter) a few messages first")
         t0 = time.perf_counter()
-        current = params.clone(self.model.state_dict())
-        before = self.evaluate(current)
-        personal = finetune(self.model.cfg, self.global_params, self.vocab, self.tokenizer, texts, self.learn_cfg, on_step)
-        after = self.evaluate(personal)
+        before = self.evaluate(self.weights)
+        personal = finetune(self.config, self.global_weights, self.vocab, self.tokenizer, texts, self.learn_cfg, on_step)
+        weights = {k: v.numpy() for k, v in personal.items()}
+        after = self.evaluate(weights)
         _, eval_on = self.eval_texts()
         result = LearnResult(before, after, eval_on, len(texts), time.perf_counter() - t0)
         self._save_delta(personal, {"global": model_label(self.meta), "messages": len(texts),
                                     "config": asdict(self.learn_cfg), "before": before, "after": after,
                                     "eval_on": eval_on})
-        return result, personal
+        return result, weights
 
 
-def finetune(cfg, global_params: dict, vocab, tokenizer, texts: list[str], learn: LearnConfig,
+def _tensors(weights: Arrays) -> dict:
+    """Arrays as torch tensors (copies: the arrays stay the typing side's); imports torch."""
+    import torch
+
+    return {k: torch.tensor(v) for k, v in weights.items()}
+
+
+def finetune(config: dict, global_weights: Arrays, vocab, tokenizer, texts: list[str], learn: LearnConfig,
              on_step: Callable[[int, int, float], None] | None = None) -> dict:
-    """New personal params: the global model fine-tuned on `texts` (federation.client.local_finetune)."""
-    model = WordLM(cfg)
-    model.load_state_dict(global_params)
+    """New personal params (tensors): the global model fine-tuned on `texts` (federation.client.local_finetune)."""
+    import torch
+
+    from federation.client import local_finetune
+    from models.lm import LMConfig, WordLM
+
+    model = WordLM(LMConfig.from_json(config))
+    model.load_state_dict(_tensors(global_weights))
     gen = torch.Generator().manual_seed(learn.seed)
     return local_finetune(model, vocab, tokenizer, texts, learn.client, gen, on_step=on_step)

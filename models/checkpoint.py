@@ -1,6 +1,7 @@
 """Checkpoints and deltas: safetensors for tensors + a small JSON for config/metadata.
 
-Never pickle.  A checkpoint directory holds `model.safetensors` and `model.json`:
+Never pickle.  A checkpoint directory holds `model.safetensors` and `model.json`
+(the format's names and `read_meta` live in models/modelfile.py, which reads them without torch):
 
     {"format": "fedkb-lm", "format_version": 1, "config": {...}, "vocab": {...},
      "tokenizer_sha256": "...", "meta": {...}}
@@ -13,7 +14,6 @@ that says what to do.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +25,12 @@ from safetensors.torch import save as st_save
 from models import atomic, tensorfile
 from models.errors import FedkbError
 from models.lm import START_STATE_KEYS, LMConfig, WordLM
+# the format's names, read without torch there; default_paths is re-exported for callers of this module
+from models.modelfile import FORMAT, FORMAT_VERSION, META, WEIGHTS, default_paths, read_meta  # noqa: F401
 from models.params import Params, all_finite, check_compatible
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 
-FORMAT = "fedkb-lm"
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
-META = "model.json"
 
 
 @dataclass
@@ -90,21 +88,6 @@ def save_checkpoint(directory: Path, model: WordLM, vocab: Vocabulary, tokenizer
     })
 
 
-def read_meta(directory: Path) -> dict:
-    path = Path(directory) / META
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FedkbError(f"no model at {directory} ({META} missing)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FedkbError(f"{path} is corrupt ({e})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise FedkbError(f"{path} is not a fedkb model")
-    if obj.get("format_version") != FORMAT_VERSION:
-        raise FedkbError(f"{path} has format version {obj.get('format_version')}, this fedkb reads {FORMAT_VERSION}")
-    return obj
-
-
 def load_checkpoint(directory: Path, tokenizer: Tokenizer) -> Checkpoint:
     directory = Path(directory)
     obj = read_meta(directory)
@@ -122,13 +105,6 @@ def load_checkpoint(directory: Path, tokenizer: Tokenizer) -> Checkpoint:
     model.load_state_dict(state)
     model.eval()
     return Checkpoint(model, vocab, obj.get("meta", {}))
-
-
-def default_paths() -> tuple[Path, Path]:
-    """(shipped base model directory, shipped tokenizer) under the data directory."""
-    from models.datasets import DATA_DIR
-
-    return DATA_DIR / "base", DATA_DIR / "tokenizer.model"
 
 
 def load_model(model_dir: Path | None = None, tokenizer_path: Path | None = None) -> tuple[Checkpoint, Tokenizer]:

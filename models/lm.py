@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from models.fused import compose_words, composition_transpose, lstm_projected, shared_lookup, tied_softmax_cross_entropy
 from models.jsonvalues import is_int, is_number
+from models.modelfile import START_STATE_KEYS  # noqa: F401 (WordLM's buffers, named where torch-free readers see them)
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 
@@ -34,7 +35,6 @@ from models.vocab import Vocabulary
 # PyTorch has no oneDNN kernel for projected LSTMs and says so on every call; the default one is used.
 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
-START_STATE_KEYS = ("start_h", "start_c")  # WordLM's buffers: in every state dict, never trained
 
 
 @dataclass(frozen=True)

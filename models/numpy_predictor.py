@@ -1,33 +1,27 @@
-"""The same suggestions without PyTorch: NumPy inference for one-shot commands.
+"""The keyboard's suggestions without PyTorch: NumPy inference, what typing runs on.
 
-`import torch` alone takes ~2 s on this machine, which is most of a
-`fedkb predict` process.  Shipping keyboards run a small inference runtime,
-not the training framework (Gboard: TensorFlow Lite); this is ours: the
-checkpoint's safetensors read as NumPy arrays, the word table composed, the
-projected LSTM (PyTorch's gate order i, f, g, o; h = W_hr (o * tanh c)) stepped
-in float32.  The interface is the part of `models.predictor.Predictor` the
-typing logic uses (reset, commit, suggest, `in`), and a test holds the two to
-the same suggestions and log-probabilities.
+`import torch` alone takes ~1.5-2 s on this machine: most of a `fedkb predict` process, and
+most of the keyboard's start.  Shipping keyboards run a small inference runtime, not the
+training framework (Gboard: TensorFlow Lite); this is ours: a checkpoint's weights as NumPy
+arrays (models/modelfile.py), the word table composed, the projected LSTM (PyTorch's gate
+order i, f, g, o; h = W_hr (o * tanh c)) stepped in float32.  It has the interface of
+`models.predictor.Predictor` that typing uses (reset, commit, suggest, set_context, `in`, and
+the device's personal words, blocked words and new weights), and a test holds the two to the
+same suggestions and log-probabilities.  Learning and evaluation keep the torch `Predictor`.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load
 
-from models import tensorfile
-from models.errors import FedkbError
-from models.text import BOS, SPECIALS, UNK
+from models.modelfile import Arrays, read_model
+from models.text import BOS, MAX_CONTEXT_WORDS, SPECIALS, UNK, sentence_tokens, split_partial
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
-
-_SHAPES = ("piece_emb", "piece_bias", "residual", "word_bias",
-           "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0", "lstm.weight_hr_l0")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -35,44 +29,39 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 class NumpyPredictor:
-    def __init__(self, model_dir: Path, tokenizer: Tokenizer, k: int = 3):
-        model_dir = Path(model_dir)
-        try:
-            meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-            vocab = Vocabulary.from_json(meta["vocab"])
-            sha = meta["tokenizer_sha256"]
-        except FileNotFoundError:
-            raise FedkbError(f"no model at {model_dir} (model.json missing)") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FedkbError(f"{model_dir / 'model.json'} is corrupt ({e})") from None
-        if sha != tokenizer.sha256:
-            raise FedkbError(f"model {model_dir} was trained with a different tokenizer than {tokenizer.path}")
-        try:
-            blob = (model_dir / "model.safetensors").read_bytes()
-            w = load(blob)
-        except FileNotFoundError:
-            raise FedkbError(f"{model_dir / 'model.safetensors'} does not exist") from None
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FedkbError(f"{model_dir / 'model.safetensors'} is not a valid safetensors file ({e})") from None
-        tensorfile.check(model_dir / "model.safetensors", blob)
-        missing = [n for n in _SHAPES if n not in w]
-        if missing or w["piece_emb"].shape[0] != tokenizer.num_pieces:
-            raise FedkbError(f"{model_dir / 'model.safetensors'} does not fit the model (missing {missing[:3]} or wrong shapes)")
-        if not all(np.isfinite(a).all() for a in w.values()):
-            raise FedkbError(f"{model_dir / 'model.safetensors'} contains NaN or infinite values")
-        self.w = {n: w[n].astype(np.float32) for n in _SHAPES}
-        d, hidden = self.w["lstm.weight_hr_l0"].shape
-        # the state messages start from (models/start_state.py); zeros in models saved before it
-        self._start_h = w["start_h"].astype(np.float32) if "start_h" in w else np.zeros(d, np.float32)
-        self._start_c = w["start_c"].astype(np.float32) if "start_c" in w else np.zeros(hidden, np.float32)
-        if self._start_h.shape != (d,) or self._start_c.shape != (hidden,):
-            raise FedkbError(f"{model_dir / 'model.safetensors'} does not fit the model (start state of the wrong shape)")
-        self.tokenizer, self.vocab, self.k, self.meta = tokenizer, vocab, k, meta.get("meta", {})
-        self.blocked: set[str] = set()
-        self._compose()
-        self.reset()
+    def __init__(
+        self,
+        weights: Arrays,
+        vocab: Vocabulary,
+        tokenizer: Tokenizer,
+        personal_words: Iterable[str] = (),
+        blocked: Iterable[str] = (),
+        k: int = 3,
+        meta: dict | None = None,
+    ):
+        """`weights`: a checkpoint's arrays as models.modelfile.read_model returns them (checked)."""
+        self.tokenizer, self.k, self.meta = tokenizer, k, meta or {}
+        self.base_vocab = vocab
+        self.vocab = vocab.add(personal_words)
+        self.blocked = {w.lower() for w in blocked}
+        self._history: list[str] = []
+        self.set_weights(weights)
 
-    def _compose(self) -> None:
+    @classmethod
+    def load(cls, model_dir: Path, tokenizer: Tokenizer, k: int = 3) -> "NumpyPredictor":
+        """The predictor of a checkpoint folder; FedkbError if it is missing, damaged or another model's."""
+        f = read_model(Path(model_dir), tokenizer)
+        return cls(f.weights, f.vocab, tokenizer, k=k, meta=f.meta)
+
+    # -- weights and vocabulary-dependent caches ----------------------------------------
+    def set_weights(self, weights: Arrays) -> None:
+        """Predict with new weights (a personal or new global model): the caches are rebuilt and the
+        context is fed again."""
+        self.w = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in weights.items()}
+        self._build()
+        self._refresh()
+
+    def _build(self) -> None:
         w, vocab = self.w, self.vocab
         pieces = [self.tokenizer.pieces(word) for word in vocab.words]
         lengths = np.array([len(p) for p in pieces])
@@ -80,7 +69,7 @@ class NumpyPredictor:
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         self.emb = np.add.reduceat(w["piece_emb"][flat], starts, axis=0) / lengths[:, None]  # (V, d)
         self.bias = np.add.reduceat(w["piece_bias"][flat], starts) / lengths  # (V,)
-        r = min(vocab.base_size, w["residual"].shape[0])
+        r = min(vocab.base_size, w["residual"].shape[0])  # personal words past the base: pieces only
         self.emb[:r] += w["residual"][:r]
         self.bias[:r] += w["word_bias"][:r]
         self.emb, self.bias = self.emb.astype(np.float32), self.bias.astype(np.float32)
@@ -88,18 +77,42 @@ class NumpyPredictor:
         self._sorted = [vocab.words[i] for i in order]
         self._sorted_idx = np.array(order, dtype=np.int64)
         self._mask = np.zeros(len(vocab), dtype=np.float32)
-        self._mask[[vocab.index[s] for s in SPECIALS]] = -np.inf
+        for word in (*SPECIALS, *self.blocked):
+            if word in vocab:
+                self._mask[vocab.index[word]] = -np.inf
 
+    def set_vocab(self, vocab: Vocabulary, personal_words: Iterable[str] = ()) -> None:
+        self.base_vocab = vocab
+        self.vocab = vocab.add(personal_words)
+        self._build()
+        self.reset()
+
+    def add_personal_words(self, words: Iterable[str]) -> None:
+        new = self.vocab.add(words)
+        if new is not self.vocab:
+            self.vocab = new
+            self._build()
+            self._refresh()
+
+    def block(self, word: str) -> None:
+        """Never suggest `word` again (this predictor)."""
+        self.blocked.add(word.lower())
+        if word.lower() in self.vocab:
+            self._mask[self.vocab.index[word.lower()]] = -np.inf
+
+    # -- context ------------------------------------------------------------------------
     def reset(self) -> None:
-        self._h, self._c = self._start_h.copy(), self._start_c.copy()
-        self._last = None
+        """Empty context: a new message."""
+        self._history = []
+        self._h, self._c = self.w["start_h"].copy(), self.w["start_c"].copy()
         self.commit(BOS)
 
     def commit(self, word: str) -> None:
+        """Feed one finished word (or BOS at a sentence end): one LSTM step."""
         word = word.lower()
-        if word == BOS and self._last == BOS:
+        if word == BOS and self._history and self._history[-1] == BOS:
             return
-        self._last = word
+        self._history.append(word)
         w = self.w
         gates = w["lstm.weight_ih_l0"] @ self.emb[self.vocab.id(word)] + w["lstm.bias_ih_l0"] \
             + w["lstm.weight_hh_l0"] @ self._h + w["lstm.bias_hh_l0"]
@@ -110,10 +123,34 @@ class NumpyPredictor:
         m = logits.max()
         self._logp = logits - (m + np.log(np.exp(logits - m).sum()))
 
+    def _refresh(self) -> None:
+        """Feed the context again (after the weights or the vocabulary changed)."""
+        hist = self._history[-MAX_CONTEXT_WORDS:]
+        self._history = []
+        self._h, self._c = self.w["start_h"].copy(), self.w["start_c"].copy()
+        for word in hist or [BOS]:
+            self.commit(word)
+
+    def set_context(self, text: str) -> str:
+        """Replace the context with `text`'s finished words; returns the partial last word."""
+        context, partial = split_partial(text)
+        toks = sentence_tokens(context)[-MAX_CONTEXT_WORDS:]
+        self._history = []
+        self._h, self._c = self.w["start_h"].copy(), self.w["start_c"].copy()
+        if not toks or toks[0] != BOS:
+            self.commit(BOS)
+        for t in toks:
+            self.commit(t)
+        return partial
+
+    # -- suggestions --------------------------------------------------------------------
     def scores(self) -> np.ndarray:
+        """Next-word log-probabilities (V,) with specials and blocked words at -inf."""
         return self._logp + self._mask
 
     def suggest(self, prefix: str = "", k: int | None = None) -> list[str]:
+        """The k most likely next words starting with `prefix` (lower-cased), best first: a binary
+        search in the alphabetical order for the prefix's range, then a top-k over that slice."""
         k = k or self.k
         prefix = prefix.lower()
         scores = self.scores()
@@ -126,8 +163,16 @@ class NumpyPredictor:
         if len(cand) == 0:
             return []
         sub = scores[cand]
-        top = np.argsort(-sub, kind="stable")[:k]
+        if len(sub) > k:  # the k best without sorting all V: a partition, then those k in order
+            best = np.argpartition(-sub, k - 1)[:k]
+            top = best[np.lexsort((cand[best], -sub[best]))]
+        else:
+            top = np.lexsort((cand, -sub))
         return [self.vocab.words[int(cand[i])] for i in top if np.isfinite(sub[i])]
+
+    def suggest_for(self, text: str, k: int | None = None) -> list[str]:
+        """Suggestions for everything typed so far (rebuilds the context: for one-off use)."""
+        return self.suggest(self.set_context(text), k)
 
     def __contains__(self, word: str) -> bool:
         return word.lower() in self.vocab and word.lower() != UNK

@@ -1,4 +1,7 @@
-"""Incremental next-word suggestions: the keyboard's hot path.
+"""Incremental next-word suggestions from the torch model (evaluation, "Learn now"'s scores).
+
+The keyboard and `fedkb predict` run the same logic on NumPy (models/numpy_predictor.py, held
+to this one by a test), so typing never imports torch.
 
 Committing a word is one LSTM step (the cached log-probabilities over the whole
 vocabulary are recomputed); a keystroke inside a word costs no model call at

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 
+import numpy as np
 import pytest
-import torch
 from textual.widgets import Input
 
 from keyboard.app import FedkbApp
@@ -159,20 +159,21 @@ async def test_forget_blocks_the_best_suggestion(tiny, tmp_path):
 async def test_learn_now_changes_the_personal_model(tiny, tmp_path):
     app = make_app(tiny, tmp_path, user_id="u0001")
     async with app.run_test() as pilot:
-        before = {k: v.clone() for k, v in app.session.model.state_dict().items()}
+        before = {k: v.copy() for k, v in app.session.weights.items()}
         assert app.session.label == "base"
         await pilot.press("ctrl+l")
         await app.workers.wait_for_complete()
         await pilot.pause()
-        after = app.session.model.state_dict()
-        assert any(not before[k].equal(after[k]) for k in before)
+        after = app.session.weights
+        assert any(not np.array_equal(before[k], after[k]) for k in before)
+        assert app.session.predictor.w["residual"] is after["residual"]  # suggestions come from the personal model
         assert app.session.label == "base + personal delta"
         assert (app.session.device.delta_dir / DELTA_FILE).is_file()
         assert "before" in str(app.screen.query_one("#learn-result").render())
     # reopened: the delta is loaded from the device folder
     app2 = make_app(tiny, tmp_path, user_id="u0001")
     assert app2.session.label == "base + personal delta"
-    assert all(torch.allclose(app2.session.model.state_dict()[k], after[k], atol=1e-6) for k in after)
+    assert all(np.allclose(app2.session.weights[k], after[k], atol=1e-6) for k in after)
     # one bit of the saved delta flipped: typing goes on with the global model, and the app says why
     f = app2.session.device.delta_dir / DELTA_FILE
     blob = bytearray(f.read_bytes())
@@ -306,6 +307,8 @@ async def test_megabyte_paste_is_cut_to_one_message(tiny, tmp_path):
 
 @sync
 async def test_new_global_model_from_federation_is_used_for_typing(tiny, tmp_path):
+    import torch
+
     from models.checkpoint import load_model, save_checkpoint
 
     ckpt, tok = load_model(*tiny)
@@ -322,3 +325,33 @@ async def test_new_global_model_from_federation_is_used_for_typing(tiny, tmp_pat
         assert "quokkaword" in app.session.predictor.vocab  # the new vocabulary version came with it
         boosted = ckpt.vocab.words[ckpt.vocab.index.get("zebra", 10)]
         assert strip(app)[0].lower() == boosted and strip(app) != before
+
+
+def test_the_keyboard_opens_and_types_without_torch(tiny, tmp_path):
+    """Typing runs on NumPy: the app starts, mounts and suggests from a personal model (global +
+    the device's delta) in a process that never imports torch; Learn now brings torch in."""
+    import subprocess
+    import sys
+
+    app = make_app(tiny, tmp_path, user_id="u0001")
+    result, personal = app.session.learn()  # a delta on the device (this process has torch)
+    code = f"""
+import asyncio, sys
+from pathlib import Path
+from keyboard.app import FedkbApp
+from keyboard.session import LearnConfig
+app = FedkbApp(Path({str(tiny[0])!r}), Path({str(tiny[1])!r}), devices_root=Path({str(tmp_path / "devices")!r}),
+               users_file=Path({str(USERS)!r}), user_id="u0001", cursor_blink=False)
+async def main():
+    async with app.run_test() as pilot:
+        await pilot.press("h", "o", "w", "space")
+        await pilot.pause()
+        print(app.session.label, "|", app.session.predictor.suggest_for("how are"), "|", "torch" in sys.modules)
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    label, words, torch_loaded = out.stdout.strip().splitlines()[-1].split(" | ")
+    assert label == "base + personal delta" and torch_loaded == "False"
+    app.session.apply_params(personal)
+    assert words == str(app.session.predictor.suggest_for("how are")) != "[]"

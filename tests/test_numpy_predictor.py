@@ -29,19 +29,89 @@ def assert_same_scores_and_suggestions(ref, fast, contexts=CONTEXTS):
 
 def test_same_scores_and_suggestions(tiny, tiny_loaded):
     ckpt, tok = tiny_loaded
-    assert_same_scores_and_suggestions(Predictor(ckpt.model, ckpt.vocab, tok), NumpyPredictor(tiny[0], Tokenizer(tiny[1])))
+    assert_same_scores_and_suggestions(Predictor(ckpt.model, ckpt.vocab, tok), NumpyPredictor.load(tiny[0], Tokenizer(tiny[1])))
 
 
 def test_bad_files_are_clear_errors(tiny, tmp_path):
     tok = Tokenizer(tiny[1])
     with pytest.raises(FedkbError, match="no model"):
-        NumpyPredictor(tmp_path, tok)
+        NumpyPredictor.load(tmp_path, tok)
     (tmp_path / "model.json").write_text((tiny[0] / "model.json").read_text())
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(FedkbError, match="not a valid safetensors"):
-        NumpyPredictor(tmp_path, tok)
+        NumpyPredictor.load(tmp_path, tok)
     blob = bytearray((tiny[0] / "model.safetensors").read_bytes())
     blob[-5] ^= 0x01  # one bit of the last tensor: safetensors alone would load it
     (tmp_path / "model.safetensors").write_bytes(bytes(blob))
     with pytest.raises(FedkbError, match="damaged"):
-        NumpyPredictor(tmp_path, tok)
+        NumpyPredictor.load(tmp_path, tok)
+
+
+def test_device_features_match_the_torch_predictor(tiny, tiny_loaded):
+    """What the keyboard does to its predictor (personal words, blocked words, personal weights,
+    a context from text) gives the torch Predictor's suggestions and scores."""
+    import torch
+
+    ckpt, tok = tiny_loaded
+    fast = NumpyPredictor.load(tiny[0], Tokenizer(tiny[1]))
+    personal = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
+                for k, v in ckpt.model.state_dict().items()}
+    ckpt.model.load_state_dict(personal)
+    ref = Predictor(ckpt.model, ckpt.vocab, tok)
+    fast.set_weights({k: v.numpy() for k, v in personal.items()})
+    for p in (ref, fast):
+        p.add_personal_words(["zorblax", "quokkaword"])
+        p.block("the")
+    assert "zorblax" in fast and "quokkaword" in fast.vocab and fast.base_vocab == ckpt.vocab
+    assert_same_scores_and_suggestions(ref, fast, CONTEXTS + [("i", "met", "zorblax")])
+    for text in ("how are y", "i met zorb", "hello. ", "zorblax and the"):
+        assert fast.suggest_for(text) == ref.suggest_for(text)
+    assert "the" not in fast.suggest("th", k=50)
+
+
+def test_new_weights_keep_the_context(tiny):
+    """set_weights feeds the words typed so far again: the same scores as committing them anew."""
+    tok = Tokenizer(tiny[1])
+    a, b = NumpyPredictor.load(tiny[0], tok), NumpyPredictor.load(tiny[0], tok)
+    scaled = {k: v * 0.9 for k, v in a.w.items()}
+    for w in ("how", "are"):
+        a.commit(w)
+    a.set_weights(scaled)
+    b.set_weights(scaled)
+    for w in ("how", "are"):
+        b.commit(w)
+    assert np.array_equal(a.scores(), b.scores())
+
+
+def test_modelfile_shapes_are_the_models(tiny_loaded):
+    """models/modelfile.py's shape table (what the torch-free reader checks) is WordLM's state dict."""
+    from models.modelfile import shapes
+
+    ckpt, _ = tiny_loaded
+    assert shapes(ckpt.model.cfg.to_json()) == {k: tuple(v.shape) for k, v in ckpt.model.state_dict().items()}
+
+
+def test_bad_weights_are_refused_without_torch(tiny, tmp_path):
+    """The torch-free reader refuses what load_checkpoint refuses: another shape, NaN, a bad config."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from models.modelfile import read_model
+
+    tok = Tokenizer(tiny[1])
+    meta = json.loads((tiny[0] / "model.json").read_text())
+    weights = load_file(str(tiny[0] / "model.safetensors"))
+    cases = {
+        "shape": ({**weights, "residual": weights["residual"][:-1]}, meta, "residual has shape"),
+        "nan": ({**weights, "word_bias": np.full_like(weights["word_bias"], np.nan)}, meta, "NaN"),
+        "extra": ({**weights, "surprise": np.zeros(3, np.float32)}, meta, "unexpected"),
+        "config": (weights, {**meta, "config": {**meta["config"], "hidden": 0}}, "bad config"),
+    }
+    for name, (w, m, message) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        save_file(w, str(d / "model.safetensors"))
+        (d / "model.json").write_text(json.dumps(m))
+        with pytest.raises(FedkbError, match=message):
+            read_model(d, tok)

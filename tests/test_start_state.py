@@ -63,7 +63,7 @@ def test_predictors_start_every_message_from_it(tiny, tiny_loaded, tmp_path):
     assert torch.equal(loaded.start_h, h) and torch.equal(loaded.start_c, c)
 
     ref = Predictor(loaded, ckpt.vocab, tok)
-    fast = NumpyPredictor(tmp_path / "m", tok)
+    fast = NumpyPredictor.load(tmp_path / "m", tok)
     with torch.no_grad():  # by hand: <s> read from (h, c)
         emb, bias = loaded.compose(WordTable.build(ckpt.vocab, tok, loaded.cfg.base_vocab))
         out, _ = loaded.lstm(emb[ckpt.vocab.id(BOS)].view(1, 1, -1), (h.view(1, 1, -1), c.view(1, 1, -1)))
@@ -85,7 +85,7 @@ def test_files_saved_before_it_load_with_the_old_zero_start(tiny, tmp_path):
     save_file({k: v for k, v in tensors.items() if k not in START_STATE_KEYS}, str(tmp_path / "old" / WEIGHTS))
     model = load_checkpoint(tmp_path / "old", tok).model
     assert not model.start_h.any() and not model.start_c.any()
-    assert not NumpyPredictor(tmp_path / "old", tok)._start_c.any()
+    assert not NumpyPredictor.load(tmp_path / "old", tok).w["start_c"].any()
 
 
 def test_aggregation_never_moves_it():

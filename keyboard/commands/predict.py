@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise FedkbError("-k must be at least 1")
     tokenizer = Tokenizer(args.tokenizer or DATA_DIR / "tokenizer.model")
-    pred = NumpyPredictor(args.model or DATA_DIR / "base", tokenizer, k=args.k)
+    pred = NumpyPredictor.load(args.model or DATA_DIR / "base", tokenizer, k=args.k)
     session = TypingSession(pred, k=args.k)
     update = session.update(args.text)
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 HELP = "open the keyboard (the default when no command is given)"
@@ -19,11 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    # One thread for what computes here: NumPy's BLAS while typing, torch once learning imports it.
+    # One word at a time gains nothing from threads, and the UI keeps the other core.  Read by both
+    # libraries when they load, so set before either does (a value the user set is kept).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from keyboard.app import FedkbApp
 
-    torch.set_num_threads(1)  # one word at a time: threads only add latency, and leave a core to the UI
     app = FedkbApp(args.model, args.tokenizer, args.devices, args.user, args.incognito, args.users_file)
     app.run()
     return int(app.return_code or 0)
