@@ -64,9 +64,11 @@ def read_meta(directory: Path) -> dict:
 def shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     """Every tensor of models.lm.WordLM's state dict and its shape, from model.json's "config"
     (a test holds this to WordLM's own state dict)."""
+    if not isinstance(config, Mapping):
+        raise ValueError("no config object")
     try:
         p, v, d, h = (config[k] for k in ("num_pieces", "base_vocab", "embed_dim", "hidden"))
-    except (KeyError, TypeError) as e:
+    except KeyError as e:
         raise ValueError(f"missing {e}") from None
     if not all(is_int(x) and x >= 1 for x in (p, v, d, h)):
         raise ValueError("model sizes must be whole numbers >= 1")
@@ -89,6 +91,8 @@ def read_arrays(path: Path, reference: Mapping[str, tuple[int, ...]] | None = No
         raise FedkbError(f"{path} does not exist") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise FedkbError(f"{path} is not a valid safetensors file ({e})") from None
+    except (KeyError, TypeError) as e:  # a dtype NumPy has no type for (bfloat16, ...)
+        raise FedkbError(f"{path} does not fit the model: it holds a dtype NumPy cannot read ({e})") from None
     tensorfile.check(path, blob)
     if reference is not None:
         for key in START_STATE_KEYS:

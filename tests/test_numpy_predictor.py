@@ -115,3 +115,11 @@ def test_bad_weights_are_refused_without_torch(tiny, tmp_path):
         (d / "model.json").write_text(json.dumps(m))
         with pytest.raises(FedkbError, match=message):
             read_model(d, tok)
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    from models.modelfile import read_arrays
+
+    save_torch({"a": torch.zeros(3, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))  # no NumPy dtype
+    with pytest.raises(FedkbError, match="dtype NumPy cannot read"):
+        read_arrays(tmp_path / "bf16.safetensors", reference={"a": (3,)})
