@@ -20,9 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
-
 from models import tensorfile
 from models.errors import FedkbError
 from models.jsonvalues import is_int
@@ -78,22 +75,13 @@ def shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
 
 
 def read_arrays(path: Path, reference: Mapping[str, tuple[int, ...]] | None = None) -> Arrays:
-    """A safetensors file as float32 arrays (models.checkpoint.load_tensors without torch).
+    """A safetensors file as arrays, all finite (models.checkpoint.load_tensors without torch).
 
     With `reference` (name -> shape), the file must hold exactly those tensors, in float32, of
     those shapes; a file written before the start state existed lacks its two and they read as
-    zeros (what such a model started every message from, and a zero delta).  All finite."""
+    zeros (what such a model started every message from, and a zero delta)."""
     path = Path(path)
-    try:
-        blob = path.read_bytes()
-        arrays = st_load(blob)
-    except FileNotFoundError:
-        raise FedkbError(f"{path} does not exist") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FedkbError(f"{path} is not a valid safetensors file ({e})") from None
-    except (KeyError, TypeError) as e:  # a dtype NumPy has no type for (bfloat16, ...)
-        raise FedkbError(f"{path} does not fit the model: it holds a dtype NumPy cannot read ({e})") from None
-    tensorfile.check(path, blob)
+    arrays = tensorfile.read(path)
     if reference is not None:
         for key in START_STATE_KEYS:
             if key in reference and key not in arrays:

@@ -5,7 +5,8 @@ damaged after it was written (a bad disk, a partial copy, an edit) loads with so
 silently changed.  fedkb therefore writes the SHA-256 of the data section (everything after
 the header) into the header's metadata, under `data_sha256`, and refuses a file whose data
 no longer matches it.  Files written before the checksum existed have none and load as
-before.  Torch-free, so `fedkb predict`'s NumPy path checks files too.
+before.  Torch-free: every tensor file is read here (`read`), as NumPy arrays, by the typing
+side (models/modelfile.py) and the training side (models/checkpoint.py) alike.
 
 File layout (the safetensors format): 8 bytes little-endian header length n, n bytes of
 JSON header ({"__metadata__": {str: str}, name: {dtype, shape, data_offsets}, ...}), data.
@@ -16,6 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load
 
 from models.errors import FedkbError
 
@@ -59,3 +64,21 @@ def check(path: Path, blob: bytes) -> None:
     want = meta.get(CHECKSUM) if isinstance(meta, dict) else None
     if want is not None and hashlib.sha256(data).hexdigest() != want:
         raise FedkbError(f"{path} is damaged: its data no longer matches the checksum it was written with")
+
+
+def read(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors as NumPy arrays (writable), its checksum checked: what every
+    reader of fedkb's tensor files starts from (models/checkpoint.py turns them into tensors).
+    FedkbError for a missing, unreadable or damaged file."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+        arrays = load(blob)
+    except FileNotFoundError:
+        raise FedkbError(f"{path} does not exist") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FedkbError(f"{path} is not a valid safetensors file ({e})") from None
+    except (KeyError, TypeError) as e:  # a dtype NumPy has no type for (bfloat16, ...); fedkb writes none
+        raise FedkbError(f"{path} holds a dtype NumPy cannot read ({e})") from None
+    check(path, blob)
+    return arrays

@@ -121,5 +121,5 @@ def test_bad_weights_are_refused_without_torch(tiny, tmp_path):
     from models.modelfile import read_arrays
 
     save_torch({"a": torch.zeros(3, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))  # no NumPy dtype
-    with pytest.raises(FedkbError, match="dtype NumPy cannot read"):
+    with pytest.raises(FedkbError, match="holds a dtype NumPy cannot read"):
         read_arrays(tmp_path / "bf16.safetensors", reference={"a": (3,)})

@@ -1,0 +1,154 @@
+"""What both predictors share: the device's vocabulary, the context, and prefix filtering.
+
+An incremental predictor keeps next-word scores for the words committed so far.  Committing a
+word is one LSTM step (`_step`, the model's part); a keystroke inside a word costs no model
+call at all: the suggestions are the top-k of the cached scores restricted to words with the
+typed prefix, found by binary search in an alphabetically sorted copy of the vocabulary.
+Personal words (known only on this device) are appended to the vocabulary locally; blocked
+words ("forget this word") are never suggested.
+
+This class holds all of that, once, for the two model sides: models/predictor.py (torch:
+evaluation and learning) and models/numpy_predictor.py (NumPy: typing).  A subclass gives the
+word table (`_compose`), the state at a message start (`_start`), one step (`_step`), a mask
+vector (`_zeros`) and the top-k (`_top`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+from models.text import BOS, MAX_CONTEXT_WORDS, SPECIALS, UNK, sentence_tokens, split_partial
+from models.tokenizer import Tokenizer
+from models.vocab import Vocabulary
+
+
+class IncrementalPredictor:
+    def __init__(self, vocab: Vocabulary, tokenizer: Tokenizer, personal_words: Iterable[str] = (),
+                 blocked: Iterable[str] = (), k: int = 3):
+        self.tokenizer, self.k = tokenizer, k
+        self.base_vocab = vocab
+        self.vocab = vocab.add(personal_words)
+        self.blocked = {w.lower() for w in blocked}
+        self._history: list[str] = []
+
+    # -- the model side ----------------------------------------------------------------
+    def _compose(self) -> None:
+        """The word table of self.vocab, for `_step`."""
+        raise NotImplementedError
+
+    def _start(self) -> None:
+        """The state a message starts from."""
+        raise NotImplementedError
+
+    def _step(self, word_id: int) -> None:
+        """One LSTM step on word `word_id`; sets self._logp, the next word's log-probabilities (V,)."""
+        raise NotImplementedError
+
+    def _zeros(self, n: int):
+        """A float vector of n zeros (the mask)."""
+        raise NotImplementedError
+
+    def _index(self, ids: list[int]):
+        """`ids` as an index vector of the model side's kind."""
+        raise NotImplementedError
+
+    def _top(self, scores, k: int, cand=None) -> tuple[list[int], list[float]]:
+        """The k largest of `scores`, best first: their positions (or `cand`'s entries at those
+        positions, where `scores` is a slice picked by `cand`) and their values."""
+        raise NotImplementedError
+
+    # -- vocabulary-dependent caches --------------------------------------------------
+    def _build(self) -> None:
+        self._compose()
+        order = sorted(range(len(self.vocab)), key=lambda i: self.vocab.words[i])
+        self._sorted = [self.vocab.words[i] for i in order]
+        self._sorted_idx = self._index(order)
+        self._mask = self._zeros(len(self.vocab))
+        for w in (*SPECIALS, *self.blocked):
+            if w in self.vocab:
+                self._mask[self.vocab.index[w]] = float("-inf")
+
+    def set_vocab(self, vocab: Vocabulary, personal_words: Iterable[str] = ()) -> None:
+        self.base_vocab = vocab
+        self.vocab = vocab.add(personal_words)
+        self._build()
+        self.reset()
+
+    def add_personal_words(self, words: Iterable[str]) -> None:
+        new = self.vocab.add(words)
+        if new is not self.vocab:
+            self.vocab = new
+            self._build()
+            self._refresh()
+
+    def block(self, word: str) -> None:
+        """Never suggest `word` again (this predictor)."""
+        self.blocked.add(word.lower())
+        if word.lower() in self.vocab:
+            self._mask[self.vocab.index[word.lower()]] = float("-inf")
+
+    # -- context ------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Empty context: a new message."""
+        self._history = []
+        self._start()
+        self.commit(BOS)
+
+    def commit(self, word: str) -> None:
+        """Feed one finished word (or BOS at a sentence end): one LSTM step."""
+        word = word.lower()
+        if word == BOS and self._history and self._history[-1] == BOS:
+            return
+        self._history.append(word)
+        self._step(self.vocab.id(word))
+
+    def _refresh(self) -> None:
+        """Feed the context again (after the weights or the vocabulary changed)."""
+        hist = self._history[-MAX_CONTEXT_WORDS:]
+        self._history = []
+        self._start()
+        for w in hist or [BOS]:
+            self.commit(w)
+
+    def set_context(self, text: str) -> str:
+        """Replace the context with `text`'s finished words; returns the partial last word."""
+        context, partial = split_partial(text)
+        toks = sentence_tokens(context)[-MAX_CONTEXT_WORDS:]
+        self._history = []
+        self._start()
+        if not toks or toks[0] != BOS:
+            self.commit(BOS)
+        for t in toks:
+            self.commit(t)
+        return partial
+
+    # -- suggestions --------------------------------------------------------------------
+    def scores(self):
+        """Next-word log-probabilities (V,) with specials and blocked words at -inf."""
+        return self._logp + self._mask
+
+    def suggest(self, prefix: str = "", k: int | None = None) -> list[str]:
+        """The k most likely next words starting with `prefix` (lower-cased), best first."""
+        return self.rank(self.scores(), prefix.lower(), k or self.k)
+
+    def rank(self, scores, prefix: str, k: int) -> list[str]:
+        """The k best words of `scores` (V,) that start with `prefix`: a binary search in the
+        alphabetical order for the prefix's range, then a top-k over that slice only."""
+        cand = None
+        if prefix:
+            lo = bisect.bisect_left(self._sorted, prefix)
+            hi = bisect.bisect_left(self._sorted, prefix + "\U0010ffff", lo)
+            if lo >= hi:
+                return []
+            cand = self._sorted_idx[lo:hi]
+            scores = scores[cand]
+        ids, values = self._top(scores, min(k, len(scores)), cand)
+        return [self.vocab.words[i] for i, s in zip(ids, values) if s > float("-inf")]
+
+    def suggest_for(self, text: str, k: int | None = None) -> list[str]:
+        """Suggestions for everything typed so far (rebuilds the context: for one-off use)."""
+        return self.suggest(self.set_context(text), k)
+
+    def __contains__(self, word: str) -> bool:
+        return word.lower() in self.vocab and word.lower() != UNK
