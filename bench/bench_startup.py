@@ -12,7 +12,8 @@ weight files); the process exits there.  Measured in the same run, alternating w
 * `bare_textual`: a process that mounts a Textual app holding one Input: Textual's own start.
 
 Medians over --reps, in seconds; `keyboard_over_import_torch` is the ratio of the medians.
-The keyboard process also reports whether torch was ever imported (it must not be).
+The keyboard process also reports whether torch was ever imported (it must not be), and
+both it and the `import torch` process their peak resident memory (`peak_rss_mb`, medians).
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ app = FedkbApp({model}, None, devices_root=Path({devices!r}), user_id="u0000", c
 async def main():
     async with app.run_test() as pilot:
         await pilot.pause()
-        print(app.session.label, "|", app.screen.typing.suggestions, "|", "torch" in sys.modules)
+        print(app.session.label, "|", app.screen.typing.suggestions, "|", "torch" in sys.modules, "|", {hwm})
 asyncio.run(main())
 """
+
+# the process's peak resident memory, in MB (Linux: /proc/self/status's VmHWM)
+HWM = "next((int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')), 0.0)"
 
 BARE_TEXTUAL = """
 import asyncio
@@ -80,10 +84,11 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
 
     runs: dict[str, list[float]] = {"keyboard": [], "import_torch": [], "bare_textual": []}
+    rss: dict[str, list[float]] = {"keyboard": [], "import_torch": []}
     with tempfile.TemporaryDirectory() as tmp:
         make_delta(args.model, Path(tmp))
-        codes = {"keyboard": KEYBOARD.format(model=repr(str(args.model)) if args.model else None, devices=tmp),
-                 "import_torch": "import torch", "bare_textual": BARE_TEXTUAL}
+        codes = {"keyboard": KEYBOARD.format(model=repr(str(args.model)) if args.model else None, devices=tmp, hwm=HWM),
+                 "import_torch": f"import torch; print({HWM})", "bare_textual": BARE_TEXTUAL}
         for name, code in codes.items():  # warm the file cache once
             timed(code)
         for _ in range(args.reps):
@@ -91,11 +96,15 @@ def main() -> None:
                 seconds, last = timed(code)
                 runs[name].append(seconds)
                 if name == "keyboard":
-                    label, suggestions, torch_loaded = last.split(" | ")
+                    label, suggestions, torch_loaded, mb = last.split(" | ")
+                    rss[name].append(float(mb))
+                elif name == "import_torch":
+                    rss[name].append(float(last))
     med = {k: round(statistics.median(v), 3) for k, v in runs.items()}
     print(json.dumps({
         "reps": args.reps, "median_s": med, "runs_s": {k: [round(x, 3) for x in v] for k, v in runs.items()},
         "keyboard_over_import_torch": round(med["keyboard"] / med["import_torch"], 3),
+        "peak_rss_mb": {k: round(statistics.median(v), 1) for k, v in rss.items()},
         "keyboard_model": label, "keyboard_first_suggestions": suggestions, "keyboard_imported_torch": torch_loaded == "True",
     }, indent=1))
 
