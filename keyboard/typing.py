@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 from models.ksr import keystroke_savings
 from models.text import BOS, MAX_CONTEXT_WORDS, is_word, sentence_tokens, split_partial
 
-if TYPE_CHECKING:  # the keystroke logic works with any predictor of this interface (models/predictor.py or models/numpy_predictor.py)
-    from models.predictor import Predictor
+if TYPE_CHECKING:  # either predictor (models/numpy_predictor.py, what the keyboard runs, or models/predictor.py)
+    from models.suggest import IncrementalPredictor as Predictor
 
 TAIL_CHARS = 4000  # only the end of the text matters for the next word
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s*$")
