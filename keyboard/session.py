@@ -38,7 +38,7 @@ from models import atomic
 from models.datasets import UserData, load_users
 from models.errors import FedkbError
 from models.jsonvalues import is_number
-from models.modelfile import Arrays, default_paths, read_arrays, read_model
+from models.modelfile import Arrays, default_paths, read_arrays, read_model, shapes
 from models.numpy_predictor import NumpyPredictor
 from models.text import is_word
 from models.tokenizer import Tokenizer
@@ -153,7 +153,7 @@ class KeyboardSession:
         (personal = global + delta, as on a phone whose base model was updated).
         """
         f = read_model(Path(model_dir), self.tokenizer)
-        if f.shapes != {k: v.shape for k, v in self.global_weights.items()}:
+        if shapes(f.config) != shapes(self.config):
             raise FedkbError(f"{model_dir} has another architecture than the model in use")
         self.model_dir, self.meta, self.vocab, self.config = Path(model_dir), f.meta, f.vocab, f.config
         self.global_weights = f.weights
@@ -176,11 +176,15 @@ class KeyboardSession:
         if not f.exists():
             return None
         try:
-            delta = read_arrays(f, reference={k: v.shape for k, v in self.global_weights.items()})
+            return self._personal(f)
         except FedkbError as e:  # a delta for another model shape, or a damaged file: run on the global model, say so
             self.delta_error = f"personal model not used ({e}); typing with the global model; Learn now makes a new one"
             return None
-        return {k: g + delta[k] for k, g in self.global_weights.items()}  # models/params.py's add, on arrays
+
+    def _personal(self, delta_file: Path) -> Arrays:
+        """The global weights + a device's delta (models/params.py's add, on arrays); FedkbError if it does not fit."""
+        delta = read_arrays(delta_file, reference=shapes(self.config))
+        return {k: g + delta[k] for k, g in self.global_weights.items()}
 
     def delta_info(self) -> dict:
         """The last learning's record (delta.json), {} if there is none or it is unreadable; its
@@ -290,21 +294,20 @@ class KeyboardSession:
         texts = list(user.future[: self.learn_cfg.eval_messages])
         words = device.personal_words() if device.exists() else []
         blocked = device.blocked_words() if device.exists() else set()
-        glob = self.global_weights
 
         def run(weights: Arrays) -> dict:
             return simulate_typing(self._predictor_for(weights, words, blocked), texts)
 
         out = {"user": user_id, "messages": len(texts), "history": len(user.history),
-               "global": run(glob), "personal": None}
+               "global": run(self.global_weights), "personal": None}
         f = device.delta_dir / DELTA_FILE
         if f.exists():
             try:
-                delta = read_arrays(f, reference={k: v.shape for k, v in glob.items()})
+                personal = self._personal(f)
             except FedkbError:
                 pass
             else:
-                out["personal"] = run({k: g + delta[k] for k, g in glob.items()})
+                out["personal"] = run(personal)
         return out
 
     def learn(self, on_step: Callable[[int, int, float], None] | None = None,

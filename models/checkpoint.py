@@ -1,15 +1,15 @@
 """Checkpoints and deltas: safetensors for tensors + a small JSON for config/metadata.
 
-Never pickle.  A checkpoint directory holds `model.safetensors` and `model.json`
-(the format's names and `read_meta` live in models/modelfile.py, which reads them without torch):
+Never pickle.  A checkpoint directory holds `model.safetensors` and `model.json` (the format's
+names and its reader, `read_model`, live in models/modelfile.py, which works without torch):
 
     {"format": "fedkb-lm", "format_version": 1, "config": {...}, "vocab": {...},
      "tokenizer_sha256": "...", "meta": {...}}
 
-Loading validates everything a corrupt or mismatched file could get wrong
+Loading (there) validates everything a corrupt or mismatched file could get wrong
 (missing file, bad header, damaged data (a checksum, models/tensorfile.py), wrong
 keys/shapes/dtypes, NaN, tokenizer mismatch) and raises `FedkbError` with a message
-that says what to do.
+that says what to do; `load_tensors` does the same for any other tensor file.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from safetensors.torch import save as st_save
 
 from models import atomic, tensorfile
 from models.errors import FedkbError
-from models.lm import START_STATE_KEYS, LMConfig, WordLM
-# the format's names, read without torch there; default_paths is re-exported for callers of this module
-from models.modelfile import FORMAT, FORMAT_VERSION, META, WEIGHTS, default_paths, read_meta  # noqa: F401
-from models.params import Params, all_finite, check_compatible
+from models.lm import LMConfig, WordLM
+# the format and its reader live there, torch-free; default_paths is re-exported for callers of this module
+from models.modelfile import FORMAT, FORMAT_VERSION, META, WEIGHTS, default_paths, read_arrays, read_model  # noqa: F401
+from models.params import Params
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 
@@ -47,22 +47,13 @@ def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
 
 
 def load_tensors(path: Path, reference: Params | None = None) -> Params:
-    """Read a safetensors file; with `reference`, require the same keys, shapes, dtypes, all finite.
+    """Read a safetensors file, all finite; with `reference` (a float32 state dict), require its
+    keys and shapes, in float32.  models.modelfile.read_arrays does the reading and the checks.
 
     A model or delta saved before the start state existed lacks its two tensors; they load
     as zeros, which is what such a model started every message from (and a zero delta)."""
-    path = Path(path)
-    tensors = {k: torch.from_numpy(a) for k, a in tensorfile.read(path).items()}  # checked there
-    if reference is not None:
-        for key in START_STATE_KEYS:  # written before models/start_state.py: the old all-zero start
-            if key in reference and key not in tensors:
-                tensors[key] = torch.zeros_like(reference[key], device="cpu")
-        why = check_compatible(tensors, reference)
-        if why:
-            raise FedkbError(f"{path} does not fit the model: {why}")
-    if not all_finite(tensors):
-        raise FedkbError(f"{path} contains NaN or infinite values")
-    return tensors
+    shapes = {k: tuple(v.shape) for k, v in reference.items()} if reference is not None else None
+    return {k: torch.from_numpy(a) for k, a in read_arrays(path, reference=shapes).items()}
 
 
 def save_checkpoint(directory: Path, model: WordLM, vocab: Vocabulary, tokenizer: Tokenizer, meta: dict | None = None) -> None:
@@ -80,22 +71,16 @@ def save_checkpoint(directory: Path, model: WordLM, vocab: Vocabulary, tokenizer
 
 
 def load_checkpoint(directory: Path, tokenizer: Tokenizer) -> Checkpoint:
-    directory = Path(directory)
-    obj = read_meta(directory)
-    if obj.get("tokenizer_sha256") != tokenizer.sha256:
-        raise FedkbError(f"model {directory} was trained with a different tokenizer than {tokenizer.path}")
+    """The torch model of a checkpoint folder, read and checked by models.modelfile.read_model."""
+    f = read_model(directory, tokenizer)
     try:
-        cfg = LMConfig.from_json(obj["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise FedkbError(f"{directory / META}: bad config ({e})") from None
-    if cfg.num_pieces != tokenizer.num_pieces:
-        raise FedkbError(f"model expects {cfg.num_pieces} pieces, tokenizer has {tokenizer.num_pieces}")
-    vocab = Vocabulary.from_json(obj.get("vocab", {}))
+        cfg = LMConfig.from_json(f.config)
+    except (TypeError, ValueError) as e:  # the sizes are checked already; the dropout is not
+        raise FedkbError(f"{Path(directory) / META}: bad config ({e})") from None
     model = WordLM(cfg)
-    state = load_tensors(directory / WEIGHTS, reference=model.state_dict())
-    model.load_state_dict(state)
+    model.load_state_dict({k: torch.from_numpy(a) for k, a in f.weights.items()})
     model.eval()
-    return Checkpoint(model, vocab, obj.get("meta", {}))
+    return Checkpoint(model, f.vocab, f.meta)
 
 
 def load_model(model_dir: Path | None = None, tokenizer_path: Path | None = None) -> tuple[Checkpoint, Tokenizer]:

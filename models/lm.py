@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.fused import compose_words, composition_transpose, lstm_projected, shared_lookup, tied_softmax_cross_entropy
-from models.jsonvalues import is_int, is_number
-from models.modelfile import START_STATE_KEYS  # noqa: F401 (WordLM's buffers, named where torch-free readers see them)
+from models.jsonvalues import is_number
+from models.modelfile import START_STATE_KEYS, shapes  # noqa: F401 (START_STATE_KEYS: WordLM's buffers, named where torch-free readers see them)
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
 
@@ -46,10 +46,7 @@ class LMConfig:
     dropout: float = 0.1  # on embeddings and LSTM outputs, training only
 
     def __post_init__(self):
-        sizes = {"num_pieces": self.num_pieces, "base_vocab": self.base_vocab, "embed_dim": self.embed_dim, "hidden": self.hidden}
-        bad = [f"{k}={v!r}" for k, v in sizes.items() if not (is_int(v) and v >= 1)]
-        if bad:
-            raise ValueError(f"model sizes must be whole numbers >= 1 ({', '.join(bad)})")
+        shapes(asdict(self))  # ValueError for sizes that are not whole numbers >= 1
         if not (is_number(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"model dropout must be in [0, 1) (dropout={self.dropout!r})")
 

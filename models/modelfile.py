@@ -60,22 +60,26 @@ def read_meta(directory: Path) -> dict:
 
 def shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     """Every tensor of models.lm.WordLM's state dict and its shape, from model.json's "config"
-    (a test holds this to WordLM's own state dict)."""
+    (a test holds this to WordLM's own state dict); ValueError for sizes that are not whole
+    numbers >= 1 (models.lm.LMConfig checks its sizes here too)."""
     if not isinstance(config, Mapping):
         raise ValueError("no config object")
     try:
         p, v, d, h = (config[k] for k in ("num_pieces", "base_vocab", "embed_dim", "hidden"))
     except KeyError as e:
         raise ValueError(f"missing {e}") from None
-    if not all(is_int(x) and x >= 1 for x in (p, v, d, h)):
-        raise ValueError("model sizes must be whole numbers >= 1")
+    bad = [f"{k}={x!r}" for k, x in zip(("num_pieces", "base_vocab", "embed_dim", "hidden"), (p, v, d, h))
+           if not (is_int(x) and x >= 1)]
+    if bad:
+        raise ValueError(f"model sizes must be whole numbers >= 1 ({', '.join(bad)})")
     return {"piece_emb": (p, d), "piece_bias": (p,), "residual": (v, d), "word_bias": (v,),
             "lstm.weight_ih_l0": (4 * h, d), "lstm.weight_hh_l0": (4 * h, d), "lstm.bias_ih_l0": (4 * h,),
             "lstm.bias_hh_l0": (4 * h,), "lstm.weight_hr_l0": (d, h), "start_h": (d,), "start_c": (h,)}
 
 
 def read_arrays(path: Path, reference: Mapping[str, tuple[int, ...]] | None = None) -> Arrays:
-    """A safetensors file as arrays, all finite (models.checkpoint.load_tensors without torch).
+    """A safetensors file as arrays, all finite: every tensor file fedkb reads comes through here
+    (models.checkpoint.load_tensors wraps the arrays as tensors).
 
     With `reference` (name -> shape), the file must hold exactly those tensors, in float32, of
     those shapes; a file written before the start state existed lacks its two and they read as
@@ -111,13 +115,10 @@ class ModelFile:
     config: dict
     meta: dict
 
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: v.shape for k, v in self.weights.items()}
-
 
 def read_model(directory: Path, tokenizer: Tokenizer) -> ModelFile:
-    """Read and check a checkpoint folder (models.checkpoint.load_checkpoint without torch)."""
+    """Read and check a checkpoint folder: every check a checkpoint gets (models.checkpoint.load_checkpoint
+    builds the torch model from this)."""
     directory = Path(directory)
     obj = read_meta(directory)
     if obj.get("tokenizer_sha256") != tokenizer.sha256:
@@ -129,9 +130,6 @@ def read_model(directory: Path, tokenizer: Tokenizer) -> ModelFile:
         raise FedkbError(f"{directory / META}: bad config ({e})") from None
     if config["num_pieces"] != tokenizer.num_pieces:
         raise FedkbError(f"model expects {config['num_pieces']} pieces, tokenizer has {tokenizer.num_pieces}")
-    try:
-        vocab = Vocabulary.from_json(obj.get("vocab", {}))
-    except (KeyError, TypeError, ValueError) as e:
-        raise FedkbError(f"{directory / META}: bad vocabulary ({e})") from None
+    vocab = Vocabulary.from_json(obj.get("vocab", {}))  # FedkbError if malformed
     weights = read_arrays(directory / WEIGHTS, reference=want)
     return ModelFile(directory, weights, vocab, dict(config), obj.get("meta", {}) or {})

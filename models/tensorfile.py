@@ -68,7 +68,7 @@ def check(path: Path, blob: bytes) -> None:
 
 def read(path: Path) -> dict[str, np.ndarray]:
     """A safetensors file's tensors as NumPy arrays (writable), its checksum checked: what every
-    reader of fedkb's tensor files starts from (models/checkpoint.py turns them into tensors).
+    reader of fedkb's tensor files starts from (models.modelfile.read_arrays checks the arrays).
     FedkbError for a missing, unreadable or damaged file."""
     path = Path(path)
     try:
