@@ -75,24 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     n = args.calls + args.warmup
     seq = (stream * (n // max(len(stream), 1) + 1))[:n]
 
-    def commit(w):
-        pred.commit(w)
-        pred.suggest()
-
-    pred.reset()
-    commit_s = _time_calls(commit, seq, args.warmup)
     known = [w for w in stream if w in pred and len(w) >= 2]
     prefixes = [w[: 1 + i % min(3, len(w) - 1)] for i, w in enumerate((known * (n // max(len(known), 1) + 1))[:n])]
-    key_s = _time_calls(pred.suggest, prefixes, args.warmup)
 
-    fast = NumpyPredictor.load(model_dir, tok)  # the keyboard's predictor, the same keys
+    def time_keys(p) -> tuple[list[float], list[float]]:
+        """A predictor's seconds per committed word (one step + top-3) and per keystroke inside a word."""
+        def commit(w):
+            p.commit(w)
+            p.suggest()
 
-    def commit_fast(w):
-        fast.commit(w)
-        fast.suggest()
+        p.reset()
+        return _time_calls(commit, seq, args.warmup), _time_calls(p.suggest, prefixes, args.warmup)
 
-    fast.reset()
-    fast_commit_p, fast_key_p = _pcts(_time_calls(commit_fast, seq, args.warmup)), _pcts(_time_calls(fast.suggest, prefixes, args.warmup))
+    commit_s, key_s = time_keys(pred)
+    fast_commit_p, fast_key_p = map(_pcts, time_keys(NumpyPredictor.load(model_dir, tok)))  # the keyboard's predictor
 
     g = torch.Generator().manual_seed(0)
     h, table = torch.randn(1, 96, generator=g), torch.randn(96, 10000, generator=g)

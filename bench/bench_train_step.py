@@ -43,7 +43,6 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 PARTS = ("compose", "lstm_fwd", "output_fwd", "output_bwd", "lstm_bwd", "compose_bwd", "clip_and_step", "total", "direct", "products")
-DIRECT_PARTS = tuple(f"direct_{k}" for k in PARTS[:7])  # the same parts of the direct step (models/sgd_step.py)
 
 
 def time_products(B: int, T: int, d: int, H: int, V: int, steps: int) -> float:
@@ -178,7 +177,8 @@ def main() -> None:
     peak = {n: max(v) for n, v in peaks.items()}
 
     def median(runs: list[dict]) -> dict:
-        return {k: round(statistics.median(r[k] for r in runs), 2) for k in PARTS + DIRECT_PARTS if k in runs[0]}
+        direct_parts = tuple(k for k in runs[0] if k.startswith("direct_"))  # SGDStep.PARTS, prefixed
+        return {k: round(statistics.median(r[k] for r in runs), 2) for k in PARTS + direct_parts if k in runs[0]}
 
     flops = alone[0]["flops_per_step"]
     ms_alone, ms_pair = median(alone), median(together)
