@@ -206,14 +206,15 @@ class KeyboardSession:
         self.has_delta = personal is not None
         self.predictor.set_weights(self.weights)
 
-    def _save_delta(self, personal: dict, info: dict) -> None:
-        from models import params
+    def _save_delta(self, personal: Arrays, info: dict) -> None:
+        import torch
+
         from models.checkpoint import save_tensors
 
         d = self.device.delta_dir
         d.mkdir(parents=True, exist_ok=True)
-        save_tensors(d / DELTA_FILE, params.delta(personal, _tensors(self.global_weights)),
-                     meta={"global": model_label(self.meta)})
+        delta = {k: torch.from_numpy(personal[k] - g) for k, g in self.global_weights.items()}  # params.delta, on arrays
+        save_tensors(d / DELTA_FILE, delta, meta={"global": model_label(self.meta)})
         atomic.write_json(d / DELTA_META, info)
 
     # -- typing side effects -----------------------------------------------------------
@@ -329,7 +330,7 @@ class KeyboardSession:
         after = self.evaluate(weights)
         _, eval_on = self.eval_texts()
         result = LearnResult(before, after, eval_on, len(texts), time.perf_counter() - t0)
-        self._save_delta(personal, {"global": model_label(self.meta), "messages": len(texts),
+        self._save_delta(weights, {"global": model_label(self.meta), "messages": len(texts),
                                     "config": asdict(self.learn_cfg), "before": before, "after": after,
                                     "eval_on": eval_on})
         return result, weights
