@@ -84,24 +84,27 @@ def _texts(obj: dict, key: str, path: Path) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _user(obj: dict, path: Path) -> UserData:
+    """A users file's record: `history` + `future` (chat senders), or a role's `lines` split 80/20."""
+    if "lines" in obj and "history" not in obj:
+        lines = _texts(obj, "lines", path)
+        n_hist = min(max(1, int(len(lines) * HISTORY_FRACTION)), max(len(lines) - 1, 0))
+        return UserData(obj["id"], lines[:n_hist], lines[n_hist:])
+    return UserData(obj["id"], _texts(obj, "history", path), _texts(obj, "future", path))
+
+
 def iter_users(path: Path | str | None = None) -> Iterator[UserData]:
-    """Stream the federated users from a users.jsonl.gz file, one at a time."""
+    """Stream the users of a users file, one at a time: users.jsonl.gz by default, or shakespeare.jsonl.gz."""
     path = _resolve(path, USERS_FILE)
     for obj in _iter_objects(path):
-        yield UserData(obj["id"], _texts(obj, "history", path), _texts(obj, "future", path))
+        yield _user(obj, path)
 
 
 def load_users(path: Path | str | None = None) -> list[UserData]:
-    """All federated users (chitchat senders), sorted by id as stored."""
+    """All users of a users file (default: the chitchat senders), sorted by id as stored."""
     return list(iter_users(path))
 
 
 def load_shakespeare(path: Path | str | None = None) -> list[UserData]:
     """Shakespeare roles as users: the first 80 % of each role's lines are history, the rest future."""
-    path = _resolve(path, SHAKESPEARE_FILE)
-    out = []
-    for obj in _iter_objects(path):
-        lines = _texts(obj, "lines", path)
-        n_hist = min(max(1, int(len(lines) * HISTORY_FRACTION)), max(len(lines) - 1, 0))
-        out.append(UserData(obj["id"], lines[:n_hist], lines[n_hist:]))
-    return out
+    return load_users(_resolve(path, SHAKESPEARE_FILE))

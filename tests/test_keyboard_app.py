@@ -33,9 +33,9 @@ USERS = FIXTURES / "users.jsonl.gz"
 FAST = LearnConfig(client=ClientConfig(epochs=1.0, batch_size=2, bptt=8), eval_messages=5)
 
 
-def make_app(tiny, tmp_path, **kw) -> FedkbApp:
+def make_app(tiny, tmp_path, users_file=USERS, **kw) -> FedkbApp:
     model, tok = tiny
-    return FedkbApp(model, tok, devices_root=tmp_path / "devices", users_file=USERS, learn_cfg=FAST,
+    return FedkbApp(model, tok, devices_root=tmp_path / "devices", users_file=users_file, learn_cfg=FAST,
                     cursor_blink=False, **kw)
 
 
@@ -228,6 +228,18 @@ async def test_profiles_screen_switches_user(tiny, tmp_path):
         await pilot.pause()
         assert app.session.user_id == "u0001"
         assert app.session.device.future()  # the simulated device was laid out
+
+
+def test_a_shakespeare_role_is_a_profile(tiny, tmp_path):
+    """`fedkb --users-file data/shakespeare.jsonl.gz --user hamlet.HAMLET`: the role's first 80 % of
+    lines become the device's history, the rest its held-out future."""
+    from models.datasets import load_shakespeare
+
+    roles = FIXTURES / "shakespeare.jsonl.gz"
+    role = load_shakespeare(roles)[0]
+    app = make_app(tiny, tmp_path, user_id=role.id, users_file=roles)
+    assert tuple(app.session.device.history()) == role.history
+    assert tuple(app.session.device.future()) == role.future
 
 
 @sync

@@ -181,12 +181,22 @@ def test_shakespeare_roles(built):
     root, _, manifest = built
     raw = [json.loads(ln) for ln in gzip.open(root / "data" / "shakespeare.jsonl.gz", "rt")]
     assert raw == [
-        {"id": "x/ALICE", "lines": ["Hello there, Bob,", "how are you?"]},
-        {"id": "x/BOB", "lines": ["I am well.", "Still speaking here.", "Good morrow."]},
+        {"id": "x.ALICE", "lines": ["Hello there, Bob,", "how are you?"]},
+        {"id": "x.BOB", "lines": ["I am well.", "Still speaking here.", "Good morrow."]},
     ]
     roles = load_shakespeare(root / "data" / "shakespeare.jsonl.gz")
     assert roles[1].history == ("I am well.", "Still speaking here.") and roles[1].future == ("Good morrow.",)
     assert manifest["counts"]["shakespeare_roles"] == 2
+
+
+def test_role_ids_are_device_names():
+    """A role's id names its device folder: play.NAME, with spaces and other signs as `_`."""
+    assert prepare.role_id("a-winter-s-tale", "First Gentleman") == "a-winter-s-tale.First_Gentleman"
+    assert prepare.role_id("hamlet", "HAMLET") == "hamlet.HAMLET"
+    assert prepare.role_id("x", "Mrs. Page, aside") == "x.Mrs_Page_aside"
+    from federation.device import Device
+
+    Device(Path("/tmp"), prepare.role_id("the-merry-wives-of-windsor", "SIR HUGH EVANS"))  # a valid device name
 
 
 def test_parse_play_drops_markup():
@@ -231,7 +241,7 @@ def test_write_fixtures(built, tmp_path):
     full = load_users(root / "data" / "users.jsonl.gz")[:3]
     assert [u.id for u in users] == [u.id for u in full]
     assert all(u.history == f.history[-2:] and u.future == f.future[:1] for u, f in zip(users, full))
-    assert [r.id for r in load_shakespeare(tmp_path / "shakespeare.jsonl.gz")] == ["x/ALICE"]
+    assert [r.id for r in load_shakespeare(tmp_path / "shakespeare.jsonl.gz")] == ["x.ALICE"]
 
 
 def test_cap_and_split_exact():

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--text", type=Path, metavar="FILE", help="UTF-8 text to type, one message per line")
     src.add_argument("--users", action="store_true", help="type the held-out future text of the federated users")
     parser.add_argument("--users-file", type=Path, default=None, metavar="FILE",
-                        help="users manifest (default: data/users.jsonl.gz)")
+                        help="users file (default: data/users.jsonl.gz, the chat senders; data/shakespeare.jsonl.gz: Shakespeare's roles)")
     parser.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N users / messages (0 = all)")
     parser.add_argument("--model", type=Path, default=None, metavar="DIR", help="checkpoint directory (default: the shipped data/base)")
     parser.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="sentencepiece model (default: data/tokenizer.model)")

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, default=None, metavar="DIR", help="starting model (default: data/base)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer (default: data/tokenizer.model)")
-    parser.add_argument("--users-file", type=Path, default=None, help="users .jsonl.gz (default: data/users.jsonl.gz)")
+    parser.add_argument("--users-file", type=Path, default=None, help="the population (default: data/users.jsonl.gz, the chat senders; data/shakespeare.jsonl.gz: Shakespeare's roles)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process (default: 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, one line per round")
     parser.add_argument("--discover", action="store_true",

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=Path, default=None, metavar="DIR",
                         help="device folders (default: $FEDKB_HOME/devices, else ~/.local/share/fedkb/devices)")
     parser.add_argument("--user", default="me", metavar="ID", help="profile: 'me' (default) or a simulated user id, e.g. u0003")
-    parser.add_argument("--users-file", type=Path, default=None, metavar="FILE", help="simulated users (default: data/users.jsonl.gz)")
+    parser.add_argument("--users-file", type=Path, default=None, metavar="FILE", help="simulated users (default: data/users.jsonl.gz, the chat senders; data/shakespeare.jsonl.gz: Shakespeare's roles)")
     parser.add_argument("--incognito", action="store_true", help="start in incognito: nothing stored, nothing learned")
 
 
