@@ -5,7 +5,9 @@
    that >= theta of the federated users typed in their on-device history.  They are
    replaced by never-suggested placeholders (so every other word keeps its residual row);
    when discovered, a word comes back at the end of the vocabulary with a purely
-   subword-composed embedding, as any new word does.
+   subword-composed embedding, as any new word does.  With `--held-out 0` nothing is removed
+   and the words scored are those the population types but the base never had (on the
+   Shakespeare roles: `thee`, `hath`, ...).
 2. Discovery rounds over the federated users' OOV counts (no model training: discovery only
    needs the devices' counts), for several cohort sizes per round (`--cohorts`):
      dp:   K = floor(N / (theta + 1)) users, the largest sampling rate for which Zhu et al.
@@ -51,6 +53,10 @@ def hide(vocab: Vocabulary, hidden: set[str]) -> Vocabulary:
     return Vocabulary(tuple(out), vocab.version, vocab.base_size)
 
 
+def _share(part: set, whole: set) -> float | None:
+    return round(len(part) / len(whole), 4) if whole else None
+
+
 def run_discovery(users_counts: list[Counter], base: Vocabulary, cfg: DiscoveryConfig, k: int, rounds: int,
                   seed: int) -> list[tuple[Vocabulary, dict]]:
     """[(vocabulary after round r, info)] for r = 1..rounds; K users sampled uniformly per round."""
@@ -86,7 +92,9 @@ def main() -> int:
     ap.add_argument("--tokenizer", type=Path, default=None)
     ap.add_argument("--users-file", type=Path, default=None)
     ap.add_argument("--theta", type=int, default=10)
-    ap.add_argument("--held-out", type=int, default=60, help="words removed from the base vocabulary")
+    ap.add_argument("--held-out", type=int, default=60,
+                    help="words removed from the base vocabulary; 0 = none: discover the words the population "
+                         "really lacks (e.g. --users-file data/shakespeare.jsonl.gz)")
     ap.add_argument("--min-rank", type=int, default=300, help="only words ranked below this in the vocabulary")
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--cohorts", default="dp,100,all",
@@ -115,6 +123,7 @@ def main() -> int:
     base = hide(full, hidden)
     placeholders = {w for w in base.words if w.startswith("<held-out-")}
     truth = {w for w, c in typed_by.items() if c >= theta and w not in base}
+    target = hidden or truth  # the words whose return is scored: the removed ones, else all the base lacks
     counts = [local_oov_counts(u.history, base) for u in users]
     t_setup = time.perf_counter() - t0
 
@@ -123,11 +132,11 @@ def main() -> int:
         k = n // (theta + 1) if c == "dp" else n if c == "all" else min(int(c), n)
         settings[c if c in ("dp", "all") else f"k{k}"] = k
     eval_rounds = sorted({int(r) for r in args.eval_rounds.split(",") if int(r) <= args.rounds})
-    affected = [u for u in users if any(w in hidden for t in u.history for w in words(t))]
+    affected = [u for u in users if any(w in target for t in u.history for w in words(t))]
     msgs = [m for u in affected for m in u.future]
     msgs = random.Random(args.seed).sample(msgs, min(args.eval_messages, len(msgs)))
     # the future messages (of any user) that contain a held-out word: where discovery can help at all
-    with_hidden = [m for u in users for m in u.future if any(w in hidden for w in words(m))]
+    with_hidden = [m for u in users for m in u.future if any(w in target for w in words(m))]
     with_hidden = random.Random(args.seed).sample(with_hidden, min(args.eval_messages // 2, len(with_hidden)))
     model = ck.model.eval()
 
@@ -160,11 +169,11 @@ def main() -> int:
             curve.append({"round": r, "added": len(got),
                           "precision": round(len(got & truth) / len(got), 4) if got else None,
                           "recall": round(len(got & truth) / len(truth), 4),
-                          "recall_held_out": round(len(got & hidden) / len(hidden), 4)})
+                          "recall_held_out": _share(got & hidden, hidden)})
         got = set(found_at)
         buckets = {}
         for lo, hi in ((theta, 49), (50, 99), (100, n)):
-            hs = {w for w in hidden if lo <= typed_by[w] <= hi}
+            hs = {w for w in target if lo <= typed_by[w] <= hi}
             if hs:
                 buckets[f"{lo}-{hi} users"] = {"words": len(hs), "recall": round(len(got & hs) / len(hs), 4)}
         runs = [info for _, info in hist if info["epsilon_run"] is not None]
@@ -189,8 +198,8 @@ def main() -> int:
             },
             "precision": round(len(got & truth) / len(got), 4) if got else None,
             "recall": round(len(got & truth) / len(truth), 4),
-            "recall_held_out": round(len(got & hidden) / len(hidden), 4),
-            "recall_held_out_by_users": buckets,
+            "recall_held_out": _share(got & hidden, hidden),
+            "recall_held_out_by_users" if hidden else "recall_by_users": buckets,
             "found_not_held_out": sorted(got - hidden)[:20],
             "curve": curve,
             "typing_on_affected_users_future": evals,
