@@ -150,6 +150,8 @@ class FedkbApp(App):
     def action_clear(self) -> None:
         def done(yes: bool | None) -> None:
             if yes:
+                if self.typing_screen is not None:
+                    self.typing_screen.stop_learning()  # a learning under way would write a delta back
                 self.session.clear()
                 self.notify(f"cleared everything learned on '{self.session.user_id}'", timeout=3)
                 if self.typing_screen is not None:
@@ -171,7 +173,7 @@ class FedkbApp(App):
     def open_profile(self, uid: str) -> None:
         t = self.typing_screen
         if t is not None:
-            t.workers.cancel_group(t, "learn")
+            t.stop_learning()
         try:
             self.session.open(uid)
         except (FedkbError, OSError) as e:  # OSError: the device folder cannot be laid out (a full disk)

@@ -12,8 +12,9 @@ stored on the device as `personal/delta.safetensors` + `personal/delta.json`
 (never leaves it).  Personalisation by fine-tuning the global model on the
 device's own history follows Wang et al. 2019, "Federated Evaluation of
 On-device Personalization".  Like the typing logic, this module never imports
-Textual: the app runs `learn` in a worker thread and the module takes care
-that the live predictor is only touched by `apply_params`, called from the UI.
+Textual: the app runs `learn` in a process of its own (keyboard/learner.py, which
+opens the same profile from its files) and then `reload_delta`; the live
+predictor is only touched by `apply_params`, called from the UI.
 
 Typing runs on NumPy: the weights are read without torch (models/modelfile.py)
 and suggestions come from models/numpy_predictor.py, as a phone's keyboard runs
@@ -199,6 +200,11 @@ class KeyboardSession:
         if not (whole(info.get("before")) and whole(info.get("after"))):
             info = {k: v for k, v in info.items() if k not in ("before", "after")}
         return info
+
+    def reload_delta(self) -> None:
+        """Type with the device's delta as it is on disk now (a learning process wrote it); call from the UI thread.
+        One that cannot be used leaves the global model in use and says why in `delta_error`."""
+        self.apply_params(self._load_delta())
 
     def apply_params(self, personal: Arrays | None) -> None:
         """Type with the global model (None) or personal weights (`learn`'s); call from the UI thread."""

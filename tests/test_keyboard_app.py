@@ -201,6 +201,32 @@ async def test_a_personal_model_that_cannot_be_written_is_a_failed_learning(tiny
 
 
 @sync
+async def test_another_profile_or_clearing_stops_a_learning(tiny, tmp_path):
+    """A learning under way ends when the profile changes or the device is cleared: no delta appears
+    afterwards on either device, and the new profile types with the global model."""
+
+    async def ended(pilot, learner):
+        while any(w.is_running for w in app.workers):
+            await pilot.pause(0.05)
+        assert learner._proc is None or learner._proc.wait(60) is not None  # never started, or ended
+
+    app = make_app(tiny, tmp_path, user_id="u0001")
+    async with app.run_test() as pilot:
+        await pilot.press("ctrl+l")
+        first = app.screen._learner
+        app.open_profile("u0002")
+        await ended(pilot, first)
+        assert app.screen._learner is None
+        assert app.session.user_id == "u0002" and app.session.label == "base"
+        await pilot.press("ctrl+l")
+        second = app.screen._learner
+        await pilot.press("f8", "y")
+        await ended(pilot, second)
+        assert app.session.label == "base"
+    assert not any((tmp_path / "devices" / u / "personal" / DELTA_FILE).exists() for u in ("u0001", "u0002"))
+
+
+@sync
 async def test_clear_removes_learned_data(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
     async with app.run_test() as pilot:
@@ -339,31 +365,36 @@ async def test_new_global_model_from_federation_is_used_for_typing(tiny, tmp_pat
         assert strip(app)[0].lower() == boosted and strip(app) != before
 
 
-def test_the_keyboard_opens_and_types_without_torch(tiny, tmp_path):
-    """Typing runs on NumPy: the app starts, mounts and suggests from a personal model (global +
-    the device's delta) in a process that never imports torch; Learn now brings torch in."""
+def test_the_keyboard_types_and_learns_without_torch(tiny, tmp_path):
+    """Typing runs on NumPy and "Learn now" in a process of its own (keyboard/learner.py): the app
+    starts, learns a personal delta and suggests from it (global + delta) in a process that never
+    imports torch, with the suggestions this process gets from the same device."""
     import subprocess
     import sys
 
-    app = make_app(tiny, tmp_path, user_id="u0001")
-    result, personal = app.session.learn()  # a delta on the device (this process has torch)
     code = f"""
 import asyncio, sys
 from pathlib import Path
+from federation.config import ClientConfig
 from keyboard.app import FedkbApp
 from keyboard.session import LearnConfig
 app = FedkbApp(Path({str(tiny[0])!r}), Path({str(tiny[1])!r}), devices_root=Path({str(tmp_path / "devices")!r}),
-               users_file=Path({str(USERS)!r}), user_id="u0001", cursor_blink=False)
+               users_file=Path({str(USERS)!r}), user_id="u0001", cursor_blink=False,
+               learn_cfg=LearnConfig(client=ClientConfig(epochs=1.0, batch_size=2, bptt=8), eval_messages=5))
 async def main():
     async with app.run_test() as pilot:
+        await pilot.press("ctrl+l")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
         await pilot.press("h", "o", "w", "space")
         await pilot.pause()
         print(app.session.label, "|", app.session.predictor.suggest_for("how are"), "|", "torch" in sys.modules)
 asyncio.run(main())
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     label, words, torch_loaded = out.stdout.strip().splitlines()[-1].split(" | ")
     assert label == "base + personal delta" and torch_loaded == "False"
-    app.session.apply_params(personal)
+    app = make_app(tiny, tmp_path, user_id="u0001")  # the delta that process learned, read here
+    assert app.session.label == "base + personal delta"
     assert words == str(app.session.predictor.suggest_for("how are")) != "[]"

@@ -11,6 +11,7 @@ from textual.widgets import Footer, Header, Input, ProgressBar, Static
 from textual.worker import get_current_worker
 
 from federation.device import MAX_MESSAGE_CHARS
+from keyboard.learner import LearnerProcess
 from keyboard.typing import TypingSession
 from keyboard.widgets.message_input import MessageInput
 from keyboard.widgets.stats import StatsBar
@@ -24,6 +25,8 @@ def _summary(s: dict) -> str:
 
 class TypingScreen(Screen):
     """Type; accept suggestions; Enter sends the message to this device's history."""
+
+    _learner: LearnerProcess | None = None  # the running "Learn now", if any
 
     BINDINGS = [
         Binding("tab", "accept(0)", "Accept", key_display="tab/f2", priority=True, id="accept-best",
@@ -163,11 +166,24 @@ class TypingScreen(Screen):
         bar.display = True
         bar.update(total=None, progress=0)
         self.query_one("#learn-result", Static).update("Learning on this device…")
-        self.learn()
+        self.stop_learning()
+        self._learner = LearnerProcess(s)
+        self.learn(self._learner)
+
+    def stop_learning(self) -> None:
+        """End a running "Learn now" (another profile, clearing the device, quitting): no delta comes of it."""
+        if self._learner is not None:
+            self._learner.stop()
+            self._learner = None
+        self.workers.cancel_group(self, "learn")
+
+    def on_unmount(self) -> None:
+        self.stop_learning()
 
     @work(thread=True, exclusive=True, group="learn")
-    def learn(self) -> None:
-        """Fine-tune in a worker thread; the live model changes only in `_learned`, on the UI thread."""
+    def learn(self, learner: LearnerProcess) -> None:
+        """Fine-tune in a process of its own (keyboard/learner.py); this worker thread only waits for it and
+        relays its progress. The live model changes only in `_learned`, on the UI thread."""
         worker = get_current_worker()
         bar = self.query_one("#learn-progress", ProgressBar)
 
@@ -176,19 +192,27 @@ class TypingScreen(Screen):
                 self.app.call_from_thread(bar.update, total=total, progress=step)
 
         try:
-            result, personal = self.app.session.learn(on_step=on_step)
-        except (FedkbError, OSError) as e:  # OSError: the personal model could not be written (a full disk)
-            self.app.call_from_thread(self._learn_failed, str(e))
+            result = learner.run(on_step=on_step)
+        except (FedkbError, OSError) as e:  # OSError: the process could not be started
+            if not worker.is_cancelled:
+                self.app.call_from_thread(self._learn_failed, str(e))
             return
         if not worker.is_cancelled:
-            self.app.call_from_thread(self._learned, result, personal)
+            self.app.call_from_thread(self._learned, learner, result)
 
     def _learn_failed(self, why: str) -> None:
         self.query_one("#learn-progress").display = False
         self.query_one("#learn-result", Static).update(f"[b]Learning failed:[/b] {why}")
 
-    def _learned(self, result, personal) -> None:
-        self.app.session.apply_params(personal)
+    def _learned(self, learner: LearnerProcess, result) -> None:
+        s = self.app.session
+        if learner is not self._learner or s.user_id != learner.user_id:
+            return  # stopped, or another profile by now: the delta stays on its own device
+        self._learner = None
+        s.reload_delta()  # the delta the process wrote, on top of the global model in use now
+        if s.delta_error:
+            self._learn_failed(s.delta_error)
+            return
         self.query_one("#learn-progress").display = False
         self.query_one("#learn-result", Static).update(
             f"Learned from {result.messages} messages in {result.seconds:.1f}s. On {result.eval_on}: "

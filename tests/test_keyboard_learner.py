@@ -1,0 +1,80 @@
+"""keyboard/learner.py: "Learn now" in a process of its own; its errors, and stopping it."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from federation.config import ClientConfig
+from keyboard import learner
+from keyboard.learner import LearnerProcess
+from keyboard.session import DELTA_FILE, KeyboardSession, LearnConfig
+from models.errors import FedkbError
+from models.modelfile import read_arrays
+from tests.conftest import FIXTURES
+
+FAST = LearnConfig(client=ClientConfig(epochs=1.0, batch_size=2, bptt=8), eval_messages=5)
+
+
+def _session(tiny, tmp_path, user="u0001", learn=FAST):
+    model, tok = tiny
+    return KeyboardSession(model, tok, tmp_path / "devices", user, users_file=FIXTURES / "users.jsonl.gz", learn_cfg=learn)
+
+
+def test_the_process_learns_the_delta_a_thread_would(tiny, tmp_path, monkeypatch):
+    """The same seed, the same history: the process writes the delta `KeyboardSession.learn` would
+    (both with the PyTorch passes: the keyboard never loads the native kernels, which other tests
+    may have loaded into this process)."""
+    from models import native
+
+    monkeypatch.setattr(native, "_module", None)
+    s = _session(tiny, tmp_path)
+    steps = []
+    result = LearnerProcess(s).run(on_step=lambda step, total, loss: steps.append((step, total)))
+    assert steps and steps[-1][0] == steps[-1][1] and result.messages == len(s.device.history())
+    in_process = _session(tiny, tmp_path / "other")
+    thread_result, _ = in_process.learn()
+    a, b = (read_arrays(x.device.delta_dir / DELTA_FILE) for x in (s, in_process))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bit for bit
+    assert (result.before, result.after, result.messages) == (thread_result.before, thread_result.after, thread_result.messages)
+
+
+def test_a_bad_spec_is_one_json_error_line(capsys):
+    assert learner.main(["{not json"]) == 2
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(line)["error"].startswith("usage: python -m keyboard.learner SPEC_JSON")
+
+
+def test_the_processs_error_is_the_learnings_error(tiny, tmp_path):
+    """A user error in the process (here: its model folder is gone) comes back as one line, no traceback."""
+    p = LearnerProcess(_session(tiny, tmp_path))
+    p.spec["model"] = str(tmp_path / "gone")
+    with pytest.raises(FedkbError, match="gone") as e:
+        p.run()
+    assert "Traceback" not in str(e.value)
+
+
+def test_stop_ends_the_process_and_no_delta_is_written(tiny, tmp_path):
+    many = LearnConfig(client=ClientConfig(epochs=50.0, batch_size=2, bptt=8), eval_messages=5)  # long enough to stop
+    s = _session(tiny, tmp_path, learn=many)
+    p = LearnerProcess(s)
+    started = threading.Event()
+    p_run = []
+
+    def go():
+        try:
+            p.run(on_step=lambda *a: started.set())
+        except FedkbError as e:
+            p_run.append(str(e))
+
+    t = threading.Thread(target=go)
+    t.start()
+    assert started.wait(120)
+    p.stop()
+    t.join(60)
+    assert not t.is_alive() and p_run == ["learning stopped"]
+    assert p._proc.poll() is not None
+    assert not (s.device.delta_dir / DELTA_FILE).exists()
