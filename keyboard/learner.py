@@ -1,9 +1,8 @@
 """"Learn now" in a process of its own, so that typing never waits for training.
 
 A phone's keyboard does not train in its UI process: on-device training runs as a
-background job the OS schedules in another process (Bonawitz et al. 2019, "Towards
-Federated Learning at Scale: System Design", sec. 3), and the keyboard picks up the
-model it leaves.  Here too: the keyboard types on NumPy and never imports torch, and
+background job the OS schedules (Bonawitz et al. 2019, "Towards Federated Learning at
+Scale: System Design"), and the keyboard picks up the model it leaves.  Here too: the keyboard types on NumPy and never imports torch, and
 
     python -m keyboard.learner SPEC_JSON
 
@@ -15,10 +14,11 @@ to the device) with one torch thread, and reports on stdout, one JSON object a l
     {"result": {... LearnResult ...}}           at the end (exit status 0)
     {"error": "one line"}                       a user error: corrupt files, a full disk (exit status 2)
 
-In a thread of the keyboard's process the same training slowed typing (the worker's
-Python holds the GIL between torch calls; p95 29 ms, p99 57 ms from key to suggestions
-while learning, against p95 5 ms, and a ~0.2-0.4 s stall while torch was imported).
-The cost is a process start, torch's import included (~1.5-2 s), on every "Learn now".
+In a thread of the keyboard's process the same training slowed typing: the worker's
+Python holds the GIL between torch calls (`python bench/bench_learn_latency.py`: key to
+suggestions p95 23 ms and p99 66 ms while learning in a thread, and a 182 ms freeze
+while torch was imported; 5.5 / 7.8 ms with this process; 3.9 / 4.4 ms idle).  The cost
+is a process start, torch's import included (~1.3 s), on every "Learn now".
 """
 
 from __future__ import annotations
