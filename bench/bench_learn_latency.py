@@ -96,37 +96,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as `fedkb` sets it
     from keyboard.app import FedkbApp
     from keyboard.learner import LearnerProcess
-    from keyboard.session import LearnResult
     from models.datasets import load_users
 
     text = " ".join(m for u in load_users() for m in u.future if m.isascii()).lower()
     keys = ["space" if c == " " else c for c in text if c.isalpha() or c == " "][: args.max_keys]
 
-    def in_thread(self, on_step=None) -> LearnResult:  # the keyboard before keyboard/learner.py
-        result, _ = self._session.learn(on_step=on_step)
-        return result
-
     out = {"user": args.user, "users_file": str(args.users_file), "every_s": args.every}
+    process_run = LearnerProcess.run
     for mode in ("idle", "process", "thread"):
-        run = LearnerProcess.run
-        if mode == "thread":
-            init = LearnerProcess.__init__
-
-            def keep_session(self, session, _init=init):
-                _init(self, session)
-                self._session = session
-
-            LearnerProcess.__init__, LearnerProcess.run = keep_session, in_thread
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                app = FedkbApp(None, None, devices_root=Path(tmp), user_id=args.user, users_file=args.users_file,
-                               cursor_blink=False, extra_screens=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            app = FedkbApp(None, None, devices_root=Path(tmp), user_id=args.user, users_file=args.users_file,
+                           cursor_blink=False, extra_screens=False)
+            if mode == "thread":  # the keyboard before keyboard/learner.py: the app's worker thread learns itself
+                LearnerProcess.run = lambda self, on_step=None: app.session.learn(on_step=on_step)
+            try:
                 out[mode] = asyncio.run(_type_while_learning(app, keys, args.every, mode != "idle",
                                                              60 if mode == "idle" else args.max_keys))
-                out[mode]["keyboard_process_has_torch"] = "torch" in sys.modules
-        finally:
-            if mode == "thread":
-                LearnerProcess.__init__, LearnerProcess.run = init, run
+            finally:
+                LearnerProcess.run = process_run
+            out[mode]["keyboard_process_has_torch"] = "torch" in sys.modules
     for mode in ("process", "thread"):
         out[f"{mode}_p95_over_idle"] = round(out[mode]["p95_ms"] / out["idle"]["p95_ms"], 2)
     print(json.dumps(out, indent=1))

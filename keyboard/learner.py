@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         session = KeyboardSession(Path(s["model"]) if s["model"] else None, Path(s["tokenizer"]), Path(s["devices"]),
                                   s["user"], users_file=Path(s["users_file"]) if s["users_file"] else None,
                                   learn_cfg=learn)
-        result, _ = session.learn(on_step=lambda step, total, loss: _emit({"step": step, "total": total, "loss": loss}))
+        result = session.learn(on_step=lambda step, total, loss: _emit({"step": step, "total": total, "loss": loss}))
     except (FedkbError, OSError) as e:  # OSError: the personal model could not be written (a full disk)
         _emit({"error": str(e)})
         return 2

@@ -207,7 +207,7 @@ class KeyboardSession:
         self.apply_params(self._load_delta())
 
     def apply_params(self, personal: Arrays | None) -> None:
-        """Type with the global model (None) or personal weights (`learn`'s); call from the UI thread."""
+        """Type with the global model (None) or personal weights (global + a delta); call from the UI thread."""
         self.weights = personal if personal is not None else self.global_weights
         self.has_delta = personal is not None
         self.predictor.set_weights(self.weights)
@@ -317,13 +317,9 @@ class KeyboardSession:
                 out["personal"] = run(personal)
         return out
 
-    def learn(self, on_step: Callable[[int, int, float], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> tuple[LearnResult, dict]:
-        """Fine-tune a personal model on the device history (in a worker thread).
-
-        Returns (result, personal weights as arrays).  Saves the delta on the device;
-        the caller types with them through `apply_params` (UI thread).
-        """
+    def learn(self, on_step: Callable[[int, int, float], None] | None = None) -> LearnResult:
+        """Fine-tune a personal model on the device history and save its delta on the device
+        (keyboard/learner.py's process runs this; the app then types with it through `reload_delta`)."""
         if self.incognito:
             raise FedkbError("incognito: nothing is learned")
         texts = self.device.history()[-self.learn_cfg.max_messages:]
@@ -339,7 +335,7 @@ class KeyboardSession:
         self._save_delta(weights, {"global": model_label(self.meta), "messages": len(texts),
                                     "config": asdict(self.learn_cfg), "before": before, "after": after,
                                     "eval_on": eval_on})
-        return result, weights
+        return result
 
 
 def _tensors(weights: Arrays) -> dict:

@@ -32,11 +32,6 @@ class Predictor(IncrementalPredictor):
         self._build()
         self.reset()
 
-    def refresh_model(self) -> None:
-        """Recompute caches after the model's parameters changed."""
-        self._build()
-        self._refresh()
-
     # -- the model side (models/suggest.py) ---------------------------------------------
     def _compose(self) -> None:
         table = WordTable.build(self.vocab, self.tokenizer, self.model.cfg.base_vocab)

@@ -36,7 +36,7 @@ def test_the_process_learns_the_delta_a_thread_would(tiny, tmp_path, monkeypatch
     result = LearnerProcess(s).run(on_step=lambda step, total, loss: steps.append((step, total)))
     assert steps and steps[-1][0] == steps[-1][1] and result.messages == len(s.device.history())
     in_process = _session(tiny, tmp_path / "other")
-    thread_result, _ = in_process.learn()
+    thread_result = in_process.learn()
     a, b = (read_arrays(x.device.delta_dir / DELTA_FILE) for x in (s, in_process))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bit for bit
     assert (result.before, result.after, result.messages) == (thread_result.before, thread_result.after, thread_result.messages)
