@@ -72,6 +72,7 @@ class FedkbApp(App):
         self.session = KeyboardSession(model_dir, tokenizer_path, devices_root, user_id, incognito, users_file, learn_cfg)
         self.cursor_blink = cursor_blink
         self._extras = _available_extras() if extra_screens else {}
+        self._background: dict[str, object] = {}  # name -> an extra screen still at work off the stack
         super().__init__()
         for name in self._extras:
             _, _, label, help_, key = EXTRA_SCREENS[name]
@@ -79,6 +80,10 @@ class FedkbApp(App):
 
     def get_default_screen(self) -> TypingScreen:
         return TypingScreen()
+
+    def on_unmount(self) -> None:
+        for screen in self._background.values():  # off the stack, so Textual does not unmount them
+            screen.stop_work()
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -115,13 +120,27 @@ class FedkbApp(App):
         if cls is None:
             self.notify(f"the {name} screen is not available", severity="warning")
             return
+        kept = self._background.get(name)  # a screen whose work goes on when it is left (the live rounds)
+        if kept is not None:
+            if kept.running:
+                if self.screen is not kept:
+                    self.push_screen(kept)
+                return
+            if kept in self.screen_stack:  # its work has ended: this key starts anew
+                self.switch_to_typing()
+            del self._background[name]
+            self.uninstall_screen(kept)
         offer = {"session": self.session, "model_dir": self.session.model_dir,
                  "tokenizer_path": self.session.tokenizer.path, "devices_root": self.session.devices_root,
                  "users_file": self.session.users_file, "on_new_global": self.use_global}
         try:
             params = inspect.signature(cls).parameters
             kwargs = {k: v for k, v in offer.items() if k in params}
-            self.push_screen(cls(**kwargs))
+            screen = cls(**kwargs)
+            if getattr(screen, "BACKGROUND", False):
+                self.install_screen(screen, f"background-{name}")  # kept when popped: its work goes on
+                self._background[name] = screen
+            self.push_screen(screen)
         except (FedkbError, TypeError, ValueError) as e:
             self.notify(f"cannot open the {name} screen: {e}", severity="error")
 

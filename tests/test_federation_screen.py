@@ -2,6 +2,10 @@
 
 import asyncio
 import functools
+import json
+import os
+
+import pytest
 
 from textual.app import App
 
@@ -19,34 +23,44 @@ def sync(fn):
     return wrapper
 
 
-@sync
-async def test_federation_screen_runs_rounds_and_announces_globals(tiny, tmp_path):
-    from federation.config import SimulationConfig
-
-    seen, messages = [], []
-    sim = SimulationConfig(rounds=2, clients_per_round=3, eval_users=3)
-    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run", sim=sim,
-                              on_new_global=seen.append)
+def host(screen, finished: list, new_globals: list | None = None) -> App:
+    """An app that shows `screen` and records its Finished (rounds, error) and NewGlobal (round, checkpoint)."""
 
     class Host(App):
         def on_mount(self):
             self.push_screen(screen)
 
         def on_federation_screen_new_global(self, msg):
-            messages.append((msg.round, msg.checkpoint_dir))
+            if new_globals is not None:
+                new_globals.append((msg.round, msg.checkpoint_dir))
 
         def on_federation_screen_finished(self, msg):
-            messages.append(("finished", msg.rounds, msg.error))
+            finished.append((msg.rounds, msg.error))
 
-    app = Host()
-    async with app.run_test() as pilot:
-        for _ in range(600):
-            if any(m[0] == "finished" for m in messages):
-                break
-            await asyncio.sleep(0.1)
+    return Host()
+
+
+async def until(cond, seconds: float = 60.0) -> None:
+    for _ in range(int(seconds / 0.1)):
+        if cond():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+@sync
+async def test_federation_screen_runs_rounds_and_announces_globals(tiny, tmp_path):
+    from federation.config import SimulationConfig
+
+    seen, finished, new_globals = [], [], []
+    sim = SimulationConfig(rounds=2, clients_per_round=3, eval_users=3)
+    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run", sim=sim,
+                              on_new_global=seen.append)
+    async with host(screen, finished, new_globals).run_test() as pilot:
+        await until(lambda: finished)
         await pilot.pause()
-        assert ("finished", 2, None) in messages
-        assert [m[0] for m in messages if m[0] != "finished"] == [1, 2]
+        assert finished == [(2, None)]
+        assert [r for r, _ in new_globals] == [1, 2]
         assert seen == [tmp_path / "run" / "checkpoints" / "round-0001", tmp_path / "run" / "checkpoints" / "round-0002"]
         assert all((d / "model.safetensors").exists() for d in seen[-1:])
         assert len(screen.top1) == 2 and screen.query_one("#fed-top1").data == screen.top1
@@ -69,21 +83,61 @@ async def test_federation_screen_says_what_resuming_skipped(tiny, tmp_path):
     finished = []
     screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run",
                               sim=SimulationConfig(rounds=3, clients_per_round=3, eval_users=3), resume=True)
-
-    class Host(App):
-        def on_mount(self):
-            self.push_screen(screen)
-
-        def on_federation_screen_finished(self, msg):
-            finished.append((msg.rounds, msg.error))
-
-    async with Host().run_test() as pilot:
-        for _ in range(600):
-            if finished:
-                break
-            await asyncio.sleep(0.1)
+    async with host(screen, finished).run_test() as pilot:
+        await until(lambda: finished)
         await pilot.pause()
         assert finished == [(3, None)]
         log = "\n".join(line.text for line in screen.query_one(RichLog).lines)
         assert "skipped the checkpoint of round 2" in log and "damaged" in log
         assert "resuming from round 1; round 2 runs again" in log
+
+
+@sync
+async def test_stop_ends_the_rounds_process_and_the_run_resumes(tiny, tmp_path):
+    """`s` ends the rounds' process at once: the screen says so, the run folder is unlocked,
+    and every round it finished is committed, so `--resume` goes on from the last one."""
+    from federation.config import SimulationConfig
+    from federation.run import Simulation, holds_run, latest_round, lock_run
+
+    finished = []
+    sim = SimulationConfig(rounds=200, clients_per_round=3, eval_users=3)
+    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run", sim=sim)
+    async with host(screen, finished).run_test() as pilot:
+        await until(lambda: screen.rounds_done >= 2)
+        await pilot.press("s")
+        await until(lambda: finished)
+        await pilot.pause()
+        assert finished and finished[0][1] == "federation stopped" and not screen.running
+        assert screen._job._proc.poll() == 128 + 15  # SIGTERM became SystemExit: the engine closed, the lock dropped
+        assert "stopping: the round under way is dropped" in "\n".join(line.text for line in screen.query_one("#fed-log").lines)
+    done = latest_round(tmp_path / "run")
+    assert 2 <= done < 200 and holds_run(tmp_path / "run")
+    assert not list((tmp_path / "run").rglob("*.tmp"))  # the dropped round left no temporary file
+    fd, why = lock_run(tmp_path / "run")
+    assert fd is not None and why is None
+    os.close(fd)
+    s = Simulation(tmp_path / "run", SimulationConfig(rounds=done + 1, clients_per_round=3, eval_users=3),
+                   resume=True)
+    s.run()
+    assert s.round == done + 1
+
+
+def test_a_bad_spec_is_one_json_error_line(capsys):
+    from keyboard import federator
+
+    assert federator.main(["[]"]) == 2
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(line)["error"].startswith("usage: python -m keyboard.federator SPEC_JSON")
+
+
+def test_the_processs_error_comes_back_as_one_line(tiny, tmp_path):
+    """A user error in the rounds' process (here: its users file is gone) is the job's error, no traceback."""
+    from federation.config import SimulationConfig
+    from keyboard.federator import FederatorProcess, spec
+    from models.errors import FedkbError
+
+    p = FederatorProcess(spec(tmp_path / "run", SimulationConfig(rounds=1, clients_per_round=2), tiny[0], tiny[1],
+                              tmp_path / "gone.jsonl.gz", False))
+    with pytest.raises(FedkbError, match="gone.jsonl.gz") as e:
+        p.run(on_note=print, on_round=lambda m, c: None)
+    assert "Traceback" not in str(e.value)

@@ -365,10 +365,57 @@ async def test_new_global_model_from_federation_is_used_for_typing(tiny, tmp_pat
         assert strip(app)[0].lower() == boosted and strip(app) != before
 
 
+@sync
+async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_path, monkeypatch):
+    """f6 starts the live rounds (in a process of their own); escape goes back to typing while they go on,
+    and each new global model is typed with; f6 shows the same screen again, `s` stops the rounds, and
+    after that f6 starts a new run, whose process quitting the app ends."""
+    import keyboard.screens.federation as federation_screen
+
+    monkeypatch.setattr(federation_screen, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(federation_screen, "ROUNDS", 1000)  # still running when `s` comes
+    app = make_app(tiny, tmp_path)
+
+    async def until(cond, seconds=120.0):
+        for _ in range(int(seconds / 0.05)):
+            if cond():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("timed out")
+
+    async with app.run_test() as pilot:
+        await pilot.press("f6")
+        fed = app.screen
+        assert isinstance(fed, federation_screen.FederationScreen)
+        await until(lambda: fed.rounds_done >= 1)
+        await pilot.press("escape")
+        assert app.screen is app.typing_screen and fed.running  # back to typing; the rounds go on
+        await pilot.press("h", "o", "w", "space")
+        await pilot.pause()
+        assert text(app) == "how " and len(strip(app)) == 3
+        seen = fed.rounds_done
+        await until(lambda: fed.rounds_done > seen)
+        await pilot.pause()
+        assert fed.rounds_done > seen and app.session.label == f"global round {fed.rounds_done}"
+        await pilot.press("f6")
+        assert app.screen is fed  # the same screen, its log and plot kept
+        assert fed.running
+        await pilot.press("s")
+        await until(lambda: not fed.running)
+        assert fed._job._proc.poll() is not None and fed.rounds_done < 1000
+        await pilot.press("f6")  # the rounds have ended: a new run
+        new = app.screen
+        assert isinstance(new, federation_screen.FederationScreen) and new is not fed and new.run_dir != fed.run_dir
+        await until(lambda: new._job._proc is not None)
+    assert new._job.stopped and new._job._proc.wait(30) is not None  # the app's quitting ended its rounds
+
+
 def test_the_keyboard_types_and_learns_without_torch(tiny, tmp_path):
-    """Typing runs on NumPy and "Learn now" in a process of its own (keyboard/learner.py): the app
-    starts, learns a personal delta and suggests from it (global + delta) in a process that never
-    imports torch, with the suggestions this process gets from the same device."""
+    """Typing runs on NumPy, "Learn now" and the live rounds in processes of their own (keyboard/learner.py,
+    keyboard/federator.py): the app starts, learns a personal delta and suggests from it (global + delta)
+    in a process that never imports torch, with the suggestions this process gets from the same device;
+    then it runs a federated round in the background and types with the new global model, still
+    without torch."""
     import subprocess
     import sys
 
@@ -376,8 +423,12 @@ def test_the_keyboard_types_and_learns_without_torch(tiny, tmp_path):
 import asyncio, sys
 from pathlib import Path
 from federation.config import ClientConfig
+import keyboard.screens.federation as federation_screen
 from keyboard.app import FedkbApp
 from keyboard.session import LearnConfig
+from keyboard.widgets.suggestions import SuggestionStrip
+federation_screen.RUNS_DIR = Path({str(tmp_path / "runs")!r})
+federation_screen.ROUNDS = 1
 app = FedkbApp(Path({str(tiny[0])!r}), Path({str(tiny[1])!r}), devices_root=Path({str(tmp_path / "devices")!r}),
                users_file=Path({str(USERS)!r}), user_id="u0001", cursor_blink=False,
                learn_cfg=LearnConfig(client=ClientConfig(epochs=1.0, batch_size=2, bptt=8), eval_messages=5))
@@ -389,12 +440,24 @@ async def main():
         await pilot.press("h", "o", "w", "space")
         await pilot.pause()
         print(app.session.label, "|", app.session.predictor.suggest_for("how are"), "|", "torch" in sys.modules)
+        await pilot.press("f6")
+        fed = app.screen
+        while fed.running:
+            await asyncio.sleep(0.05)
+        await pilot.press("escape")
+        await pilot.press("a", "r", "e", "space")
+        await pilot.pause()
+        print(app.session.label, "|", fed.rounds_done, "|", app.screen.query_one(SuggestionStrip).words, "|",
+              "torch" in sys.modules)
 asyncio.run(main())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    label, words, torch_loaded = out.stdout.strip().splitlines()[-1].split(" | ")
+    learned, federated = out.stdout.strip().splitlines()[-2:]
+    label, words, torch_loaded = learned.split(" | ")
     assert label == "base + personal delta" and torch_loaded == "False"
+    label, rounds, strip_words, torch_loaded = federated.split(" | ")
+    assert (label, rounds, torch_loaded) == ("global round 1 + personal delta", "1", "False") and strip_words != "[]"
     app = make_app(tiny, tmp_path, user_id="u0001")  # the delta that process learned, read here
     assert app.session.label == "base + personal delta"
     assert words == str(app.session.predictor.suggest_for("how are")) != "[]"

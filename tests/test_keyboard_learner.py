@@ -76,5 +76,6 @@ def test_stop_ends_the_process_and_no_delta_is_written(tiny, tmp_path):
     p.stop()
     t.join(60)
     assert not t.is_alive() and p_run == ["learning stopped"]
-    assert p._proc.poll() is not None
+    assert p._proc.poll() == 128 + 15  # SIGTERM became SystemExit (keyboard/jobs.py's exit_on_sigterm)
     assert not (s.device.delta_dir / DELTA_FILE).exists()
+    assert not list(s.device.path.rglob("*.tmp"))  # no atomic write left a temporary file behind

@@ -1,0 +1,114 @@
+"""The live federation's rounds in a process of their own, so that typing goes on while they run.
+
+One of the keyboard's background jobs (keyboard/jobs.py: why a process, and its
+protocol).  The federation screen (keyboard/screens/federation.py) starts
+
+    python -m keyboard.federator SPEC_JSON
+
+which runs `federation.run.Simulation` round after round with one torch thread (as
+`fedkb simulate --threads 1` does, into the same kind of run folder) and reports on
+stdout, one JSON object a line:
+
+    {"note": "..."}                                   what the run could not do as asked, what resuming repaired
+    {"round": {... the round's metrics ...}, "checkpoint": "RUN/checkpoints/round-0003"}
+    {"done": 10}                                      the last round finished (exit status 0)
+    {"error": "one line"}                             a user error: corrupt files, a busy run folder (exit status 2)
+
+`stop()` (the user stops the rounds, or quits) ends the process at once: SIGTERM becomes
+SystemExit, so the round under way is dropped, its temporary files are removed, the
+engine's workers end and the run folder is unlocked.  Every finished round is already
+committed (atomically), so the run can be resumed (`fedkb simulate --resume --out RUN`).
+
+In a thread of the keyboard's process, the rounds' Python held the GIL between torch
+calls, and the keyboard's process imported torch and held the population and an
+evaluator; `python bench/bench_background_latency.py --job rounds` measures typing
+while rounds run in the background, here and in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from keyboard.jobs import JobProcess, emit, exit_on_sigterm
+from models.errors import FedkbError
+
+
+def spec(run_dir: Path, sim, model_dir: Path | None, tokenizer_path: Path | None, users_file: Path | None,
+         resume: bool) -> dict:
+    """What the rounds' process needs (JSON values only); `sim` is a federation.config.SimulationConfig."""
+    path = lambda p: str(p) if p is not None else None  # noqa: E731
+    return {"run_dir": str(run_dir), "sim": sim.to_json(), "model": path(model_dir), "tokenizer": path(tokenizer_path),
+            "users_file": path(users_file), "resume": bool(resume)}
+
+
+class FederatorProcess(JobProcess):
+    """Rounds of a run folder, run by `python -m keyboard.federator`; `run` blocks (call it from a worker)."""
+
+    def __init__(self, spec: dict):
+        super().__init__("keyboard.federator", spec, "federation")
+
+    def run(self, on_note: Callable[[str], None], on_round: Callable[[dict, Path], None]) -> int:
+        """Run the rounds; returns the round the run reached. FedkbError with the process's reason."""
+        out = {}
+
+        def on_message(msg: dict) -> None:
+            if "note" in msg:
+                on_note(str(msg["note"]))
+            elif isinstance(msg.get("round"), dict) and isinstance(msg.get("checkpoint"), str):
+                on_round(msg["round"], Path(msg["checkpoint"]))
+            elif "done" in msg:
+                out["done"] = msg["done"]
+
+        self.follow(on_message)
+        if not isinstance(out.get("done"), int):
+            raise FedkbError("the federation process failed: it ended without finishing its rounds")
+        return out["done"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from federation.config import SimulationConfig
+
+    try:
+        s = json.loads(argv[0])
+        sim = SimulationConfig.from_json(s["sim"])
+        paths = {k: Path(s[k]) if s[k] is not None else None for k in ("model", "tokenizer", "users_file")}
+        run_dir, resume = Path(s["run_dir"]), bool(s["resume"])
+    except (IndexError, KeyError, TypeError, ValueError) as e:
+        emit({"error": f"usage: python -m keyboard.federator SPEC_JSON (keyboard/federator.py's spec): {e!r}"})
+        return 2
+    exit_on_sigterm()
+    import torch
+
+    from federation.run import Simulation, checkpoint_dir
+    from models import native
+
+    torch.set_num_threads(1)  # one core trains, the other types
+    try:
+        run = Simulation(run_dir, sim, paths["model"], paths["tokenizer"], paths["users_file"], resume=resume)
+    except (FedkbError, OSError) as e:  # OSError: the run or device folders cannot be written
+        emit({"error": str(e)})
+        return 2
+    try:
+        for note in run.notes:
+            emit({"note": note})
+        emit({"note": f"population {run.population.size} users, {len(run.eval_ids)} held out for evaluation"})
+        if native.will_compile():
+            emit({"note": "compiling the native training kernels (once per machine, ~1 min) ..."})
+        while not run.done:
+            m = run.step()
+            emit({"round": m, "checkpoint": str(checkpoint_dir(run.run_dir, m["round"]))})
+    except (FedkbError, OSError) as e:
+        emit({"error": str(e)})
+        return 2
+    finally:
+        run.close()
+    emit({"done": run.round})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

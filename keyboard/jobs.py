@@ -1,0 +1,108 @@
+"""Background jobs of the keyboard, each in a process of its own, talking in JSON lines.
+
+A phone's keyboard does not train in its UI process: on-device training runs as a
+background job the OS schedules (Bonawitz et al. 2019, "Towards Federated Learning at
+Scale: System Design"), and the keyboard picks up the model it leaves.  Here the keyboard
+types on NumPy and never imports torch; what trains runs as
+
+    python -m MODULE SPEC_JSON
+
+with one torch thread (the other core types), and reports on stdout, one JSON object a
+line.  Each job module defines its own messages; two are common to all of them:
+
+    {"error": "one line"}      a user error (corrupt files, a full disk): exit status 2
+    anything not JSON          ignored (a library printing to stdout)
+
+The jobs are "Learn now" (keyboard/learner.py) and the live federation's rounds
+(keyboard/federator.py).  `JobProcess.follow` blocks: call it from a worker thread.
+`stop()` ends the process at once, from any thread: SIGTERM, which the job turns into
+SystemExit (`exit_on_sigterm`); whatever a job writes is written atomically, so a stopped
+job leaves the last whole file it wrote, or none, and no temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+from models.errors import FedkbError
+
+_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the keyboard package
+
+
+def exit_on_sigterm() -> None:
+    """The job's side: `stop()`'s SIGTERM becomes SystemExit, so `finally` blocks run (an atomic
+    write removes its temporary file, an engine ends its workers, a run folder is unlocked)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def emit(obj: dict) -> None:
+    """The job's side: one message, flushed at once so that the keyboard sees it now."""
+    print(json.dumps(obj), flush=True)
+
+
+class JobProcess:
+    """`python -m module SPEC_JSON`, followed line by line; `what` names it in errors ("learning")."""
+
+    def __init__(self, module: str, spec: dict, what: str):
+        self.module, self.spec, self.what = module, spec, what
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def follow(self, on_message: Callable[[dict], None]) -> None:
+        """Run the job to its end, calling `on_message` with each message in this thread.
+
+        FedkbError: "WHAT stopped" after `stop()`, the job's own `{"error": ...}`, or the
+        last line of its stderr when it died otherwise (a crash, a signal)."""
+        env = {**os.environ, "OMP_NUM_THREADS": "1",  # one core trains, the other types
+               "PYTHONPATH": os.pathsep.join(p for p in (str(_ROOT), os.environ.get("PYTHONPATH")) if p)}
+        cmd = [sys.executable, "-m", self.module, json.dumps(self.spec)]
+        error = None
+        with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as err:
+            with self._lock:  # a stop() that came first, before the process exists, is not lost
+                if self._stopped:
+                    raise FedkbError(f"{self.what} stopped")
+                self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                              text=True, encoding="utf-8", env=env)
+            try:
+                for line in self._proc.stdout:
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue
+                    if not isinstance(msg, dict):
+                        continue
+                    if "error" in msg:
+                        error = msg["error"]
+                    elif not self._stopped:
+                        on_message(msg)
+            finally:
+                self._proc.stdout.close()
+                code = self._proc.wait()
+            if self._stopped:
+                raise FedkbError(f"{self.what} stopped")
+            if error is not None:
+                raise FedkbError(str(error))
+            if code != 0:
+                err.seek(0)
+                last = (err.read().strip().splitlines() or [f"exit status {code}"])[-1]
+                raise FedkbError(f"the {self.what} process failed: {last}")
+
+    def stop(self) -> None:
+        """End the process, if it runs (the app quits, the profile changes, the user stops it)."""
+        with self._lock:
+            self._stopped = True
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.terminate()
