@@ -18,10 +18,11 @@ predictor is only touched by `apply_params`, called from the UI.
 
 Typing runs on NumPy: the weights are read without torch (models/modelfile.py)
 and suggestions come from models/numpy_predictor.py, as a phone's keyboard runs
-an inference runtime and loads the training framework only to learn.  torch is
-imported by the methods that train or measure (`learn`, `evaluate`,
-`evaluate_user`), the first time one runs, so the keyboard opens in well under
-a second instead of after `import torch`'s ~1.5-2 s.
+an inference runtime and loads the training framework only to learn.  Measuring
+(`evaluate`, `evaluate_user`: simulated typing of held-out text) runs on the same
+NumPy predictor; only `learn` imports torch, in the learner's process, so the keyboard
+opens in well under a second instead of after `import torch`'s ~1.5-2 s, and its
+process never holds torch.
 """
 
 from __future__ import annotations
@@ -269,22 +270,13 @@ class KeyboardSession:
                 return fut[:n], "held-out future text"
         return self.device.history()[-n:], "typed history"
 
-    def _predictor_for(self, weights: Arrays, personal_words=(), blocked=()):
-        """A torch Predictor of `weights` (what simulate_typing scores with); imports torch."""
-        from models.lm import LMConfig, WordLM
-        from models.predictor import Predictor
-
-        model = WordLM(LMConfig.from_json(self.config))
-        model.load_state_dict(_tensors(weights))
-        return Predictor(model.eval(), self.vocab, self.tokenizer, personal_words=personal_words, blocked=blocked)
-
     def evaluate(self, weights: Arrays | None = None) -> dict:
         """simulate_typing on eval_texts() with `weights` (default: the model in use); safe in a worker."""
         from models.evaluate import simulate_typing
 
         texts, _ = self.eval_texts()
-        pred = self._predictor_for(weights if weights is not None else self.weights,
-                                   self.device.personal_words(), self.device.blocked_words())
+        pred = NumpyPredictor(weights if weights is not None else self.weights, self.vocab, self.tokenizer,
+                              self.device.personal_words(), self.device.blocked_words())
         return simulate_typing(pred, texts)
 
     def evaluate_user(self, user_id: str) -> dict:
@@ -303,7 +295,7 @@ class KeyboardSession:
         blocked = device.blocked_words() if device.exists() else set()
 
         def run(weights: Arrays) -> dict:
-            return simulate_typing(self._predictor_for(weights, words, blocked), texts)
+            return simulate_typing(NumpyPredictor(weights, self.vocab, self.tokenizer, words, blocked), texts)
 
         out = {"user": user_id, "messages": len(texts), "history": len(user.history),
                "global": run(self.global_weights), "personal": None}

@@ -11,9 +11,11 @@ case-insensitive, punctuation not counted (the model predicts words only).
 top-1 / top-3: the word is the first / among the k suggestions before its first
 letter is typed.  Words outside the vocabulary count as misses.
 
-One forward pass per message gives the scores for all its positions; the
-prefix filtering is exactly the Predictor's, so the numbers are what a user of
-the keyboard would see (a test holds them equal).
+The scores for all of a message's positions come from the predictor's
+`message_scores` (the torch Predictor: one forward pass; the keyboard's NumpyPredictor:
+one step a word, so the keyboard measures without torch), and the prefix filtering is
+exactly the predictor's, so the numbers are what a user of the keyboard would see (tests
+hold them equal, and the two predictors to the same numbers).
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-import torch
-
 from models.ksr import keystroke_savings
-from models.predictor import Predictor
+from models.suggest import IncrementalPredictor
 from models.text import BOS, sentence_tokens
 
 MAX_MESSAGE_WORDS = 200
@@ -56,16 +56,12 @@ class TypingStats:
         }
 
 
-@torch.no_grad()
-def simulate_message(pred: Predictor, message: str, k: int = 3) -> TypingStats:
+def simulate_message(pred: IncrementalPredictor, message: str, k: int = 3) -> TypingStats:
     toks = sentence_tokens(message)[: MAX_MESSAGE_WORDS + 1]
     st = TypingStats()
     if len(toks) < 2:
         return st
-    ids = torch.tensor([pred.vocab.id(t) for t in toks], dtype=torch.long)
-    logits, _ = pred.model(ids[None, :-1], pred._emb, pred._bias)
-    scores = torch.log_softmax(logits[0], dim=-1) + pred._mask  # (T-1, V): scores for toks[1:]
-    first = torch.topk(scores, k, dim=-1).indices.tolist()
+    scores, first = pred.message_scores([pred.vocab.id(t) for t in toks], k)  # for toks[1:]
     for j, word in enumerate(toks[1:]):
         if word == BOS:
             continue
@@ -93,7 +89,7 @@ def simulate_message(pred: Predictor, message: str, k: int = 3) -> TypingStats:
     return st
 
 
-def simulate_typing(pred: Predictor, messages: Iterable[str], k: int = 3) -> dict:
+def simulate_typing(pred: IncrementalPredictor, messages: Iterable[str], k: int = 3) -> dict:
     """Aggregate TypingStats over messages, as a JSON-ready summary dict."""
     total = TypingStats()
     n = 0

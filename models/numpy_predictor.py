@@ -7,7 +7,9 @@ arrays (models/modelfile.py), the word table composed, the projected LSTM (PyTor
 order i, f, g, o; h = W_hr (o * tanh c)) stepped in float32.  It has the interface of
 `models.predictor.Predictor` that typing uses (reset, commit, suggest, set_context, `in`, and
 the device's personal words, blocked words and new weights), and a test holds the two to the
-same suggestions and log-probabilities.  Learning and evaluation keep the torch `Predictor`.
+same suggestions and log-probabilities.  The keyboard measures on it too (`message_scores`:
+models/evaluate.py's simulated typing); learning, `fedkb eval` and the rounds' evaluation keep
+the torch `Predictor`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def _row_sums(table: np.ndarray, flat: np.ndarray, starts: np.ndarray, lengths: 
             acc += table[flat[first + j]]
         out[rows] = acc
     return out
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Over the last axis."""
+    m = logits.max(axis=-1, keepdims=True)
+    return logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
 
 
 class NumpyPredictor(IncrementalPredictor):
@@ -91,16 +99,33 @@ class NumpyPredictor(IncrementalPredictor):
     def _start(self) -> None:
         self._h, self._c = self.w["start_h"].copy(), self.w["start_c"].copy()
 
-    def _step(self, word_id: int) -> None:
+    def _cell(self, word_id: int) -> None:
+        """The LSTM's step: self._h, self._c after word `word_id`."""
         w = self.w
         gates = w["lstm.weight_ih_l0"] @ self.emb[word_id] + w["lstm.bias_ih_l0"] \
             + w["lstm.weight_hh_l0"] @ self._h + w["lstm.bias_hh_l0"]
         i, f, g, o = np.split(gates, 4)
         self._c = _sigmoid(f) * self._c + _sigmoid(i) * np.tanh(g)
         self._h = w["lstm.weight_hr_l0"] @ (_sigmoid(o) * np.tanh(self._c))
-        logits = self.emb @ self._h + self.bias
-        m = logits.max()
-        self._logp = logits - (m + np.log(np.exp(logits - m).sum()))
+
+    def _step(self, word_id: int) -> None:
+        self._cell(word_id)
+        self._logp = _log_softmax(self.emb @ self._h + self.bias)
+
+    def message_scores(self, word_ids: list[int], k: int) -> tuple[np.ndarray, list[list[int]]]:
+        """models/suggest.py's, with the output layer of all the message's words in one product
+        (the recurrence alone goes word by word), as the torch side does."""
+        self._start()
+        hs = []
+        for i in word_ids[:-1]:
+            self._cell(i)
+            hs.append(self._h)
+        scores = _log_softmax(np.stack(hs) @ self.emb.T + self.bias) + self._mask  # (T-1, V)
+        k = min(k, scores.shape[1])
+        best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        first = [row[np.lexsort((row, -s[row]))].tolist() for row, s in zip(best, scores)]  # _top's order
+        self.reset()
+        return scores, first
 
     def _zeros(self, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)

@@ -1,4 +1,4 @@
-"""Incremental next-word suggestions from the torch model (evaluation, "Learn now"'s scores).
+"""Incremental next-word suggestions from the torch model (`fedkb eval`, the rounds' evaluation, the report).
 
 The keyboard and `fedkb predict` run the same logic on NumPy (models/numpy_predictor.py, held
 to this one by a test), so typing never imports torch.  Everything but the model's part (the
@@ -50,6 +50,14 @@ class Predictor(IncrementalPredictor):
 
     def _index(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long)
+
+    @torch.no_grad()
+    def message_scores(self, word_ids: list[int], k: int) -> tuple[torch.Tensor, list[list[int]]]:
+        """models/suggest.py's, in one forward pass over the message (the context is not touched)."""
+        ids = torch.tensor(word_ids, dtype=torch.long)
+        logits, _ = self.model(ids[None, :-1], self._emb, self._bias)
+        scores = torch.log_softmax(logits[0], dim=-1) + self._mask  # (T-1, V): scores for word_ids[1:]
+        return scores, torch.topk(scores, k, dim=-1).indices.tolist()
 
     def _top(self, scores: torch.Tensor, k: int, cand: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
         top = torch.topk(scores, k)

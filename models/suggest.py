@@ -8,9 +8,10 @@ Personal words (known only on this device) are appended to the vocabulary locall
 words ("forget this word") are never suggested.
 
 This class holds all of that, once, for the two model sides: models/predictor.py (torch:
-evaluation and learning) and models/numpy_predictor.py (NumPy: typing).  A subclass gives the
+`fedkb eval`, the rounds' evaluation, the report) and models/numpy_predictor.py (NumPy: the
+keyboard's typing and its measurements).  A subclass gives the
 word table (`_compose`), the state at a message start (`_start`), one step (`_step`), a mask
-vector (`_zeros`) and the top-k (`_top`).
+vector (`_zeros`), the top-k (`_top`) and a whole message's scores (`message_scores`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class IncrementalPredictor:
     def _top(self, scores, k: int, cand=None) -> tuple[list[int], list[float]]:
         """The k largest of `scores`, best first: their positions (or `cand`'s entries at those
         positions, where `scores` is a slice picked by `cand`) and their values."""
+        raise NotImplementedError
+
+    def message_scores(self, word_ids: list[int], k: int):
+        """A whole message at once (models/evaluate.py): for each word after the first, the
+        scores (V,) the keyboard had before it (with the mask), as rows of a (T-1, V) matrix,
+        and each row's top-k word ids, best first.  Leaves the context as it was or empty."""
         raise NotImplementedError
 
     # -- vocabulary-dependent caches --------------------------------------------------

@@ -414,8 +414,8 @@ def test_the_keyboard_types_and_learns_without_torch(tiny, tmp_path):
     """Typing runs on NumPy, "Learn now" and the live rounds in processes of their own (keyboard/learner.py,
     keyboard/federator.py): the app starts, learns a personal delta and suggests from it (global + delta)
     in a process that never imports torch, with the suggestions this process gets from the same device;
-    then it runs a federated round in the background and types with the new global model, still
-    without torch."""
+    then it runs a federated round in the background and types with the new global model, and shows
+    the profile's scores (global and personal), still without torch."""
     import subprocess
     import sys
 
@@ -449,15 +449,21 @@ async def main():
         await pilot.pause()
         print(app.session.label, "|", fed.rounds_done, "|", app.screen.query_one(SuggestionStrip).words, "|",
               "torch" in sys.modules)
+        await pilot.press("f5")
+        panel = app.screen.query_one("#profile-eval")
+        while "top-1" not in str(panel.render()):
+            await asyncio.sleep(0.05)
+        print(str(panel.render()).count("top-1"), "|", "torch" in sys.modules)
 asyncio.run(main())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    learned, federated = out.stdout.strip().splitlines()[-2:]
+    learned, federated, profiles = out.stdout.strip().splitlines()[-3:]
     label, words, torch_loaded = learned.split(" | ")
     assert label == "base + personal delta" and torch_loaded == "False"
     label, rounds, strip_words, torch_loaded = federated.split(" | ")
     assert (label, rounds, torch_loaded) == ("global round 1 + personal delta", "1", "False") and strip_words != "[]"
+    assert profiles == "2 | False"  # a profile's scores, global and personal, measured without torch too
     app = make_app(tiny, tmp_path, user_id="u0001")  # the delta that process learned, read here
     assert app.session.label == "base + personal delta"
     assert words == str(app.session.predictor.suggest_for("how are")) != "[]"

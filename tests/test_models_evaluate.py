@@ -55,6 +55,29 @@ def test_simulation_equals_the_slow_reference_lstm(tiny_loaded, fixture_users):
     assert fast.words > 100 and 0 < fast.top1_hits <= fast.top3_hits
 
 
+def test_the_keyboards_numpy_predictor_measures_what_the_torch_one_does(tiny, tiny_loaded, fixture_users):
+    """The keyboard measures (a profile's scores, "Learn now"'s before/after) on its NumPy predictor,
+    one step a word: the same counts as the slow reference typed through it, and as the torch
+    Predictor's one forward pass a message, personal and blocked words included."""
+    from models.numpy_predictor import NumpyPredictor
+    from models.tokenizer import Tokenizer
+
+    ckpt, tok = tiny_loaded
+    personal, blocked = ["zzqxw"], [ckpt.vocab.words[5]]
+    fast = NumpyPredictor.load(tiny[0], Tokenizer(tiny[1]))
+    fast.set_vocab(fast.vocab, personal)
+    for w in blocked:
+        fast.block(w)
+    ref = Predictor(ckpt.model, ckpt.vocab, tok, personal_words=personal, blocked=blocked)
+    msgs = _messages(fixture_users)
+    numpy_stats, torch_stats = TypingStats(), TypingStats()
+    for m in msgs:
+        numpy_stats.add(simulate_message(fast, m))
+        torch_stats.add(simulate_message(ref, m))
+    assert numpy_stats == torch_stats == slow_reference(fast, msgs)
+    assert numpy_stats.words > 100 and 0 < numpy_stats.top1_hits <= numpy_stats.top3_hits
+
+
 def test_simulation_equals_the_slow_reference_kn(tiny_loaded, fixture_users):
     from models.datasets import load_pretrain_lines
     from models.ngram import kn_predictor
