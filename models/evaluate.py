@@ -12,8 +12,9 @@ top-1 / top-3: the word is the first / among the k suggestions before its first
 letter is typed.  Words outside the vocabulary count as misses.
 
 The scores for all of a message's positions come from the predictor's
-`message_scores` (the torch Predictor: one forward pass; the keyboard's NumpyPredictor:
-one step a word, so the keyboard measures without torch), and the prefix filtering is
+`message_scores` (the torch Predictor: one forward pass; the keyboard's NumpyPredictor: the
+recurrence word by word and the output layer in one product, so the keyboard measures
+without torch), and the prefix filtering is
 exactly the predictor's, so the numbers are what a user of the keyboard would see (tests
 hold them equal, and the two predictors to the same numbers).
 """
