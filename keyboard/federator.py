@@ -23,7 +23,8 @@ In a thread of the keyboard's process (where the screen ran them before), the ro
 Python holds the GIL between torch calls, and the keyboard's process would import torch
 and hold the population and an evaluator: typing while 3 rounds of 10 clients run, key to
 suggestions p95 12.5-16 ms, stalls of 143-147 ms and 716-719 MB for the keyboard's
-process, against p95 3.6-3.7 ms (idle 3.7-3.9), no stall and 125-128 MB with this process
+process, against p95 3.6-3.7 ms (idle 3.7-3.9), stalls of 2-56 ms (a key meeting a new
+global model's swap) and 125-128 MB with this process
 (`python bench/bench_background_latency.py --job rounds`, two runs).
 """
 
