@@ -11,9 +11,11 @@ import importlib
 import inspect
 from pathlib import Path
 
+from textual import work
 from textual.app import App
 from textual.binding import Binding
 from textual.message import Message
+from textual.worker import get_current_worker
 
 from keyboard.palette import KeyboardCommands
 from keyboard.screens.confirm import ConfirmScreen
@@ -104,9 +106,25 @@ class FedkbApp(App):
         self.action_push_extra(name)
 
     def use_global(self, checkpoint_dir: Path) -> None:
-        """A new global model arrived (a federated round finished): type with it from now on."""
+        """A new global model arrived (a federated round finished): type with it from now on.
+        It is read in a worker thread; only the swap (`_swap_global`) is on the UI thread."""
+        self._read_global(Path(checkpoint_dir))
+
+    @work(thread=True, exclusive=True, group="new-global")
+    def _read_global(self, checkpoint_dir: Path) -> None:
+        worker = get_current_worker()
         try:
-            self.session.use_global(checkpoint_dir)
+            model = self.session.read_global(checkpoint_dir)
+        except (FedkbError, OSError) as e:  # OSError: a folder that cannot be read
+            model = e if isinstance(e, FedkbError) else FedkbError(str(e))
+        if not worker.is_cancelled:  # else a newer round's model has come meanwhile: that one is used
+            self.call_from_thread(self._swap_global, checkpoint_dir, model)
+
+    def _swap_global(self, checkpoint_dir: Path, model) -> None:
+        try:
+            if isinstance(model, FedkbError):
+                raise model
+            self.session.use_global(checkpoint_dir, model)
         except FedkbError as e:
             self.notify(f"cannot use {checkpoint_dir}: {e}", severity="error")
             return

@@ -40,7 +40,7 @@ from models import atomic
 from models.datasets import UserData, load_users
 from models.errors import FedkbError
 from models.jsonvalues import is_number
-from models.modelfile import Arrays, default_paths, read_arrays, read_model, shapes
+from models.modelfile import Arrays, ModelFile, default_paths, read_arrays, read_model, shapes
 from models.numpy_predictor import NumpyPredictor
 from models.text import is_word
 from models.tokenizer import Tokenizer
@@ -148,15 +148,21 @@ class KeyboardSession:
         self.predictor.base_vocab = self.vocab
         self.apply_params(self._load_delta())
 
-    def use_global(self, model_dir: Path) -> None:
-        """Switch to another global model (e.g. a new federated round); call from the UI thread.
+    def read_global(self, model_dir: Path) -> ModelFile:
+        """Another global model's files, read and checked (safe in a worker: touches no live state)."""
+        f = read_model(Path(model_dir), self.tokenizer)
+        if shapes(f.config) != shapes(self.config):
+            raise FedkbError(f"{model_dir} has another architecture than the model in use")
+        return f
+
+    def use_global(self, model_dir: Path, model: ModelFile | None = None) -> None:
+        """Switch to another global model (e.g. a new federated round); call from the UI thread,
+        with `model` as `read_global` read it in a worker (else it is read here).
 
         The device's personal delta, if any, is applied on top of the new global model
         (personal = global + delta, as on a phone whose base model was updated).
         """
-        f = read_model(Path(model_dir), self.tokenizer)
-        if shapes(f.config) != shapes(self.config):
-            raise FedkbError(f"{model_dir} has another architecture than the model in use")
+        f = model if model is not None else self.read_global(model_dir)
         self.model_dir, self.meta, self.vocab, self.config = Path(model_dir), f.meta, f.vocab, f.config
         self.global_weights = f.weights
         self.open(self.user_id)  # the same predictor: new weights, vocabulary, personal words

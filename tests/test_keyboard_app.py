@@ -357,7 +357,8 @@ async def test_new_global_model_from_federation_is_used_for_typing(tiny, tmp_pat
     app = make_app(tiny, tmp_path)
     async with app.run_test() as pilot:
         before = list(strip(app))
-        app.use_global(tmp_path / "round3")
+        app.use_global(tmp_path / "round3")  # read in a worker thread, swapped in on the UI thread
+        await app.workers.wait_for_complete()
         await pilot.pause()
         assert app.session.label == "global round 3"
         assert "quokkaword" in app.session.predictor.vocab  # the new vocabulary version came with it
@@ -394,9 +395,14 @@ async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_p
         await pilot.pause()
         assert text(app) == "how " and len(strip(app)) == 3
         seen = fed.rounds_done
-        await until(lambda: fed.rounds_done > seen)
+
+        def typing_round() -> int:  # the round of the global model typed with (0: the base)
+            label = app.session.label.split()
+            return int(label[2]) if label[:2] == ["global", "round"] else 0
+
+        await until(lambda: typing_round() > seen)  # a round that finished after we went back to typing
         await pilot.pause()
-        assert fed.rounds_done > seen and app.session.label == f"global round {fed.rounds_done}"
+        assert seen < typing_round() <= fed.rounds_done
         await pilot.press("f6")
         assert app.screen is fed  # the same screen, its log and plot kept
         assert fed.running
@@ -442,7 +448,7 @@ async def main():
         print(app.session.label, "|", app.session.predictor.suggest_for("how are"), "|", "torch" in sys.modules)
         await pilot.press("f6")
         fed = app.screen
-        while fed.running:
+        while fed.running or not app.session.label.startswith("global"):
             await asyncio.sleep(0.05)
         await pilot.press("escape")
         await pilot.press("a", "r", "e", "space")
