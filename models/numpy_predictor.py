@@ -83,12 +83,24 @@ class NumpyPredictor(IncrementalPredictor):
         self._refresh()
 
     # -- the model side (models/suggest.py) ---------------------------------------------
+    _layout: tuple | None = None  # (words, flat, starts, lengths) of the last vocabulary composed
+
+    def _pieces_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The vocabulary's pieces: all of them in one array, where each word's start and how many.
+        Kept while the words stay the same: a new global model of the same vocabulary (a federated
+        round) composes its table without tokenizing 10,000 words again."""
+        words = self.vocab.words
+        if self._layout is None or self._layout[0] != words:
+            pieces = [self.tokenizer.pieces(word) for word in words]
+            lengths = np.array([len(p) for p in pieces])
+            flat = np.fromiter((i for p in pieces for i in p), dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            self._layout = (words, flat, starts, lengths)
+        return self._layout[1:]
+
     def _compose(self) -> None:
         w, vocab = self.w, self.vocab
-        pieces = [self.tokenizer.pieces(word) for word in vocab.words]
-        lengths = np.array([len(p) for p in pieces])
-        flat = np.fromiter((i for p in pieces for i in p), dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat, starts, lengths = self._pieces_layout()
         emb = _row_sums(w["piece_emb"], flat, starts, lengths) / lengths[:, None]  # (V, d)
         bias = np.add.reduceat(w["piece_bias"][flat], starts) / lengths  # (V,)
         r = min(vocab.base_size, w["residual"].shape[0])  # personal words past the base: pieces only

@@ -66,10 +66,15 @@ class IncrementalPredictor:
         raise NotImplementedError
 
     # -- vocabulary-dependent caches --------------------------------------------------
+    _order: tuple | None = None  # (words, their alphabetical order) of the last vocabulary sorted
+
     def _build(self) -> None:
         self._compose()
-        order = sorted(range(len(self.vocab)), key=lambda i: self.vocab.words[i])
-        self._sorted = [self.vocab.words[i] for i in order]
+        words = self.vocab.words
+        if self._order is None or self._order[0] != words:  # new words; else new weights, the same words
+            self._order = (words, sorted(range(len(words)), key=words.__getitem__))
+        order = self._order[1]
+        self._sorted = [words[i] for i in order]
         self._sorted_idx = self._index(order)
         self._mask = self._zeros(len(self.vocab))
         for w in (*SPECIALS, *self.blocked):
