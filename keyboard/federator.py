@@ -22,9 +22,9 @@ committed (atomically), so the run can be resumed (`fedkb simulate --resume --ou
 In a thread of the keyboard's process (where the screen ran them before), the rounds'
 Python holds the GIL between torch calls, and the keyboard's process would import torch
 and hold the population and an evaluator: typing while 3 rounds of 10 clients run, key to
-suggestions p95 12.3-13.0 ms, stalls of 106-141 ms and 721-735 MB for the keyboard's
-process, against p95 3.8-3.9 ms (idle 3.9-4.0), stalls of 10-36 ms (a key meeting a new
-global model's swap) and 139-140 MB with this process
+suggestions p95 12.4-17.9 ms, stalls of 63-100 ms and 709-723 MB for the keyboard's
+process, against p95 3.4-3.8 ms (idle 3.6-3.8), stalls of 2-19 ms (a key meeting a new
+global model's swap) and 140-141 MB with this process
 (`python bench/bench_background_latency.py --job rounds`, two runs).
 """
 
