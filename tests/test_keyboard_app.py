@@ -416,7 +416,7 @@ async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_p
     assert new._job.stopped and new._job._proc.wait(30) is not None  # the app's quitting ended its rounds
 
 
-def test_the_keyboard_types_and_learns_without_torch(tiny, tmp_path):
+def test_the_keyboards_process_never_imports_torch(tiny, tmp_path):
     """Typing runs on NumPy, "Learn now" and the live rounds in processes of their own (keyboard/learner.py,
     keyboard/federator.py): the app starts, learns a personal delta and suggests from it (global + delta)
     in a process that never imports torch, with the suggestions this process gets from the same device;
