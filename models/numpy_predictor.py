@@ -87,26 +87,45 @@ class NumpyPredictor(IncrementalPredictor):
 
     def _pieces_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The vocabulary's pieces: all of them in one array, where each word's start and how many.
-        Kept while the words stay the same: a new global model of the same vocabulary (a federated
-        round) composes its table without tokenizing 10,000 words again."""
+        Kept while the words stay the same, extended when words are appended: a new global model
+        of the same vocabulary (a federated round), or a personal word typed, composes its table
+        without tokenizing 10,000 words again."""
         words = self.vocab.words
-        if self._layout is None or self._layout[0] != words:
-            pieces = [self.tokenizer.pieces(word) for word in words]
-            lengths = np.array([len(p) for p in pieces])
-            flat = np.fromiter((i for p in pieces for i in p), dtype=np.int64)
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            self._layout = (words, flat, starts, lengths)
+        if self._layout is not None and self._layout[0] == words:
+            return self._layout[1:]
+        old = self._layout
+        kept = old is not None and len(words) > len(old[0]) and words[: len(old[0])] == old[0]  # words appended
+        pieces = [self.tokenizer.pieces(word) for word in (words[len(old[0]):] if kept else words)]
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        flat = np.fromiter((i for p in pieces for i in p), dtype=np.int64)
+        if kept:  # a personal word typed: only it is tokenized
+            lengths, flat = np.concatenate([old[3], lengths]), np.concatenate([old[1], flat])
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self._layout = (words, flat, starts, lengths)
         return self._layout[1:]
+
+    _table: tuple | None = None  # (weights, words, base size) the word table was last composed for
 
     def _compose(self) -> None:
         w, vocab = self.w, self.vocab
         flat, starts, lengths = self._pieces_layout()
-        emb = _row_sums(w["piece_emb"], flat, starts, lengths) / lengths[:, None]  # (V, d)
-        bias = np.add.reduceat(w["piece_bias"][flat], starts) / lengths  # (V,)
+        prev, words = self._table, vocab.words
+        n0 = 0  # rows kept: where only words were appended (a personal word typed), only they are composed
+        if prev is not None and prev[0] is w and prev[2] == vocab.base_size and len(words) > len(prev[1]) \
+                and words[: len(prev[1])] == prev[1]:
+            n0 = len(prev[1])
+        starts, lengths = starts[n0:], lengths[n0:]
+        emb = _row_sums(w["piece_emb"], flat, starts, lengths) / lengths[:, None]  # (V - n0, d)
+        bias = _row_sums(w["piece_bias"][:, None], flat, starts, lengths)[:, 0] / lengths  # (V - n0,)
         r = min(vocab.base_size, w["residual"].shape[0])  # personal words past the base: pieces only
-        emb[:r] += w["residual"][:r]
-        bias[:r] += w["word_bias"][:r]
-        self.emb, self.bias = emb.astype(np.float32), bias.astype(np.float32)
+        if r > n0:
+            emb[: r - n0] += w["residual"][n0:r]
+            bias[: r - n0] += w["word_bias"][n0:r]
+        emb, bias = emb.astype(np.float32), bias.astype(np.float32)
+        if n0:
+            emb, bias = np.concatenate([self.emb, emb]), np.concatenate([self.bias, bias])
+        self.emb, self.bias = emb, bias
+        self._table = (w, words, vocab.base_size)
 
     def _start(self) -> None:
         self._h, self._c = self.w["start_h"].copy(), self.w["start_c"].copy()

@@ -66,15 +66,29 @@ class IncrementalPredictor:
         raise NotImplementedError
 
     # -- vocabulary-dependent caches --------------------------------------------------
-    _order: tuple | None = None  # (words, their alphabetical order) of the last vocabulary sorted
+    _order: tuple | None = None  # (words, their alphabetical order, the words in it) of the last vocabulary
+
+    def _alphabetical(self) -> tuple[list[int], list[str]]:
+        """The vocabulary's ids in alphabetical order, and the words in that order.  Kept while the
+        words stay the same (new weights), extended when words are appended (a personal word)."""
+        words, old = self.vocab.words, self._order
+        if old is not None and old[0] == words:
+            return old[1], old[2]
+        if old is not None and len(words) > len(old[0]) and words[: len(old[0])] == old[0]:
+            order, in_order = list(old[1]), list(old[2])
+            for i in range(len(old[0]), len(words)):
+                at = bisect.bisect_left(in_order, words[i])
+                order.insert(at, i)
+                in_order.insert(at, words[i])
+        else:
+            order = sorted(range(len(words)), key=words.__getitem__)
+            in_order = [words[i] for i in order]
+        self._order = (words, order, in_order)
+        return order, in_order
 
     def _build(self) -> None:
         self._compose()
-        words = self.vocab.words
-        if self._order is None or self._order[0] != words:  # new words; else new weights, the same words
-            self._order = (words, sorted(range(len(words)), key=words.__getitem__))
-        order = self._order[1]
-        self._sorted = [words[i] for i in order]
+        order, self._sorted = self._alphabetical()
         self._sorted_idx = self._index(order)
         self._mask = self._zeros(len(self.vocab))
         for w in (*SPECIALS, *self.blocked):

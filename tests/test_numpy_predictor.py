@@ -83,6 +83,27 @@ def test_new_weights_keep_the_context(tiny):
     assert np.array_equal(a.scores(), b.scores())
 
 
+def test_kept_and_extended_tables_equal_fresh_ones(tiny):
+    """The word table's layout and the alphabetical order are kept across new weights and extended
+    when personal words are typed one by one: the same tables, order and suggestions as a predictor
+    built from scratch with those words."""
+    tok = Tokenizer(tiny[1])
+    a = NumpyPredictor.load(tiny[0], tok)
+    a.set_weights({k: v * 0.9 for k, v in a.w.items()})  # the same words: both kept
+    for w in ("zorblax", "aardvarkish", "mmmkay", "zzz"):  # appended: both extended
+        a.add_personal_words([w])
+    b = NumpyPredictor(a.w, a.base_vocab, tok, personal_words=["zorblax", "aardvarkish", "mmmkay", "zzz"])
+    assert a.vocab.words == b.vocab.words and a._sorted == b._sorted == sorted(b.vocab.words)
+    assert np.array_equal(a._sorted_idx, b._sorted_idx)
+    assert np.array_equal(a.emb, b.emb) and np.array_equal(a.bias, b.bias)
+    for prefix in ("", "a", "aa", "mm", "z", "zo"):
+        assert a.suggest(prefix) == b.suggest(prefix)
+    c = NumpyPredictor(a.w, a.base_vocab, tok)  # words removed (a device cleared): built anew
+    c.set_vocab(a.vocab)
+    c.set_vocab(a.base_vocab)
+    assert c._sorted == sorted(a.base_vocab.words) and len(c.emb) == len(a.base_vocab)
+
+
 def test_modelfile_shapes_are_the_models(tiny_loaded):
     """models/modelfile.py's shape table (what the torch-free reader checks) is WordLM's state dict."""
     from models.modelfile import shapes
