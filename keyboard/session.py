@@ -177,21 +177,27 @@ class KeyboardSession:
         return model_label(self.meta) + (" + personal delta" if self.has_delta else "")
 
     # -- the personal delta ------------------------------------------------------------
-    def _load_delta(self) -> Arrays | None:
-        """global + the device's delta, or None where it has none (or one that cannot be used: delta_error says why)."""
+    def _load_delta(self, delta: Arrays | FedkbError | None = None) -> Arrays | None:
+        """global + the device's delta (read here, or as `read_delta` read it in a worker), or None where
+        it has none (or one that cannot be used: delta_error says why)."""
         self.delta_error = None
-        f = self.device.delta_dir / DELTA_FILE
-        if not f.exists():
+        if delta is None and not (self.device.delta_dir / DELTA_FILE).exists():
             return None
         try:
-            return self._personal(f)
+            if isinstance(delta, FedkbError):
+                raise delta
+            return self._personal(delta if delta is not None else self.read_delta(self.user_id))
         except FedkbError as e:  # a delta for another model shape, or a damaged file: run on the global model, say so
             self.delta_error = f"personal model not used ({e}); typing with the global model; Learn now makes a new one"
             return None
 
-    def _personal(self, delta_file: Path) -> Arrays:
-        """The global weights + a device's delta (models/params.py's add, on arrays); FedkbError if it does not fit."""
-        delta = read_arrays(delta_file, reference=shapes(self.config))
+    def read_delta(self, user_id: str) -> Arrays:
+        """A device's personal delta, read and checked against the model's shapes (safe in a worker);
+        FedkbError if it is damaged or another model's."""
+        return read_arrays(Device(self.devices_root, user_id).delta_dir / DELTA_FILE, reference=shapes(self.config))
+
+    def _personal(self, delta: Arrays) -> Arrays:
+        """The global weights + a delta (models/params.py's add, on arrays)."""
         return {k: g + delta[k] for k, g in self.global_weights.items()}
 
     def delta_info(self) -> dict:
@@ -208,10 +214,11 @@ class KeyboardSession:
             info = {k: v for k, v in info.items() if k not in ("before", "after")}
         return info
 
-    def reload_delta(self) -> None:
-        """Type with the device's delta as it is on disk now (a learning process wrote it); call from the UI thread.
-        One that cannot be used leaves the global model in use and says why in `delta_error`."""
-        self.apply_params(self._load_delta())
+    def reload_delta(self, delta: Arrays | FedkbError | None = None) -> None:
+        """Type with the device's delta as it is on disk now (a learning process wrote it; `delta`: as
+        `read_delta` read it in a worker); call from the UI thread. One that cannot be used leaves the
+        global model in use and says why in `delta_error`."""
+        self.apply_params(self._load_delta(delta))
 
     def apply_params(self, personal: Arrays | None) -> None:
         """Type with the global model (None) or personal weights (global + a delta); call from the UI thread."""
@@ -308,7 +315,7 @@ class KeyboardSession:
         f = device.delta_dir / DELTA_FILE
         if f.exists():
             try:
-                personal = self._personal(f)
+                personal = self._personal(self.read_delta(user_id))
             except FedkbError:
                 pass
             else:

@@ -201,6 +201,25 @@ async def test_a_personal_model_that_cannot_be_written_is_a_failed_learning(tiny
 
 
 @sync
+async def test_a_learned_delta_that_cannot_be_read_is_a_failed_learning(tiny, tmp_path, monkeypatch):
+    """The worker reads the delta the process wrote (only the swap is on the UI thread); a delta it cannot
+    read (damaged between the two) leaves the global model in use and says why."""
+    app = make_app(tiny, tmp_path, user_id="u0001")
+
+    def damaged(user_id):
+        raise FedkbError("the personal model is damaged (checksum)")
+
+    monkeypatch.setattr(app.session, "read_delta", damaged)
+    async with app.run_test() as pilot:
+        await pilot.press("ctrl+l")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.is_running and app.session.label == "base"
+        said = str(app.screen.query_one("#learn-result").render())
+        assert "Learning failed" in said and "damaged" in said
+
+
+@sync
 async def test_another_profile_or_clearing_stops_a_learning(tiny, tmp_path):
     """A learning under way ends when the profile changes or the device is cleared: no delta appears
     afterwards on either device, and the new profile types with the global model."""

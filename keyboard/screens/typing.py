@@ -197,19 +197,23 @@ class TypingScreen(Screen):
             if not worker.is_cancelled:
                 self.app.call_from_thread(self._learn_failed, str(e))
             return
+        try:  # read here, so that only the swap to the new weights is on the UI thread
+            delta = self.app.session.read_delta(learner.user_id)
+        except (FedkbError, OSError) as e:
+            delta = e if isinstance(e, FedkbError) else FedkbError(str(e))
         if not worker.is_cancelled:
-            self.app.call_from_thread(self._learned, learner, result)
+            self.app.call_from_thread(self._learned, learner, result, delta)
 
     def _learn_failed(self, why: str) -> None:
         self.query_one("#learn-progress").display = False
         self.query_one("#learn-result", Static).update(f"[b]Learning failed:[/b] {why}")
 
-    def _learned(self, learner: LearnerProcess, result) -> None:
+    def _learned(self, learner: LearnerProcess, result, delta) -> None:
         s = self.app.session
         if learner is not self._learner or s.user_id != learner.user_id:
             return  # stopped, or another profile by now: the delta stays on its own device
         self._learner = None
-        s.reload_delta()  # the delta the process wrote, on top of the global model in use now
+        s.reload_delta(delta)  # the delta the process wrote, on top of the global model in use now
         if s.delta_error:
             self._learn_failed(s.delta_error)
             return
