@@ -115,8 +115,8 @@ class FedkbApp(App):
         worker = get_current_worker()
         try:
             model = self.session.read_global(checkpoint_dir)
-        except (FedkbError, OSError) as e:  # OSError: a folder that cannot be read
-            model = e if isinstance(e, FedkbError) else FedkbError(str(e))
+        except FedkbError as e:  # the readers turn an unreadable file into one too
+            model = e
         if not worker.is_cancelled:  # else a newer round's model has come meanwhile: that one is used
             self.call_from_thread(self._swap_global, checkpoint_dir, model)
 

@@ -78,12 +78,10 @@ class FederationScreen(Screen):
         super().__init__(**kwargs)
         from federation.config import SimulationConfig
 
-        self.model_dir, self.tokenizer_path, self.users_file = model_dir, tokenizer_path, users_file
         self.run_dir = Path(run_dir) if run_dir else _new_run_dir()
         self.sim = sim or SimulationConfig(eval_users=10, rounds=ROUNDS if rounds is None else rounds,
                                            clients_per_round=CLIENTS_PER_ROUND if clients_per_round is None else clients_per_round)
         self.on_new_global = on_new_global
-        self.resume = resume
         self.top1: list[float] = []
         self.rounds_done = 0
         self.running = True  # until the rounds' process has ended

@@ -199,8 +199,8 @@ class TypingScreen(Screen):
             return
         try:  # read here, so that only the swap to the new weights is on the UI thread
             delta = self.app.session.read_delta(learner.user_id)
-        except (FedkbError, OSError) as e:
-            delta = e if isinstance(e, FedkbError) else FedkbError(str(e))
+        except FedkbError as e:  # the reader turns an unreadable file into one too
+            delta = e
         if not worker.is_cancelled:
             self.app.call_from_thread(self._learned, learner, result, delta)
 
