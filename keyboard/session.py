@@ -307,11 +307,9 @@ class KeyboardSession:
         words = device.personal_words() if device.exists() else []
         blocked = device.blocked_words() if device.exists() else set()
 
-        def run(weights: Arrays) -> dict:
-            return simulate_typing(NumpyPredictor(weights, self.vocab, self.tokenizer, words, blocked), texts)
-
+        pred = NumpyPredictor(self.global_weights, self.vocab, self.tokenizer, words, blocked)
         out = {"user": user_id, "messages": len(texts), "history": len(user.history),
-               "global": run(self.global_weights), "personal": None}
+               "global": simulate_typing(pred, texts), "personal": None}
         f = device.delta_dir / DELTA_FILE
         if f.exists():
             try:
@@ -319,7 +317,8 @@ class KeyboardSession:
             except FedkbError:
                 pass
             else:
-                out["personal"] = run(personal)
+                pred.set_weights(personal)  # the same predictor: its vocabulary's pieces and order are kept
+                out["personal"] = simulate_typing(pred, texts)
         return out
 
     def learn(self, on_step: Callable[[int, int, float], None] | None = None) -> LearnResult:
