@@ -22,7 +22,7 @@ import numpy as np
 from models.modelfile import Arrays, read_model
 from models.suggest import IncrementalPredictor
 from models.tokenizer import Tokenizer
-from models.vocab import Vocabulary
+from models.vocab import Vocabulary, appended
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -94,8 +94,8 @@ class NumpyPredictor(IncrementalPredictor):
         if self._layout is not None and self._layout[0] == words:
             return self._layout[1:]
         old = self._layout
-        kept = old is not None and len(words) > len(old[0]) and words[: len(old[0])] == old[0]  # words appended
-        pieces = [self.tokenizer.pieces(word) for word in (words[len(old[0]):] if kept else words)]
+        kept = appended(old[0] if old else None, words)
+        pieces = [self.tokenizer.pieces(word) for word in words[kept:]]
         lengths = np.array([len(p) for p in pieces], dtype=np.int64)
         flat = np.fromiter((i for p in pieces for i in p), dtype=np.int64)
         if kept:  # a personal word typed: only it is tokenized
@@ -110,10 +110,8 @@ class NumpyPredictor(IncrementalPredictor):
         w, vocab = self.w, self.vocab
         flat, starts, lengths = self._pieces_layout()
         prev, words = self._table, vocab.words
-        n0 = 0  # rows kept: where only words were appended (a personal word typed), only they are composed
-        if prev is not None and prev[0] is w and prev[2] == vocab.base_size and len(words) > len(prev[1]) \
-                and words[: len(prev[1])] == prev[1]:
-            n0 = len(prev[1])
+        # rows kept: where only words were appended (a personal word typed), only they are composed
+        n0 = appended(prev[1], words) if prev is not None and prev[0] is w and prev[2] == vocab.base_size else 0
         starts, lengths = starts[n0:], lengths[n0:]
         emb = _row_sums(w["piece_emb"], flat, starts, lengths) / lengths[:, None]  # (V - n0, d)
         bias = _row_sums(w["piece_bias"][:, None], flat, starts, lengths)[:, 0] / lengths  # (V - n0,)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from models.text import BOS, MAX_CONTEXT_WORDS, SPECIALS, UNK, sentence_tokens, split_partial
 from models.tokenizer import Tokenizer
-from models.vocab import Vocabulary
+from models.vocab import Vocabulary, appended
 
 
 class IncrementalPredictor:
@@ -74,9 +74,10 @@ class IncrementalPredictor:
         words, old = self.vocab.words, self._order
         if old is not None and old[0] == words:
             return old[1], old[2]
-        if old is not None and len(words) > len(old[0]) and words[: len(old[0])] == old[0]:
+        kept = appended(old[0] if old else None, words)
+        if kept:
             order, in_order = list(old[1]), list(old[2])
-            for i in range(len(old[0]), len(words)):
+            for i in range(kept, len(words)):
                 at = bisect.bisect_left(in_order, words[i])
                 order.insert(at, i)
                 in_order.insert(at, words[i])

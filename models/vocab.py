@@ -64,6 +64,14 @@ class Vocabulary:
             raise FedkbError(f"malformed vocabulary: {e}") from None
 
 
+def appended(earlier: tuple[str, ...] | None, words: tuple[str, ...]) -> int:
+    """How many words `words` keeps from `earlier` where it only appends to them (`Vocabulary.add`:
+    a personal word typed), so that what was built for `earlier` can be extended; 0 otherwise."""
+    if earlier is None or len(words) <= len(earlier) or words[: len(earlier)] != earlier:
+        return 0
+    return len(earlier)
+
+
 def build_vocab(token_lists: Iterable[Iterable[str]], size: int, min_count: int = 2) -> Vocabulary:
     """The `size` most frequent words (ties broken alphabetically), as version 0."""
     counts: Counter[str] = Counter()

@@ -6,7 +6,7 @@ import pytest
 
 from models.errors import FedkbError
 from models.text import BOS, MAX_WORD_CHARS, UNK, is_word, normalize_text, sentence_tokens, words
-from models.vocab import Vocabulary, build_vocab
+from models.vocab import Vocabulary, appended, build_vocab
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -66,3 +66,10 @@ def test_malformed_vocabulary_is_a_fedkb_error(obj):
 def test_build_vocab_ranks_by_count_then_alphabet():
     v = build_vocab([[BOS, "b", "a", "b", "c", "c"], [BOS, "a", "d"]], size=5)
     assert v.words == (BOS, UNK, "a", "b", "c") and v.base_size == 5 and v.version == 0
+
+
+def test_appended_counts_the_words_kept_only_when_words_were_appended():
+    base = ("<s>", "<unk>", "a", "b")
+    assert appended(base, base + ("zorblax",)) == 4  # a personal word typed: extend what was built
+    assert appended(None, base) == 0 and appended(base, base) == 0  # nothing built yet; nothing new
+    assert appended(base, base[:3]) == 0 and appended(base, ("<s>", "<unk>", "b", "a", "c")) == 0  # not an extension
