@@ -17,6 +17,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.worker import get_current_worker
 
+from federation.memory import release_free_memory
 from keyboard.palette import KeyboardCommands
 from keyboard.screens.confirm import ConfirmScreen
 from keyboard.screens.profiles import ProfilesScreen
@@ -107,27 +108,27 @@ class FedkbApp(App):
 
     def use_global(self, checkpoint_dir: Path) -> None:
         """A new global model arrived (a federated round finished): type with it from now on.
-        It is read in a worker thread; only the swap (`_swap_global`) is on the UI thread."""
-        self._read_global(Path(checkpoint_dir))
+        It is read and made ready (the device's delta on top, the word table composed) in a worker
+        thread; only the swap (`_swap_global`) is on the UI thread."""
+        self._ready_global(Path(checkpoint_dir))
 
     @work(thread=True, exclusive=True, group="new-global")
-    def _read_global(self, checkpoint_dir: Path) -> None:
+    def _ready_global(self, checkpoint_dir: Path) -> None:
         worker = get_current_worker()
         try:
-            model = self.session.read_global(checkpoint_dir)
+            ready = self.session.ready(checkpoint_dir)
         except FedkbError as e:  # the readers turn an unreadable file into one too
-            model = e
+            ready = e
         if not worker.is_cancelled:  # else a newer round's model has come meanwhile: that one is used
-            self.call_from_thread(self._swap_global, checkpoint_dir, model)
+            self.call_from_thread(self._swap_global, checkpoint_dir, ready)
+        del ready
+        release_free_memory()  # the arrays swapped out were built in this thread's malloc arena: hand them back
 
-    def _swap_global(self, checkpoint_dir: Path, model) -> None:
-        try:
-            if isinstance(model, FedkbError):
-                raise model
-            self.session.use_global(checkpoint_dir, model)
-        except FedkbError as e:
-            self.notify(f"cannot use {checkpoint_dir}: {e}", severity="error")
+    def _swap_global(self, checkpoint_dir: Path, ready) -> None:
+        if isinstance(ready, FedkbError):
+            self.notify(f"cannot use {checkpoint_dir}: {ready}", severity="error")
             return
+        self.session.install(ready)
         t = self.typing_screen
         if t is not None:
             t.refresh_all()

@@ -13,8 +13,10 @@ stored on the device as `personal/delta.safetensors` + `personal/delta.json`
 device's own history follows Wang et al. 2019, "Federated Evaluation of
 On-device Personalization".  Like the typing logic, this module never imports
 Textual: the app runs `learn` in a process of its own (keyboard/learner.py, which
-opens the same profile from its files) and then `reload_delta`; the live
-predictor is only touched by `apply_params`, called from the UI.
+opens the same profile from its files), then makes the new personal model ready
+in a worker thread (`ready`: the delta read, the word table composed) and swaps it
+in on the UI thread (`install`), as it does with each new global model of the live
+rounds; the live predictor is only touched from the UI thread.
 
 Typing runs on NumPy: the weights are read without torch (models/modelfile.py)
 and suggestions come from models/numpy_predictor.py, as a phone's keyboard runs
@@ -41,13 +43,44 @@ from models.datasets import UserData, load_users
 from models.errors import FedkbError
 from models.jsonvalues import is_number
 from models.modelfile import Arrays, ModelFile, default_paths, read_arrays, read_model, shapes
-from models.numpy_predictor import NumpyPredictor
+from models.numpy_predictor import NumpyPredictor, Tables
 from models.text import is_word
 from models.tokenizer import Tokenizer
+from models.vocab import Vocabulary
 
 ME = "me"
 DELTA_FILE = "delta.safetensors"
 DELTA_META = "delta.json"
+
+
+def _stamp(device: Device) -> tuple | None:
+    """The device's delta file as it is now (None: it has none), so that a model made ready with one
+    delta is never installed after another replaced it (atomic writes give the file a new inode)."""
+    try:
+        st = (device.delta_dir / DELTA_FILE).stat()
+    except OSError:  # none, or no folder where it goes
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _unusable(e: FedkbError) -> str:
+    return f"personal model not used ({e}); typing with the global model; Learn now makes a new one"
+
+
+@dataclass(frozen=True, eq=False)
+class ReadyModel:
+    """What a device types with, made ready off the UI thread (`KeyboardSession.ready`)."""
+
+    model_dir: Path | None  # a new global model's folder; None: the global model in use
+    file: ModelFile | None  # that model, as read
+    global_weights: Arrays  # the global weights it was made with
+    user_id: str
+    stamp: tuple | None  # the device's delta file as it was read
+    personal: Arrays | None  # global + that delta; None: the global model is typed with
+    delta_error: str | None  # why the delta could not be used
+    personal_words: list[str]  # the device's, as read
+    vocab: Vocabulary  # the global model's with them
+    tables: Tables  # the predictor's, for these weights and that vocabulary
 
 
 def default_devices_root() -> Path:
@@ -143,10 +176,18 @@ class KeyboardSession:
                 device.write_simulated(user.history, user.future)
         self.device = device
         self.user_id = user_id
-        self.predictor.blocked = set(device.blocked_words())
-        self.predictor.vocab = self.vocab.add(device.personal_words())  # the caches are rebuilt once, below
-        self.predictor.base_vocab = self.vocab
+        self._device_words()
         self.apply_params(self._load_delta())
+
+    def _device_words(self, ready: ReadyModel | None = None) -> None:
+        """The device's blocked and personal words on the predictor (its caches are rebuilt by the
+        `apply_params` that follows); the vocabulary `ready` made where its personal words are still
+        the device's."""
+        words = self.device.personal_words()
+        self.predictor.blocked = set(self.device.blocked_words())
+        same = ready is not None and ready.vocab.base_size == self.vocab.base_size and ready.personal_words == words
+        self.predictor.vocab = ready.vocab if same else self.vocab.add(words)
+        self.predictor.base_vocab = self.vocab
 
     def read_global(self, model_dir: Path) -> ModelFile:
         """Another global model's files, read and checked (safe in a worker: touches no live state)."""
@@ -155,17 +196,52 @@ class KeyboardSession:
             raise FedkbError(f"{model_dir} has another architecture than the model in use")
         return f
 
-    def use_global(self, model_dir: Path, model: ModelFile | None = None) -> None:
-        """Switch to another global model (e.g. a new federated round); call from the UI thread,
-        with `model` as `read_global` read it in a worker (else it is read here).
+    # -- a new model, made ready off the UI thread ---------------------------------------
+    def ready(self, model_dir: Path | None = None) -> ReadyModel:
+        """What this device will type with, made ready in a worker thread (touches no live state):
+        the global model in `model_dir` (None: the one in use), the device's delta as it is on disk
+        now (a learning just wrote it) on top of it, and the predictor's word table for them.
+        FedkbError if the global model cannot be used; a delta that cannot be is said in
+        `delta_error`, and the global model is typed with.  `install` swaps it in."""
+        f = self.read_global(model_dir) if model_dir is not None else None
+        global_weights, vocab = (f.weights, f.vocab) if f is not None else (self.global_weights, self.vocab)
+        device = self.device
+        stamp = _stamp(device)  # before reading: a delta replaced meanwhile makes the stamp stale, never wrong
+        personal, error = None, None
+        if stamp is not None:
+            try:
+                delta = self.read_delta(device.user_id)
+                personal = {k: g + delta[k] for k, g in global_weights.items()}
+            except FedkbError as e:
+                error = _unusable(e)
+        words = device.personal_words()
+        vocab = vocab.add(words)
+        tables = self.predictor.tables(personal if personal is not None else global_weights, vocab)
+        return ReadyModel(Path(model_dir) if model_dir is not None else None, f, global_weights, device.user_id,
+                          stamp, personal, error, words, vocab, tables)
 
-        The device's personal delta, if any, is applied on top of the new global model
-        (personal = global + delta, as on a phone whose base model was updated).
-        """
-        f = model if model is not None else self.read_global(model_dir)
-        self.model_dir, self.meta, self.vocab, self.config = Path(model_dir), f.meta, f.vocab, f.config
-        self.global_weights = f.weights
-        self.open(self.user_id)  # the same predictor: new weights, vocabulary, personal words
+    def install(self, ready: ReadyModel) -> None:
+        """Type with a model `ready` made ready; call from the UI thread.  Where the device changed since
+        (another profile, a new delta, a cleared device, another global model), what is now on disk is
+        read again here instead, so a stale personal model is never typed with."""
+        if ready.file is not None:
+            f = ready.file
+            self.model_dir, self.meta, self.vocab, self.config = ready.model_dir, f.meta, f.vocab, f.config
+            self.global_weights = f.weights
+        if ready.user_id != self.user_id or ready.global_weights is not self.global_weights \
+                or ready.stamp != _stamp(self.device):
+            self.open(self.user_id)
+            return
+        self._device_words(ready)
+        self.delta_error = ready.delta_error
+        self.apply_params(ready.personal, ready.tables)
+
+    def use_global(self, model_dir: Path) -> None:
+        """Switch to another global model (e.g. a new federated round), all on this thread (the app
+        runs `ready` in a worker and `install` on its UI thread).  The device's personal delta, if
+        any, is applied on top of the new global model (personal = global + delta, as on a phone
+        whose base model was updated)."""
+        self.install(self.ready(model_dir))
 
     @property
     def simulated(self) -> bool:
@@ -177,18 +253,16 @@ class KeyboardSession:
         return model_label(self.meta) + (" + personal delta" if self.has_delta else "")
 
     # -- the personal delta ------------------------------------------------------------
-    def _load_delta(self, delta: Arrays | FedkbError | None = None) -> Arrays | None:
-        """global + the device's delta (read here, or as `read_delta` read it in a worker), or None where
-        it has none (or one that cannot be used: delta_error says why)."""
+    def _load_delta(self) -> Arrays | None:
+        """global + the device's delta, or None where it has none (or one that cannot be used:
+        delta_error says why)."""
         self.delta_error = None
-        if delta is None and not (self.device.delta_dir / DELTA_FILE).exists():
+        if _stamp(self.device) is None:
             return None
         try:
-            if isinstance(delta, FedkbError):
-                raise delta
-            return self._personal(delta if delta is not None else self.read_delta(self.user_id))
+            return self._personal(self.read_delta(self.user_id))
         except FedkbError as e:  # a delta for another model shape, or a damaged file: run on the global model, say so
-            self.delta_error = f"personal model not used ({e}); typing with the global model; Learn now makes a new one"
+            self.delta_error = _unusable(e)
             return None
 
     def read_delta(self, user_id: str) -> Arrays:
@@ -214,17 +288,12 @@ class KeyboardSession:
             info = {k: v for k, v in info.items() if k not in ("before", "after")}
         return info
 
-    def reload_delta(self, delta: Arrays | FedkbError | None = None) -> None:
-        """Type with the device's delta as it is on disk now (a learning process wrote it; `delta`: as
-        `read_delta` read it in a worker); call from the UI thread. One that cannot be used leaves the
-        global model in use and says why in `delta_error`."""
-        self.apply_params(self._load_delta(delta))
-
-    def apply_params(self, personal: Arrays | None) -> None:
-        """Type with the global model (None) or personal weights (global + a delta); call from the UI thread."""
+    def apply_params(self, personal: Arrays | None, tables: Tables | None = None) -> None:
+        """Type with the global model (None) or personal weights (global + a delta); call from the UI
+        thread (with `tables`, the predictor's for these weights, only swapped in)."""
         self.weights = personal if personal is not None else self.global_weights
         self.has_delta = personal is not None
-        self.predictor.set_weights(self.weights)
+        self.predictor.set_weights(tables if tables is not None else self.weights)
 
     def _save_delta(self, personal: Arrays, info: dict) -> None:
         import torch
@@ -323,7 +392,7 @@ class KeyboardSession:
 
     def learn(self, on_step: Callable[[int, int, float], None] | None = None) -> LearnResult:
         """Fine-tune a personal model on the device history and save its delta on the device
-        (keyboard/learner.py's process runs this; the app then types with it through `reload_delta`)."""
+        (keyboard/learner.py's process runs this; the app then types with it through `ready` and `install`)."""
         if self.incognito:
             raise FedkbError("incognito: nothing is learned")
         texts = self.device.history()[-self.learn_cfg.max_messages:]

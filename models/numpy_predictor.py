@@ -15,6 +15,7 @@ the torch `Predictor`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,22 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))
 
 
+def _float32(weights: Arrays) -> dict[str, np.ndarray]:
+    return {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in weights.items()}
+
+
+@dataclass(frozen=True, eq=False)
+class Tables:
+    """A model's arrays made ready to type with for one vocabulary (`NumpyPredictor.tables`):
+    the weights as contiguous float32, and the word table composed from them."""
+
+    w: dict[str, np.ndarray]
+    words: tuple[str, ...]  # the vocabulary it was composed for
+    base_size: int
+    emb: np.ndarray  # (V, d)
+    bias: np.ndarray  # (V,)
+
+
 class NumpyPredictor(IncrementalPredictor):
     def __init__(
         self,
@@ -75,25 +92,34 @@ class NumpyPredictor(IncrementalPredictor):
         f = read_model(Path(model_dir), tokenizer)
         return cls(f.weights, f.vocab, tokenizer, k=k, meta=f.meta)
 
-    def set_weights(self, weights: Arrays) -> None:
-        """Predict with new weights (a personal or new global model): the caches are rebuilt and the
-        context is fed again."""
-        self.w = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in weights.items()}
+    def set_weights(self, weights: Arrays | Tables) -> None:
+        """Predict with new weights (a personal or new global model): the word table is composed (or
+        taken from `tables(...)`, made ready off the UI thread) and the context is fed again."""
+        if isinstance(weights, Tables):
+            self.w, self._ready = weights.w, weights
+        else:
+            self.w = _float32(weights)
         self._build()
         self._refresh()
+
+    def tables(self, weights: Arrays, vocab: Vocabulary) -> Tables:
+        """What `set_weights` computes for `weights` and `vocab`, without changing what this predictor
+        types with: safe in a worker thread while it types (only the cache of the vocabulary's
+        pieces is shared).  `set_weights(tables)` then only swaps them in; where personal words were
+        typed meanwhile, it composes only their rows."""
+        return self._composed(_float32(weights), vocab)
 
     # -- the model side (models/suggest.py) ---------------------------------------------
     _layout: tuple | None = None  # (words, flat, starts, lengths) of the last vocabulary composed
 
-    def _pieces_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pieces_layout(self, words: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The vocabulary's pieces: all of them in one array, where each word's start and how many.
         Kept while the words stay the same, extended when words are appended: a new global model
         of the same vocabulary (a federated round), or a personal word typed, composes its table
         without tokenizing 10,000 words again."""
-        words = self.vocab.words
-        if self._layout is not None and self._layout[0] == words:
-            return self._layout[1:]
-        old = self._layout
+        old = self._layout  # one read: a worker thread may replace it (with another whole layout)
+        if old is not None and old[0] == words:
+            return old[1:]
         kept = appended(old[0] if old else None, words)
         pieces = [self.tokenizer.pieces(word) for word in words[kept:]]
         lengths = np.array([len(p) for p in pieces], dtype=np.int64)
@@ -102,16 +128,16 @@ class NumpyPredictor(IncrementalPredictor):
             lengths, flat = np.concatenate([old[3], lengths]), np.concatenate([old[1], flat])
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         self._layout = (words, flat, starts, lengths)
-        return self._layout[1:]
+        return flat, starts, lengths
 
-    _table: tuple | None = None  # (weights, words, base size) the word table was last composed for
+    _ready: Tables | None = None  # the word table in use, and what it was composed for
 
-    def _compose(self) -> None:
-        w, vocab = self.w, self.vocab
-        flat, starts, lengths = self._pieces_layout()
-        prev, words = self._table, vocab.words
-        # rows kept: where only words were appended (a personal word typed), only they are composed
-        n0 = appended(prev[1], words) if prev is not None and prev[0] is w and prev[2] == vocab.base_size else 0
+    def _composed(self, w: dict, vocab: Vocabulary, prev: Tables | None = None) -> Tables:
+        """The word table of `vocab` under weights `w`; where `prev` was composed for the same
+        weights and `vocab` only appends words to its (a personal word typed), only those rows."""
+        words = vocab.words
+        flat, starts, lengths = self._pieces_layout(words)
+        n0 = appended(prev.words, words) if prev is not None and prev.w is w and prev.base_size == vocab.base_size else 0
         starts, lengths = starts[n0:], lengths[n0:]
         emb = _row_sums(w["piece_emb"], flat, starts, lengths) / lengths[:, None]  # (V - n0, d)
         bias = _row_sums(w["piece_bias"][:, None], flat, starts, lengths)[:, 0] / lengths  # (V - n0,)
@@ -121,9 +147,14 @@ class NumpyPredictor(IncrementalPredictor):
             bias[: r - n0] += w["word_bias"][n0:r]
         emb, bias = emb.astype(np.float32), bias.astype(np.float32)
         if n0:
-            emb, bias = np.concatenate([self.emb, emb]), np.concatenate([self.bias, bias])
-        self.emb, self.bias = emb, bias
-        self._table = (w, words, vocab.base_size)
+            emb, bias = np.concatenate([prev.emb, emb]), np.concatenate([prev.bias, bias])
+        return Tables(w, words, vocab.base_size, emb, bias)
+
+    def _compose(self) -> None:
+        t, vocab = self._ready, self.vocab
+        if t is None or t.w is not self.w or t.base_size != vocab.base_size or t.words != vocab.words:
+            t = self._ready = self._composed(self.w, vocab, t)
+        self.emb, self.bias = t.emb, t.bias
 
     def _start(self) -> None:
         self._h, self._c = self.w["start_h"].copy(), self.w["start_c"].copy()
@@ -139,7 +170,17 @@ class NumpyPredictor(IncrementalPredictor):
 
     def _step(self, word_id: int) -> None:
         self._cell(word_id)
-        self._logp = _log_softmax(self.emb @ self._h + self.bias)
+        self._out = None  # the output layer waits until the scores are asked for: feeding a context
+        # word by word (a new context, new weights) pays for it once, not once a word
+
+    _out: np.ndarray | None = None
+
+    @property
+    def _logp(self) -> np.ndarray:
+        """The next word's log-probabilities (V,) after the words fed so far."""
+        if self._out is None:
+            self._out = _log_softmax(self.emb @ self._h + self.bias)
+        return self._out
 
     def message_scores(self, word_ids: list[int], k: int) -> tuple[np.ndarray, list[list[int]]]:
         """models/suggest.py's, with the output layer of all the message's words in one product

@@ -43,7 +43,7 @@ class IncrementalPredictor:
         raise NotImplementedError
 
     def _step(self, word_id: int) -> None:
-        """One LSTM step on word `word_id`; sets self._logp, the next word's log-probabilities (V,)."""
+        """One LSTM step on word `word_id`; after it self._logp is the next word's log-probabilities (V,)."""
         raise NotImplementedError
 
     def _zeros(self, n: int):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from textual.widgets import Input
 
 from keyboard.app import FedkbApp
 from keyboard.screens.profiles import ProfilesScreen
-from keyboard.session import DELTA_FILE, LearnConfig
+from keyboard.session import DELTA_FILE, KeyboardSession, LearnConfig
 from keyboard.widgets.suggestions import SuggestionStrip
 from federation.config import ClientConfig
 from models.errors import FedkbError
@@ -383,6 +384,83 @@ async def test_new_global_model_from_federation_is_used_for_typing(tiny, tmp_pat
         assert "quokkaword" in app.session.predictor.vocab  # the new vocabulary version came with it
         boosted = ckpt.vocab.words[ckpt.vocab.index.get("zebra", 10)]
         assert strip(app)[0].lower() == boosted and strip(app) != before
+
+
+def _another_global(tiny, path: Path) -> Path:
+    """A 'round 3' global model: other weights, and one word more in its vocabulary."""
+    import torch
+
+    from models.checkpoint import load_model, save_checkpoint
+
+    ckpt, tok = load_model(*tiny)
+    with torch.no_grad():
+        for p in ckpt.model.parameters():
+            p.mul_(0.9)
+    save_checkpoint(path, ckpt.model, ckpt.vocab.add(["quokkaword"]), tok, meta={"kind": "global", "round": 3})
+    return path
+
+
+def _write_delta(session: KeyboardSession, size: float) -> None:
+    """A personal delta of `size` in every weight, as a learning writes it."""
+    session._save_delta({k: g + np.float32(size) for k, g in session.global_weights.items()}, {"messages": 1})
+
+
+def _session(tiny, tmp_path, user_id="u0001") -> KeyboardSession:
+    return KeyboardSession(tiny[0], tiny[1], tmp_path / "devices", user_id, users_file=USERS, learn_cfg=FAST)
+
+
+def test_a_model_made_ready_in_a_worker_types_as_one_made_on_the_ui_thread(tiny, tmp_path):
+    """`ready` (a worker thread: the new global model read, the device's delta on top, the word table
+    composed) and then `install` (the UI thread) type exactly as building it all on the UI thread
+    does, also where a personal word was typed in between."""
+    round3 = _another_global(tiny, tmp_path / "round3")
+    s = _session(tiny, tmp_path)
+    _write_delta(s, 0.01)
+    s.open("u0001")
+    s.predictor.set_context("how are you doing ")
+    ready = s.ready(round3)
+    assert s.label == "base + personal delta"  # nothing changed yet
+    s.add_personal_words(["zorblax"])
+    s.install(ready)
+    fresh = KeyboardSession(round3, tiny[1], tmp_path / "devices", "u0001", users_file=USERS, learn_cfg=FAST)
+    fresh.predictor.set_context("how are you doing ")
+    assert s.label == fresh.label == "global round 3 + personal delta"
+    assert s.predictor.vocab.words == fresh.predictor.vocab.words and "quokkaword" in s.predictor.vocab
+    assert all(np.array_equal(s.weights[k], fresh.weights[k]) for k in fresh.weights)
+    assert np.array_equal(s.predictor.emb, fresh.predictor.emb) and np.array_equal(s.predictor.bias, fresh.predictor.bias)
+    assert np.array_equal(s.predictor.scores(), fresh.predictor.scores())
+
+
+def test_a_ready_model_the_device_changed_under_is_never_typed_with(tiny, tmp_path):
+    """Between `ready` (a worker) and `install` (the UI thread) the device may change: a learning writes
+    a new delta, the device is cleared, another profile opens, another global model comes. The install
+    then types with what is on the device now, never with the stale personal model."""
+    round3 = _another_global(tiny, tmp_path / "round3")
+    s = _session(tiny, tmp_path)
+    _write_delta(s, 0.01)
+    s.open("u0001")
+
+    def delta_in_use() -> float | None:
+        return float(np.median(s.weights["residual"] - s.global_weights["residual"])) if s.has_delta else None
+
+    ready = s.ready(round3)
+    _write_delta(s, 0.02)  # a learning finished meanwhile
+    s.install(ready)
+    assert s.label.startswith("global round 3") and delta_in_use() == pytest.approx(0.02)
+    ready = s.ready()
+    s.clear()
+    s.install(ready)
+    assert delta_in_use() is None
+    _write_delta(s, 0.03)
+    ready = s.ready()  # the delta just written, on the global model in use
+    s.use_global(tiny[0])  # another global model came first
+    s.install(ready)
+    assert s.label == "base + personal delta" and delta_in_use() == pytest.approx(0.03)
+    assert all(np.array_equal(s.global_weights[k], g) for k, g in _session(tiny, tmp_path, "me").global_weights.items())
+    ready = s.ready(round3)
+    s.open("me")  # another profile
+    s.install(ready)
+    assert s.user_id == "me" and s.label == "global round 3" and delta_in_use() is None
 
 
 @sync

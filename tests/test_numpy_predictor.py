@@ -144,3 +144,30 @@ def test_bad_weights_are_refused_without_torch(tiny, tmp_path):
     save_torch({"a": torch.zeros(3, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))  # no NumPy dtype
     with pytest.raises(FedkbError, match="holds a dtype NumPy cannot read"):
         read_arrays(tmp_path / "bf16.safetensors", reference={"a": (3,)})
+
+
+def test_tables_made_ready_elsewhere_are_what_set_weights_builds(tiny, monkeypatch):
+    """`tables` (run in a worker thread while typing goes on) leaves the predictor as it was; swapping
+    them in gives what set_weights(arrays) gives, also where a personal word was typed in between
+    (its row alone composed on the swap)."""
+    tok = Tokenizer(tiny[1])
+    a, b = NumpyPredictor.load(tiny[0], tok), NumpyPredictor.load(tiny[0], tok)
+    for p in (a, b):
+        p.commit("how")
+    before = a.scores().copy()
+    scaled = {k: v * 0.9 for k, v in a.w.items()}
+    ready = a.tables(scaled, a.vocab)
+    assert np.array_equal(a.scores(), before) and a.w is not ready.w  # nothing changed yet
+    for p in (a, b):
+        p.add_personal_words(["zorblax"])
+    import models.numpy_predictor as numpy_predictor
+
+    composed = []
+    row_sums = numpy_predictor._row_sums
+    monkeypatch.setattr(numpy_predictor, "_row_sums", lambda *args: composed.append(len(args[3])) or row_sums(*args))
+    a.set_weights(ready)
+    assert composed == [1, 1]  # the personal word's embedding and bias rows only
+    b.set_weights(scaled)
+    assert a.vocab.words == b.vocab.words and a.w is ready.w
+    assert np.array_equal(a.emb, b.emb) and np.array_equal(a.bias, b.bias)
+    assert np.array_equal(a.scores(), b.scores()) and a.suggest("z") == b.suggest("z")

@@ -11,6 +11,7 @@ from textual.widgets import Footer, Header, Input, ProgressBar, Static
 from textual.worker import get_current_worker
 
 from federation.device import MAX_MESSAGE_CHARS
+from federation.memory import release_free_memory
 from keyboard.learner import LearnerProcess
 from keyboard.typing import TypingSession
 from keyboard.widgets.message_input import MessageInput
@@ -197,23 +198,24 @@ class TypingScreen(Screen):
             if not worker.is_cancelled:
                 self.app.call_from_thread(self._learn_failed, str(e))
             return
-        try:  # read here, so that only the swap to the new weights is on the UI thread
-            delta = self.app.session.read_delta(learner.user_id)
-        except FedkbError as e:  # the reader turns an unreadable file into one too
-            delta = e
+        # the new personal model made ready here (the delta read, the word table composed), so that
+        # only the swap to it is on the UI thread; a delta that cannot be used is said in delta_error
+        ready = self.app.session.ready()
         if not worker.is_cancelled:
-            self.app.call_from_thread(self._learned, learner, result, delta)
+            self.app.call_from_thread(self._learned, learner, result, ready)
+        del ready
+        release_free_memory()  # the arrays swapped out were built in this thread's malloc arena: hand them back
 
     def _learn_failed(self, why: str) -> None:
         self.query_one("#learn-progress").display = False
         self.query_one("#learn-result", Static).update(f"[b]Learning failed:[/b] {why}")
 
-    def _learned(self, learner: LearnerProcess, result, delta) -> None:
+    def _learned(self, learner: LearnerProcess, result, ready) -> None:
         s = self.app.session
         if learner is not self._learner or s.user_id != learner.user_id:
             return  # stopped, or another profile by now: the delta stays on its own device
         self._learner = None
-        s.reload_delta(delta)  # the delta the process wrote, on top of the global model in use now
+        s.install(ready)  # the delta the process wrote, on top of the global model in use now
         if s.delta_error:
             self._learn_failed(s.delta_error)
             return
