@@ -76,6 +76,7 @@ class Rounds:
     def start(self, app) -> None:
         app.push_extra("federation")
         self.screen = app.screen
+        self.screen.action_start()  # the form's defaults: ROUNDS x 10 clients
         app.pop_screen()
 
     def done(self, app) -> bool:

@@ -141,7 +141,7 @@ class FedkbApp(App):
             return
         kept = self._background.get(name)  # a screen whose work goes on when it is left (the live rounds)
         if kept is not None:
-            if kept.running:
+            if not kept.ended:  # at work, or still asking for its settings
                 if self.screen is not kept:
                     self.push_screen(kept)
                 return

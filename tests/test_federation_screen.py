@@ -141,3 +141,56 @@ def test_the_processs_error_comes_back_as_one_line(tiny, tmp_path):
     with pytest.raises(FedkbError, match="gone.jsonl.gz") as e:
         p.run(on_note=print, on_round=lambda m, c: None)
     assert "Traceback" not in str(e.value)
+
+
+def test_the_forms_settings_are_fedkb_simulates():
+    """The live run's form takes `fedkb simulate`'s flags: the same config as the command builds from them
+    (but EVAL_USERS held-out users), and a setting it refuses is one clear error."""
+    import argparse
+
+    from keyboard.commands.simulate import add_arguments, build_config
+    from keyboard.screens.federation import EVAL_USERS, live_config
+    from models.errors import FedkbError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--rounds", "3", "-k", "4", "--server-opt", "fedadam", "--dp", "1.5", "--clip", "0.5", "--engine", "parallel",
+             "--eval-users", str(EVAL_USERS)]
+    assert live_config(" 3", "4 ", "fedadam", "1.5", "0.5", "parallel") == build_config(parser.parse_args(flags))
+    assert live_config("3", "4", noise="", clip="").privacy.clip is None
+    for form, message in [(("0", "4"), "--rounds must be >= 1"), (("three", "4"), "--rounds: 'three' is not a whole number"),
+                          (("3", "0"), "clients-per-round >= 1"), (("3", "4", "fedavg", "1", ""), "needs a clip norm"),
+                          (("3", "4", "fedavg", "nan", "1"), "--dp: 'nan' is not a finite number"),
+                          (("3", "4", "fedavg", "0", "-1"), "clip must be > 0")]:
+        with pytest.raises(FedkbError, match=message):
+            live_config(*form)
+
+
+@sync
+async def test_the_form_starts_the_run_it_describes(tiny, tmp_path):
+    """Without settings the screen asks for them first: a setting that cannot be used is said under the
+    form and starts nothing; enter starts the run the form describes."""
+    from textual.widgets import Input, Select
+
+    finished = []
+    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run")
+    async with host(screen, finished).run_test() as pilot:
+        await pilot.pause()
+        assert screen._job is None and not screen.running and isinstance(screen.focused, Input)
+        screen.query_one("#fed-rounds", Input).value = "2"
+        screen.query_one("#fed-clients", Input).value = "3"
+        screen.query_one("#fed-server-opt", Select).value = "fedavgm"
+        screen.query_one("#fed-dp", Input).value = "0.5"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert "needs a clip norm" in str(screen.query_one("#fed-setup-error").render()) and screen._job is None
+        screen.query_one("#fed-clip", Input).value = "2"
+        await pilot.press("enter")
+        await until(lambda: finished)
+        await pilot.pause()
+        assert finished == [(2, None)] and screen.ended and not screen.query("#fed-setup")
+        status = str(screen.query_one("#fed-status").render())
+        assert "2 rounds x 3 clients, fedavgm, DP noise 0.5, clip 2" in status
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["simulation"]
+    assert (config["rounds"], config["clients_per_round"], config["server"]["optimizer"]) == (2, 3, "fedavgm")
+    assert (config["privacy"]["noise_multiplier"], config["privacy"]["clip"]) == (0.5, 2.0)

@@ -484,7 +484,8 @@ async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_p
     async with app.run_test() as pilot:
         await pilot.press("f6")
         fed = app.screen
-        assert isinstance(fed, federation_screen.FederationScreen)
+        assert isinstance(fed, federation_screen.FederationScreen) and not fed.running  # its settings first
+        await pilot.press("enter")  # the defaults
         await until(lambda: fed.rounds_done >= 1)
         await pilot.press("escape")
         assert app.screen is app.typing_screen and fed.running  # back to typing; the rounds go on
@@ -509,6 +510,7 @@ async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_p
         await pilot.press("f6")  # the rounds have ended: a new run
         new = app.screen
         assert isinstance(new, federation_screen.FederationScreen) and new is not fed and new.run_dir != fed.run_dir
+        await pilot.press("enter")
         await until(lambda: new._job._proc is not None)
     assert new._job.stopped and new._job._proc.wait(30) is not None  # the app's quitting ended its rounds
 
@@ -543,7 +545,7 @@ async def main():
         await pilot.press("h", "o", "w", "space")
         await pilot.pause()
         print(app.session.label, "|", app.session.predictor.suggest_for("how are"), "|", "torch" in sys.modules)
-        await pilot.press("f6")
+        await pilot.press("f6", "enter")
         fed = app.screen
         while fed.running or not app.session.label.startswith("global"):
             await asyncio.sleep(0.05)

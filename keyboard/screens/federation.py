@@ -3,7 +3,10 @@
     FederationScreen(model_dir=None, tokenizer_path=None, users_file=None, run_dir=None,
                      rounds=None, clients_per_round=None, sim=None, on_new_global=None, resume=False)
 
-A progress bar over the rounds, the global model's top-1 accuracy per round (a
+Without `sim` (as the app opens it, f6) the screen first asks for the run's settings, with
+`fedkb simulate`'s flags as their labels and defaults (rounds, clients per round, server
+optimizer, DP noise and clip, engine); `enter` or "Start rounds" starts it, and a setting
+that cannot be used is said under the form.  Then: a progress bar over the rounds, the global model's top-1 accuracy per round (a
 Sparkline), and a log of each round's metrics.  The rounds run in
 `python -m keyboard.federator` (keyboard/federator.py), which a worker thread follows, so
 the keyboard's process never imports torch and typing goes on while they run: `escape`
@@ -22,18 +25,52 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from textual import work
+import argparse
+import math
+
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, ProgressBar, RichLog, Sparkline, Static
+from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, RichLog, Select, Sparkline, Static
 
 from keyboard.federator import FederatorProcess, spec
 from models.errors import FedkbError
 
 RUNS_DIR = Path(__file__).resolve().parents[2] / "runs"
 ROUNDS, CLIENTS_PER_ROUND = 10, 10  # a live run's size when the caller gives none
+EVAL_USERS = 10  # held-out users who score each round (fewer than `fedkb simulate`'s 20: a round sooner)
+SERVER_OPTIMIZERS = (("FedAvg", "fedavg"), ("FedAvgM (momentum 0.9)", "fedavgm"), ("FedAdam (lr 0.01)", "fedadam"))
+ENGINES = (("sequential", "sequential"), ("parallel (2 worker processes)", "parallel"))
+
+
+def live_config(rounds: str, clients_per_round: str, server_opt: str = "fedavg", noise: str = "0", clip: str = "",
+                engine: str = "sequential"):
+    """The run's SimulationConfig from the setup form's text, as `fedkb simulate` builds it from the same
+    flags (keyboard/commands/simulate.py), with EVAL_USERS; FedkbError says which setting is wrong."""
+    from keyboard.commands.simulate import add_arguments, build_config
+
+    def number(text: str, flag: str, kind=float):
+        try:
+            value = kind(text.strip())
+        except ValueError:
+            raise FedkbError(f"{flag}: {text.strip()!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if not math.isfinite(value):
+            raise FedkbError(f"{flag}: {text.strip()!r} is not a finite number")
+        return value
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    args = parser.parse_args([])  # the command's defaults, then the form's settings
+    args.rounds, args.clients_per_round = number(rounds, "--rounds", int), number(clients_per_round, "--clients-per-round", int)
+    if args.rounds < 1:
+        raise FedkbError("--rounds must be >= 1")
+    args.server_opt, args.engine, args.eval_users = server_opt, engine, EVAL_USERS
+    args.dp = number(noise, "--dp") if noise.strip() else 0.0
+    args.clip = number(clip, "--clip") if clip.strip() else None
+    return build_config(args)
 
 
 def _new_run_dir() -> Path:
@@ -53,12 +90,17 @@ class FederationScreen(Screen):
     FederationScreen #fed-plot-label { padding: 0 1; color: $text-muted; }
     FederationScreen Sparkline { height: 4; padding: 0 1; }
     FederationScreen RichLog { height: 1fr; border: round $primary; }
+    FederationScreen #fed-setup { padding: 1 2; height: auto; }
+    FederationScreen .fed-field { height: 3; }
+    FederationScreen .fed-field Label { width: 42; padding: 1 1 0 0; }
+    FederationScreen .fed-field Input, FederationScreen .fed-field Select { width: 40; }
+    FederationScreen #fed-setup-error { color: $error; padding: 1 0 0 0; }
     """
     BINDINGS = [
         Binding("escape", "leave", "Back", id="fed-back", tooltip="back to typing; the rounds go on in the background"),
         Binding("s", "stop", "Stop rounds", id="fed-stop", tooltip="stop the rounds now (the run can be resumed)"),
     ]
-    BACKGROUND = True  # the app keeps this screen while `running`, shows it again on f6, calls `stop_work` as it quits
+    BACKGROUND = True  # the app keeps this screen until its rounds have `ended`, shows it again on f6, calls `stop_work` as it quits
 
     class NewGlobal(Message):
         """A round finished: `checkpoint_dir` holds the new global model (models.checkpoint format)."""
@@ -76,28 +118,79 @@ class FederationScreen(Screen):
                  run_dir: Path | None = None, rounds: int | None = None, clients_per_round: int | None = None, sim=None,
                  on_new_global: Callable[[Path], None] | None = None, resume: bool = False, **kwargs):
         super().__init__(**kwargs)
-        from federation.config import SimulationConfig
-
         self.run_dir = Path(run_dir) if run_dir else _new_run_dir()
-        self.sim = sim or SimulationConfig(eval_users=10, rounds=ROUNDS if rounds is None else rounds,
-                                           clients_per_round=CLIENTS_PER_ROUND if clients_per_round is None else clients_per_round)
+        self._job_where = (model_dir, tokenizer_path, users_file, resume)
+        self._form_size = (ROUNDS if rounds is None else rounds, CLIENTS_PER_ROUND if clients_per_round is None else clients_per_round)
+        self.sim = sim  # None: asked for first
         self.on_new_global = on_new_global
         self.top1: list[float] = []
         self.rounds_done = 0
-        self.running = True  # until the rounds' process has ended
-        self._job = FederatorProcess(spec(self.run_dir, self.sim, model_dir, tokenizer_path, users_file, resume))
+        self.running = False  # the rounds' process is at work
+        self.ended = False  # the rounds have ended (finished, stopped or failed): f6 then starts a new run
+        self._job: FederatorProcess | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(f"federated learning: {self.sim.rounds} rounds x {self.sim.clients_per_round} clients, "
-                     f"run folder {self.run_dir}", id="fed-status")
-        yield ProgressBar(total=self.sim.rounds, show_eta=True, id="fed-progress")
-        yield Static("global top-1 on held-out users, per round", id="fed-plot-label")
-        yield Sparkline([], id="fed-top1")
-        yield RichLog(id="fed-log", wrap=True, markup=False)
+        with Vertical(id="fed-setup"):
+            yield Static(f"A new run of federated learning over the simulated users, from the model in use, "
+                         f"into {self.run_dir} (the settings are `fedkb simulate`'s):")
+            for label, widget in (
+                ("rounds (--rounds)", Input(str(self._form_size[0]), type="integer", id="fed-rounds")),
+                ("clients per round (--clients-per-round)", Input(str(self._form_size[1]), type="integer", id="fed-clients")),
+                ("server optimizer (--server-opt)", Select(SERVER_OPTIMIZERS, value="fedavg", allow_blank=False, id="fed-server-opt")),
+                ("DP noise multiplier (--dp)", Input("0", id="fed-dp")),
+                ("clip per update (--clip)", Input("", placeholder="none", id="fed-clip")),
+                ("engine (--engine)", Select(ENGINES, value="sequential", allow_blank=False, id="fed-engine")),
+            ):
+                with Horizontal(classes="fed-field"):
+                    yield Label(label)
+                    yield widget
+            yield Static("", id="fed-setup-error")
+            yield Button("Start rounds", id="fed-start", variant="primary")
+        with Vertical(id="fed-run"):
+            yield Static("", id="fed-status")
+            yield ProgressBar(show_eta=True, id="fed-progress")
+            yield Static("global top-1 on held-out users, per round", id="fed-plot-label")
+            yield Sparkline([], id="fed-top1")
+            yield RichLog(id="fed-log", wrap=True, markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.sim is not None:  # settings given: no form
+            self._start()
+        else:
+            self.query_one("#fed-run").display = False
+            self.query_one("#fed-rounds", Input).focus()
+
+    @on(Button.Pressed, "#fed-start")
+    @on(Input.Submitted, "#fed-setup Input")
+    def action_start(self) -> None:
+        """Start the run with the form's settings (enter, or the button)."""
+        if self._job is not None:
+            return
+        try:
+            v = lambda id_: self.query_one(f"#{id_}").value
+            self.sim = live_config(v("fed-rounds"), v("fed-clients"), v("fed-server-opt"), v("fed-dp"), v("fed-clip"),
+                                   v("fed-engine"))
+        except FedkbError as e:
+            self.query_one("#fed-setup-error", Static).update(f"cannot start: {e}")
+            return
+        self._start()
+
+    def _settings(self) -> str:
+        sim = self.sim
+        dp = f", DP noise {sim.privacy.noise_multiplier:g}" if sim.privacy.noise_multiplier else ""
+        clip = f", clip {sim.privacy.clip:g}" if sim.privacy.clip is not None else ""
+        return f"{sim.rounds} rounds x {sim.clients_per_round} clients, {sim.server.optimizer}{dp}{clip}, {sim.engine} engine"
+
+    def _start(self) -> None:
+        model_dir, tokenizer_path, users_file, resume = self._job_where
+        self._job = FederatorProcess(spec(self.run_dir, self.sim, model_dir, tokenizer_path, users_file, resume))
+        self.running = True
+        self.query_one("#fed-setup").remove()  # its keys are the screen's again (s: stop)
+        self.query_one("#fed-run").display = True
+        self.query_one("#fed-status", Static).update(f"federated learning: {self._settings()}, run folder {self.run_dir}")
+        self.query_one(ProgressBar).update(total=self.sim.rounds)
         self.query_one(RichLog).write("loading the model and the simulated users ...")
         self.run_rounds()
 
@@ -137,15 +230,16 @@ class FederationScreen(Screen):
             self.on_new_global(ckpt)
 
     def _finished(self, rounds: int, error: str | None) -> None:
-        self.running = False
+        self.running, self.ended = False, True
         self._log(f"stopped: {error}" if error else f"finished {rounds} rounds; the latest global model is in use")
-        self.query_one("#fed-status", Static).update(f"{'stopped' if error else 'finished'} after {rounds} rounds, "
-                                                     f"run folder {self.run_dir}")
+        self.query_one("#fed-status", Static).update(f"{'stopped' if error else 'finished'} after {rounds} rounds "
+                                                     f"({self._settings()}), run folder {self.run_dir}")
         self.post_message(self.Finished(rounds, error))
 
     def stop_work(self) -> None:
         """End the rounds' process now (the app quits, or the user pressed `s`)."""
-        self._job.stop()
+        if self._job is not None:
+            self._job.stop()
 
     def on_unmount(self) -> None:
         self.stop_work()
