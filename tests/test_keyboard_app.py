@@ -485,7 +485,11 @@ async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_p
         await pilot.press("f6")
         fed = app.screen
         assert isinstance(fed, federation_screen.FederationScreen) and not fed.running  # its settings first
-        await pilot.press("enter")  # the defaults
+        await pilot.press("backspace", "backspace", "backspace", "backspace", "9", "9", "9", "escape")
+        assert app.screen is app.typing_screen and fed._job is None
+        await pilot.press("f6")  # the same form, as it was left
+        assert app.screen is fed and fed.query_one("#fed-rounds").value == "999"
+        await pilot.press("enter")
         await until(lambda: fed.rounds_done >= 1)
         await pilot.press("escape")
         assert app.screen is app.typing_screen and fed.running  # back to typing; the rounds go on
@@ -506,7 +510,7 @@ async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_p
         assert fed.running
         await pilot.press("s")
         await until(lambda: not fed.running)
-        assert fed._job._proc.poll() is not None and fed.rounds_done < 1000
+        assert fed._job._proc.poll() is not None and fed.rounds_done < 999 and fed.sim.rounds == 999
         await pilot.press("f6")  # the rounds have ended: a new run
         new = app.screen
         assert isinstance(new, federation_screen.FederationScreen) and new is not fed and new.run_dir != fed.run_dir
