@@ -79,7 +79,8 @@ class ReadyModel:
     personal: Arrays | None  # global + that delta; None: the global model is typed with
     delta_error: str | None  # why the delta could not be used
     personal_words: list[str]  # the device's, as read
-    vocab: Vocabulary  # the global model's with them
+    base_vocab: Vocabulary  # the global model's vocabulary
+    vocab: Vocabulary  # base_vocab with the personal words
     tables: Tables  # the predictor's, for these weights and that vocabulary
 
 
@@ -185,7 +186,7 @@ class KeyboardSession:
         the device's."""
         words = self.device.personal_words()
         self.predictor.blocked = set(self.device.blocked_words())
-        same = ready is not None and ready.vocab.base_size == self.vocab.base_size and ready.personal_words == words
+        same = ready is not None and ready.base_vocab is self.vocab and ready.personal_words == words
         self.predictor.vocab = ready.vocab if same else self.vocab.add(words)
         self.predictor.base_vocab = self.vocab
 
@@ -210,15 +211,14 @@ class KeyboardSession:
         personal, error = None, None
         if stamp is not None:
             try:
-                delta = self.read_delta(device.user_id)
-                personal = {k: g + delta[k] for k, g in global_weights.items()}
+                personal = self._personal(self.read_delta(device.user_id), global_weights)
             except FedkbError as e:
                 error = _unusable(e)
         words = device.personal_words()
-        vocab = vocab.add(words)
-        tables = self.predictor.tables(personal if personal is not None else global_weights, vocab)
+        with_words = vocab.add(words)
+        tables = self.predictor.tables(personal if personal is not None else global_weights, with_words)
         return ReadyModel(Path(model_dir) if model_dir is not None else None, f, global_weights, device.user_id,
-                          stamp, personal, error, words, vocab, tables)
+                          stamp, personal, error, words, vocab, with_words, tables)
 
     def install(self, ready: ReadyModel) -> None:
         """Type with a model `ready` made ready; call from the UI thread.  Where the device changed since
@@ -270,9 +270,9 @@ class KeyboardSession:
         FedkbError if it is damaged or another model's."""
         return read_arrays(Device(self.devices_root, user_id).delta_dir / DELTA_FILE, reference=shapes(self.config))
 
-    def _personal(self, delta: Arrays) -> Arrays:
-        """The global weights + a delta (models/params.py's add, on arrays)."""
-        return {k: g + delta[k] for k, g in self.global_weights.items()}
+    def _personal(self, delta: Arrays, global_weights: Arrays | None = None) -> Arrays:
+        """The global weights (default: those in use) + a delta (models/params.py's add, on arrays)."""
+        return {k: g + delta[k] for k, g in (global_weights or self.global_weights).items()}
 
     def delta_info(self) -> dict:
         """The last learning's record (delta.json), {} if there is none or it is unreadable; its

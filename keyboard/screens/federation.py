@@ -6,8 +6,9 @@
 Without `sim` (as the app opens it, f6) the screen first asks for the run's settings, with
 `fedkb simulate`'s flags as their labels and defaults (rounds, clients per round, server
 optimizer, DP noise and clip, engine); `enter` or "Start rounds" starts it, and a setting
-that cannot be used is said under the form.  Then: a progress bar over the rounds, the global model's top-1 accuracy per round (a
-Sparkline), and a log of each round's metrics.  The rounds run in
+that cannot be used is said under the form.  Then: a progress bar over the rounds, the
+global model's top-1 accuracy per round (a Sparkline), and a log of each round's
+metrics.  The rounds run in
 `python -m keyboard.federator` (keyboard/federator.py), which a worker thread follows, so
 the keyboard's process never imports torch and typing goes on while they run: `escape`
 goes back to typing and the rounds go on in the background (the app keeps this screen,
@@ -21,12 +22,11 @@ beside the run folder (RUN-devices/), never the app's own devices.
 
 from __future__ import annotations
 
+import argparse
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import argparse
-import math
 
 from textual import on, work
 from textual.app import ComposeResult
