@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from federation import vocab_history
+from models.errors import FedkbError
 from models.text import is_word, words
 from models.vocab import Vocabulary
 
@@ -271,3 +272,16 @@ def make_discovery_step(cfg: DiscoveryConfig, run_dir: Path | None = None,
                         heldout: Iterable[str] = ()) -> DiscoveryStep:
     """The optional `discover` step of `run_round` (see DiscoveryStep)."""
     return DiscoveryStep(cfg, run_dir, heldout)
+
+
+def discovery_for_run(run_dir: Path, theta: int | None, resume: bool = False) -> DiscoveryStep | None:
+    """The discovery step of a run folder: with threshold `theta` (None: no discovery), or, on a
+    resumed run that discovered words, the one it ran with (`bind` takes its stored threshold).
+    `bind(simulation)` it once the Simulation exists.  FedkbError for a threshold out of range."""
+    if theta is None and not (resume and vocab_history.path_of(run_dir).exists()):
+        return None
+    try:
+        return make_discovery_step(DiscoveryConfig() if theta is None else DiscoveryConfig(theta=theta), run_dir)
+    except ValueError as e:
+        raise FedkbError(str(e)) from None
+

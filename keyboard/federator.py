@@ -40,11 +40,12 @@ from models.errors import FedkbError
 
 
 def spec(run_dir: Path, sim, model_dir: Path | None, tokenizer_path: Path | None, users_file: Path | None,
-         resume: bool) -> dict:
-    """What the rounds' process needs (JSON values only); `sim` is a federation.config.SimulationConfig."""
+         resume: bool, theta: int | None = None) -> dict:
+    """What the rounds' process needs (JSON values only); `sim` is a federation.config.SimulationConfig;
+    `theta`: discover new words with this TrieHH threshold (`fedkb simulate --discover --theta`)."""
     path = lambda p: str(p) if p is not None else None  # noqa: E731
     return {"run_dir": str(run_dir), "sim": sim.to_json(), "model": path(model_dir), "tokenizer": path(tokenizer_path),
-            "users_file": path(users_file), "resume": bool(resume)}
+            "users_file": path(users_file), "resume": bool(resume), "theta": theta}
 
 
 class FederatorProcess(JobProcess):
@@ -79,19 +80,26 @@ def main(argv: list[str] | None = None) -> int:
         s = json.loads(argv[0])
         sim = SimulationConfig.from_json(s["sim"])
         paths = {k: Path(s[k]) if s[k] is not None else None for k in ("model", "tokenizer", "users_file")}
-        run_dir, resume = Path(s["run_dir"]), bool(s["resume"])
+        run_dir, resume, theta = Path(s["run_dir"]), bool(s["resume"]), s.get("theta")
+        if theta is not None and not isinstance(theta, int):
+            raise TypeError(f"theta must be a whole number, not {theta!r}")
     except (IndexError, KeyError, TypeError, ValueError) as e:
         emit({"error": f"usage: python -m keyboard.federator SPEC_JSON (keyboard/federator.py's spec): {e!r}"})
         return 2
     exit_on_sigterm()
     import torch
 
+    from federation.discovery import discovery_for_run
     from federation.run import Simulation, checkpoint_dir
     from models import native
 
     torch.set_num_threads(1)  # one core trains, the other types
     try:
-        run = Simulation(run_dir, sim, paths["model"], paths["tokenizer"], paths["users_file"], resume=resume)
+        discover = discovery_for_run(run_dir, theta, resume)
+        run = Simulation(run_dir, sim, paths["model"], paths["tokenizer"], paths["users_file"], resume=resume,
+                         discover=discover)
+        if discover is not None:
+            discover.bind(run)
     except (FedkbError, OSError) as e:  # OSError: the run or device folders cannot be written
         emit({"error": str(e)})
         return 2

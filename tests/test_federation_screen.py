@@ -156,12 +156,14 @@ def test_the_forms_settings_are_fedkb_simulates():
     add_arguments(parser)
     flags = ["--rounds", "3", "-k", "4", "--server-opt", "fedadam", "--dp", "1.5", "--clip", "0.5", "--engine", "parallel",
              "--eval-users", str(EVAL_USERS)]
-    assert live_config(" 3", "4 ", "fedadam", "1.5", "0.5", "parallel") == build_config(parser.parse_args(flags))
-    assert live_config("3", "4", noise="", clip="").privacy.clip is None
+    assert live_config(" 3", "4 ", "fedadam", "1.5", "0.5", "parallel") == (build_config(parser.parse_args(flags)), None)
+    assert live_config("3", "4", noise="", clip="")[0].privacy.clip is None
+    assert live_config("3", "4", discover=True, theta="5")[1] == 5 and live_config("3", "4", theta="0")[1] is None
     for form, message in [(("0", "4"), "--rounds must be >= 1"), (("three", "4"), "--rounds: 'three' is not a whole number"),
                           (("3", "0"), "clients-per-round >= 1"), (("3", "4", "fedavg", "1", ""), "needs a clip norm"),
                           (("3", "4", "fedavg", "nan", "1"), "--dp: 'nan' is not a finite number"),
-                          (("3", "4", "fedavg", "0", "-1"), "clip must be > 0")]:
+                          (("3", "4", "fedavg", "0", "-1"), "clip must be > 0"),
+                          (("3", "4", "fedavg", "0", "", "sequential", True, "0"), "--theta .* must be >= 1")]:
         with pytest.raises(FedkbError, match=message):
             live_config(*form)
 
@@ -194,3 +196,45 @@ async def test_the_form_starts_the_run_it_describes(tiny, tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())["simulation"]
     assert (config["rounds"], config["clients_per_round"], config["server"]["optimizer"]) == (2, 3, "fedavgm")
     assert (config["privacy"]["noise_multiplier"], config["privacy"]["clip"]) == (0.5, 2.0)
+    assert not (tmp_path / "run" / "vocab.jsonl").exists()  # no discovery unless asked for
+
+
+@sync
+async def test_the_live_run_discovers_words_when_asked(tiny, tmp_path):
+    """With discovery on, the rounds' process runs TrieHH each round at the form's threshold and writes
+    the run's vocabulary history (what f7 shows); the global models it announces carry the grown
+    vocabulary, and the log names the words each round added."""
+    from textual.widgets import Checkbox, Input
+
+    from federation import vocab_history
+    from models.modelfile import read_model
+    from models.tokenizer import Tokenizer
+
+    import gzip
+
+    # 30 users (10 held out) whose most typed new word is "yeet", one the tiny model's 800 words lack
+    fixture = [json.loads(line) for line in gzip.open(FIXTURES / "users.jsonl.gz", "rt")]
+    with gzip.open(tmp_path / "users.jsonl.gz", "wt") as f:
+        for i in range(30):
+            u = fixture[i % len(fixture)]
+            f.write(json.dumps({"id": f"y{i:03d}", "history": u["history"] + ["yeet it"] * 40, "future": u["future"]}) + "\n")
+    finished, new_globals = [], []
+    screen = FederationScreen(tiny[0], tiny[1], tmp_path / "users.jsonl.gz", tmp_path / "run")
+    async with host(screen, finished, new_globals).run_test() as pilot:
+        await pilot.pause()
+        screen.query_one("#fed-rounds", Input).value = "6"  # a word of n letters takes n + 1 rounds
+        screen.query_one("#fed-clients", Input).value = "8"
+        screen.query_one("#fed-discover", Checkbox).value = True
+        screen.query_one("#fed-theta", Input).value = "2"
+        screen.action_start()
+        await until(lambda: finished)
+        await pilot.pause()
+        assert finished == [(6, None)] and "new words at 2 votes" in str(screen.query_one("#fed-status").render())
+        log = "".join(line.text for line in screen.query_one("#fed-log").lines)  # lines as wrapped to the screen
+    history = vocab_history.read(tmp_path / "run")
+    assert [r["round"] for r in history] == list(range(7)) and {r.get("theta") for r in history[1:]} == {2}
+    added = [a["word"] for r in history for a in r["added"]]
+    assert "yeet" in added and "yeet" not in read_model(tiny[0], Tokenizer(tiny[1])).vocab
+    last = read_model(new_globals[-1][1], Tokenizer(tiny[1]))
+    assert all(w in last.vocab for w in added) and len(last.vocab) == history[-1]["vocab_size"]
+    assert "+1word(yeet)" in "".join(log.split())  # the log's line for the round that added it

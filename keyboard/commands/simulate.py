@@ -73,6 +73,10 @@ def _line(m: dict) -> str:
     parts.append(f"{m.get('aggregated', 0)}/{m.get('selected', 0)} aggregated")
     if m.get("rejected"):
         parts.append(f"{m['rejected']} rejected")
+    added = [a["word"] for a in (m.get("discovery") or {}).get("added", [])]
+    if added:
+        more = f" and {len(added) - 5} more" if len(added) > 5 else ""
+        parts.append(f"+{len(added)} word{'s' if len(added) > 1 else ''} ({', '.join(added[:5])}{more})")
     if "timings" in m:
         parts.append(f"{m['timings']['round_s']:.1f}s")
     return ", ".join(parts)
@@ -83,18 +87,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from federation.discovery import discovery_for_run
     from federation.run import Simulation, read_metrics
 
     torch.set_num_threads(max(1, args.threads))
     sim = build_config(args)
-    discover = None
-    if getattr(args, "discover", False) or (args.resume and (Path(args.out) / "vocab.jsonl").exists()):
-        from federation.discovery import DiscoveryConfig, make_discovery_step
-
-        try:
-            discover = make_discovery_step(DiscoveryConfig(theta=args.theta), args.out)
-        except ValueError as e:
-            raise FedkbError(str(e)) from None
+    discover = discovery_for_run(args.out, args.theta if getattr(args, "discover", False) else None, args.resume)
     s = Simulation(args.out, sim, args.model, args.tokenizer, args.users_file, args.devices, resume=args.resume,
                    discover=discover)
     if discover is not None:

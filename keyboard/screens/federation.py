@@ -1,14 +1,15 @@
 """The live federation screen: rounds of federated learning in a process of their own.
 
     FederationScreen(model_dir=None, tokenizer_path=None, users_file=None, run_dir=None,
-                     rounds=None, clients_per_round=None, sim=None, on_new_global=None, resume=False)
+                     rounds=None, clients_per_round=None, sim=None, on_new_global=None, resume=False,
+                     theta=None)
 
 Without `sim` (as the app opens it, f6) the screen first asks for the run's settings, with
 `fedkb simulate`'s flags as their labels and defaults (rounds, clients per round, server
-optimizer, DP noise and clip, engine); `enter` or "Start rounds" starts it, and a setting
-that cannot be used is said under the form.  Then: a progress bar over the rounds, the
-global model's top-1 accuracy per round (a Sparkline), and a log of each round's
-metrics.  The rounds run in
+optimizer, DP noise and clip, engine, word discovery and its threshold); `enter` or "Start
+rounds" starts it, and a setting that cannot be used is said under the form.  Then: a
+progress bar over the rounds, the global model's top-1 accuracy per round (a Sparkline),
+and a log of each round's metrics and the words it added.  The rounds run in
 `python -m keyboard.federator` (keyboard/federator.py), which a worker thread follows, so
 the keyboard's process never imports torch and typing goes on while they run: `escape`
 goes back to typing and the rounds go on in the background (the app keeps this screen,
@@ -34,7 +35,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, RichLog, Select, Sparkline, Static
+from textual.widgets import (Button, Checkbox, Footer, Header, Input, Label, ProgressBar, RichLog, Select, Sparkline,
+                             Static)
 
 from keyboard.federator import FederatorProcess, spec
 from models.errors import FedkbError
@@ -47,9 +49,11 @@ ENGINES = (("sequential", "sequential"), ("parallel (2 worker processes)", "para
 
 
 def live_config(rounds: str, clients_per_round: str, server_opt: str = "fedavg", noise: str = "0", clip: str = "",
-                engine: str = "sequential"):
-    """The run's SimulationConfig from the setup form's text, as `fedkb simulate` builds it from the same
-    flags (keyboard/commands/simulate.py), with EVAL_USERS; FedkbError says which setting is wrong."""
+                engine: str = "sequential", discover: bool = False, theta: str = "10"):
+    """The run's (SimulationConfig, TrieHH threshold or None: no discovery) from the setup form's text,
+    as `fedkb simulate` builds them from the same flags (keyboard/commands/simulate.py), with
+    EVAL_USERS; FedkbError says which setting is wrong."""
+    from federation.discovery import DiscoveryConfig
     from keyboard.commands.simulate import add_arguments, build_config
 
     def number(text: str, flag: str, kind=float):
@@ -70,7 +74,13 @@ def live_config(rounds: str, clients_per_round: str, server_opt: str = "fedavg",
     args.server_opt, args.engine, args.eval_users = server_opt, engine, EVAL_USERS
     args.dp = number(noise, "--dp") if noise.strip() else 0.0
     args.clip = number(clip, "--clip") if clip.strip() else None
-    return build_config(args)
+    sim = build_config(args)
+    if not discover:
+        return sim, None
+    try:
+        return sim, DiscoveryConfig(theta=number(theta, "--theta", int)).theta
+    except ValueError as e:
+        raise FedkbError(str(e)) from None
 
 
 def _new_run_dir() -> Path:
@@ -92,8 +102,8 @@ class FederationScreen(Screen):
     FederationScreen RichLog { height: 1fr; border: round $primary; }
     FederationScreen #fed-setup { padding: 1 2; height: auto; }
     FederationScreen .fed-field { height: 3; }
-    FederationScreen .fed-field Label { width: 42; padding: 1 1 0 0; }
-    FederationScreen .fed-field Input, FederationScreen .fed-field Select { width: 40; }
+    FederationScreen .fed-field Label { width: 48; padding: 1 1 0 0; }
+    FederationScreen .fed-field Input, FederationScreen .fed-field Select, FederationScreen .fed-field Checkbox { width: 40; }
     FederationScreen #fed-setup-error { color: $error; padding: 1 0 0 0; }
     """
     BINDINGS = [
@@ -116,12 +126,14 @@ class FederationScreen(Screen):
 
     def __init__(self, model_dir: Path | None = None, tokenizer_path: Path | None = None, users_file: Path | None = None,
                  run_dir: Path | None = None, rounds: int | None = None, clients_per_round: int | None = None, sim=None,
-                 on_new_global: Callable[[Path], None] | None = None, resume: bool = False, **kwargs):
+                 on_new_global: Callable[[Path], None] | None = None, resume: bool = False, theta: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.run_dir = Path(run_dir) if run_dir else _new_run_dir()
         self._job_where = (model_dir, tokenizer_path, users_file, resume)
         self._form_size = (ROUNDS if rounds is None else rounds, CLIENTS_PER_ROUND if clients_per_round is None else clients_per_round)
         self.sim = sim  # None: asked for first
+        self.theta: int | None = theta  # discover new words with this threshold (None: no discovery)
         self.on_new_global = on_new_global
         self.top1: list[float] = []
         self.rounds_done = 0
@@ -141,6 +153,8 @@ class FederationScreen(Screen):
                 ("DP noise multiplier (--dp)", Input("0", id="fed-dp")),
                 ("clip per update (--clip)", Input("", placeholder="none", id="fed-clip")),
                 ("engine (--engine)", Select(ENGINES, value="sequential", allow_blank=False, id="fed-engine")),
+                ("discover new words (--discover)", Checkbox("with TrieHH, each round", id="fed-discover")),
+                ("TrieHH threshold: votes a word needs (--theta)", Input("10", type="integer", id="fed-theta")),
             ):
                 with Horizontal(classes="fed-field"):
                     yield Label(label)
@@ -170,8 +184,8 @@ class FederationScreen(Screen):
             return
         try:
             v = lambda id_: self.query_one(f"#{id_}").value
-            self.sim = live_config(v("fed-rounds"), v("fed-clients"), v("fed-server-opt"), v("fed-dp"), v("fed-clip"),
-                                   v("fed-engine"))
+            self.sim, self.theta = live_config(v("fed-rounds"), v("fed-clients"), v("fed-server-opt"), v("fed-dp"),
+                                               v("fed-clip"), v("fed-engine"), v("fed-discover"), v("fed-theta"))
         except FedkbError as e:
             self.query_one("#fed-setup-error", Static).update(f"cannot start: {e}")
             return
@@ -181,11 +195,13 @@ class FederationScreen(Screen):
         sim = self.sim
         dp = f", DP noise {sim.privacy.noise_multiplier:g}" if sim.privacy.noise_multiplier else ""
         clip = f", clip {sim.privacy.clip:g}" if sim.privacy.clip is not None else ""
-        return f"{sim.rounds} rounds x {sim.clients_per_round} clients, {sim.server.optimizer}{dp}{clip}, {sim.engine} engine"
+        words = f", new words at {self.theta} votes" if self.theta is not None else ""
+        return (f"{sim.rounds} rounds x {sim.clients_per_round} clients, {sim.server.optimizer}{dp}{clip}, "
+                f"{sim.engine} engine{words}")
 
     def _start(self) -> None:
         model_dir, tokenizer_path, users_file, resume = self._job_where
-        self._job = FederatorProcess(spec(self.run_dir, self.sim, model_dir, tokenizer_path, users_file, resume))
+        self._job = FederatorProcess(spec(self.run_dir, self.sim, model_dir, tokenizer_path, users_file, resume, self.theta))
         self.running = True
         self.query_one("#fed-setup").remove()  # its keys are the screen's again (s: stop)
         self.query_one("#fed-run").display = True
