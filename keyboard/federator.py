@@ -6,7 +6,8 @@ protocol).  The federation screen (keyboard/screens/federation.py) starts
     python -m keyboard.federator SPEC_JSON
 
 which runs `federation.run.Simulation` round after round with one torch thread (as
-`fedkb simulate --threads 1` does, into the same kind of run folder) and reports on
+`fedkb simulate --threads 1` does, into the same kind of run folder, discovering new words
+where the spec gives a TrieHH threshold, as `--discover --theta` does) and reports on
 stdout, one JSON object a line:
 
     {"note": "..."}                                   what the run could not do as asked, what resuming repaired
@@ -22,10 +23,10 @@ committed (atomically), so the run can be resumed (`fedkb simulate --resume --ou
 In a thread of the keyboard's process (where the screen ran them before), the rounds'
 Python holds the GIL between torch calls, and the keyboard's process would import torch
 and hold the population and an evaluator: typing while 3 rounds of 10 clients run, key to
-suggestions p95 12.4-17.9 ms, stalls of 63-100 ms and 709-723 MB for the keyboard's
-process, against p95 3.4-3.8 ms (idle 3.6-3.8), stalls of 2-19 ms (a key meeting a new
-global model's swap) and 140-141 MB with this process
-(`python bench/bench_background_latency.py --job rounds`, two runs).
+suggestions p95 10.4-18.0 ms, stalls of 127-179 ms and 684-745 MB for the keyboard's
+process, against p95 3.7-3.8 ms (idle 3.7-3.9), no stall over 2.4 ms (a new global model is
+made ready in a worker thread and only swapped in on the UI thread) and 147 MB with this
+process (`python bench/bench_background_latency.py --job rounds`, three runs).
 """
 
 from __future__ import annotations
