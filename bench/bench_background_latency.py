@@ -68,19 +68,23 @@ class Learn:
 
 
 class Rounds:
-    """f6 then back to typing; done when the live screen's rounds have ended."""
+    """f6, enter (the form's defaults), then back to typing; done when the live screen's rounds have ended."""
 
     def __init__(self, rounds: int):
         self.rounds = rounds
 
     def start(self, app) -> None:
         app.push_extra("federation")
-        self.screen = app.screen
-        self.screen.action_start()  # the form's defaults: ROUNDS x 10 clients
-        app.pop_screen()
+        self.screen = screen = app.screen
+
+        def go() -> None:  # once the form is there: its defaults (ROUNDS x 10 clients), then back to typing
+            screen.action_start()
+            app.pop_screen()
+
+        screen.call_after_refresh(go)
 
     def done(self, app) -> bool:
-        return not self.screen.running
+        return self.screen.ended
 
     def result(self, app) -> str:
         return f"{self.screen.rounds_done} rounds, typing with {app.session.label}"
