@@ -1,7 +1,7 @@
 """Typing while a background job trains: key -> suggestions, with the job in its own process or in a thread.
 
     python bench/bench_background_latency.py [--job learn|rounds] [--user hamlet.HAMLET]
-        [--users-file data/shakespeare.jsonl.gz] [--every 0.15] [--rounds 3]
+        [--users-file data/shakespeare.jsonl.gz] [--every 0.15] [--rounds 3] [--engine sequential|parallel]
 
 Opens the keyboard headless (`App.run_test`) on a simulated user's profile, starts the
 job, and types held-out text at one key every `--every` seconds (a fast typist) until
@@ -70,14 +70,15 @@ class Learn:
 class Rounds:
     """f6, enter (the form's defaults), then back to typing; done when the live screen's rounds have ended."""
 
-    def __init__(self, rounds: int):
-        self.rounds = rounds
+    def __init__(self, rounds: int, engine: str = "sequential"):
+        self.rounds, self.engine = rounds, engine
 
     def start(self, app) -> None:
         app.push_extra("federation")
         self.screen = screen = app.screen
 
         def go() -> None:  # once the form is there: its defaults (ROUNDS x 10 clients), then back to typing
+            screen.query_one("#fed-engine").value = self.engine
             screen.action_start()
             app.pop_screen()
 
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=float, default=0.15, help="seconds between keys (default 0.15)")
     ap.add_argument("--max-keys", type=int, default=400, help="keys at most per mode (idle types 60)")
     ap.add_argument("--rounds", type=int, default=3, help="--job rounds: rounds to run (default 3)")
+    ap.add_argument("--engine", choices=("sequential", "parallel"), default="sequential",
+                    help="--job rounds: the engine the live form is set to (parallel: two worker processes)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as `fedkb` sets it
@@ -177,13 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     federation_screen.ROUNDS = args.rounds
 
     out = {"job": args.job, "user": args.user, "users_file": str(args.users_file), "every_s": args.every}
-    for mode in ("idle", "process", "thread"):
+    if args.job == "rounds":
+        out["engine"] = args.engine
+    # the thread mode is the screen as it was, which ran the sequential engine only
+    modes = ("idle", "process") if args.job == "rounds" and args.engine == "parallel" else ("idle", "process", "thread")
+    for mode in modes:
         with tempfile.TemporaryDirectory() as tmp:
             federation_screen.RUNS_DIR = Path(tmp) / "runs"
             app = FedkbApp(None, None, devices_root=Path(tmp) / "devices", user_id=args.user,
                            users_file=args.users_file, cursor_blink=False,
                            extra_screens=args.job == "rounds" and mode != "idle")
-            job = None if mode == "idle" else Learn() if args.job == "learn" else Rounds(args.rounds)
+            job = None if mode == "idle" else Learn() if args.job == "learn" else Rounds(args.rounds, args.engine)
             cls, process_run = (None, None)
             if mode == "thread":
                 cls, thread_run = job.in_thread(app)
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             out[mode]["keyboard_process_has_torch"] = "torch" in sys.modules
             # the keyboard process's peak so far: the modes run in this order, so each includes the ones before
             out[mode]["keyboard_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    for mode in ("process", "thread"):
+    for mode in modes[1:]:
         out[f"{mode}_p95_over_idle"] = round(out[mode]["p95_ms"] / out["idle"]["p95_ms"], 2)
     print(json.dumps(out, indent=1))
     return 0

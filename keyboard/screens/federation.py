@@ -45,7 +45,8 @@ RUNS_DIR = Path(__file__).resolve().parents[2] / "runs"
 ROUNDS, CLIENTS_PER_ROUND = 10, 10  # a live run's size when the caller gives none
 EVAL_USERS = 10  # held-out users who score each round (fewer than `fedkb simulate`'s 20: a round sooner)
 SERVER_OPTIMIZERS = (("FedAvg", "fedavg"), ("FedAvgM (momentum 0.9)", "fedavgm"), ("FedAdam (lr 0.01)", "fedadam"))
-ENGINES = (("sequential", "sequential"), ("parallel (2 worker processes)", "parallel"))
+ENGINES = (("sequential (one core; typing keeps the other)", "sequential"),
+           ("parallel (2 worker processes, both cores)", "parallel"))
 
 
 def live_config(rounds: str, clients_per_round: str, server_opt: str = "fedavg", noise: str = "0", clip: str = "",
