@@ -32,7 +32,7 @@ from pathlib import Path
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import (Button, Checkbox, Footer, Header, Input, Label, ProgressBar, RichLog, Select, Sparkline,
@@ -45,8 +45,7 @@ RUNS_DIR = Path(__file__).resolve().parents[2] / "runs"
 ROUNDS, CLIENTS_PER_ROUND = 10, 10  # a live run's size when the caller gives none
 EVAL_USERS = 10  # held-out users who score each round (fewer than `fedkb simulate`'s 20: a round sooner)
 SERVER_OPTIMIZERS = (("FedAvg", "fedavg"), ("FedAvgM (momentum 0.9)", "fedavgm"), ("FedAdam (lr 0.01)", "fedadam"))
-ENGINES = (("sequential (one core; typing keeps the other)", "sequential"),
-           ("parallel (2 worker processes, both cores)", "parallel"))
+ENGINES = (("sequential (one core)", "sequential"), ("parallel (two workers, both cores)", "parallel"))
 
 
 def live_config(rounds: str, clients_per_round: str, server_opt: str = "fedavg", noise: str = "0", clip: str = "",
@@ -101,10 +100,12 @@ class FederationScreen(Screen):
     FederationScreen #fed-plot-label { padding: 0 1; color: $text-muted; }
     FederationScreen Sparkline { height: 4; padding: 0 1; }
     FederationScreen RichLog { height: 1fr; border: round $primary; }
-    FederationScreen #fed-setup { padding: 1 2; height: auto; }
+    FederationScreen #fed-setup { padding: 0 1; height: 1fr; }
     FederationScreen .fed-field { height: 3; }
-    FederationScreen .fed-field Label { width: 48; padding: 1 1 0 0; }
-    FederationScreen .fed-field Input, FederationScreen .fed-field Select, FederationScreen .fed-field Checkbox { width: 40; }
+    FederationScreen .fed-field Label { width: 2fr; max-width: 48; padding: 1 1 0 0; }
+    FederationScreen .fed-field Input, FederationScreen .fed-field Select, FederationScreen .fed-field Checkbox {
+        width: 3fr; max-width: 56;
+    }
     FederationScreen #fed-setup-error { color: $error; padding: 1 0 0 0; }
     """
     BINDINGS = [
@@ -144,7 +145,7 @@ class FederationScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with Vertical(id="fed-setup"):
+        with VerticalScroll(id="fed-setup"):  # scrolls on a small terminal
             yield Static(f"A new run of federated learning over the simulated users, from the model in use, "
                          f"into {self.run_dir} (the settings are `fedkb simulate`'s):")
             for label, widget in (
