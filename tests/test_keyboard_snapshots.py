@@ -5,6 +5,8 @@ Update after an intended UI change: pytest tests/test_keyboard_snapshots.py --sn
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from federation.config import ClientConfig
 from keyboard.app import FedkbApp
 from keyboard.session import LearnConfig
@@ -17,7 +19,7 @@ def make_app(tiny, tmp_path, **kw) -> FedkbApp:
     model, tok = tiny
     return FedkbApp(model, tok, devices_root=tmp_path / "devices", users_file=FIXTURES / "users.jsonl.gz",
                     learn_cfg=LearnConfig(client=ClientConfig(epochs=1.0, batch_size=2, bptt=8), eval_messages=5),
-                    cursor_blink=False, extra_screens=False, **kw)
+                    cursor_blink=False, **{"extra_screens": False, **kw})
 
 
 class TestTypingScreen:
@@ -40,3 +42,12 @@ class TestProfilesScreen:
             await pilot.pause()
 
         assert snap_compare(make_app(tiny, tmp_path), run_before=open_profiles, terminal_size=(110, 24))
+
+
+class TestFederationScreen:
+    def test_form(self, snap_compare, tiny, tmp_path, monkeypatch):
+        """f6: the live run's settings, before it starts (80 x 24: the form scrolls)."""
+        import keyboard.screens.federation as federation_screen
+
+        monkeypatch.setattr(federation_screen, "_new_run_dir", lambda: Path("runs/live-20261127-120000"))
+        assert snap_compare(make_app(tiny, tmp_path, extra_screens=True), press=["f6"], terminal_size=(80, 24))

@@ -176,6 +176,8 @@ class FederationScreen(Screen):
             self._start()
         else:
             self.query_one("#fed-run").display = False
+            for field in self.query("#fed-setup Input").results(Input):
+                field.cursor_blink = getattr(self.app, "cursor_blink", True)  # off in tests and snapshots
             self.query_one("#fed-rounds", Input).focus()
 
     @on(Button.Pressed, "#fed-start")
