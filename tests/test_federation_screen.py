@@ -238,3 +238,26 @@ async def test_the_live_run_discovers_words_when_asked(tiny, tmp_path):
     last = read_model(new_globals[-1][1], Tokenizer(tiny[1]))
     assert all(w in last.vocab for w in added) and len(last.vocab) == history[-1]["vocab_size"]
     assert "+1word(yeet)" in "".join(log.split())  # the log's line for the round that added it
+
+
+@sync
+async def test_a_process_that_cannot_start_is_a_stopped_run(tiny, tmp_path, monkeypatch):
+    """Where the rounds' process cannot be started at all (no memory, no such interpreter), the screen
+    says so and the app goes on."""
+    import subprocess
+
+    from federation.config import SimulationConfig
+
+    def no_process(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    finished = []
+    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run",
+                              sim=SimulationConfig(rounds=2, clients_per_round=3, eval_users=3))
+    app = host(screen, finished)
+    async with app.run_test() as pilot:
+        await until(lambda: finished)
+        await pilot.pause()
+        assert app.is_running and finished == [(0, "[Errno 12] Cannot allocate memory")] and screen.ended
+        assert "stopped: [Errno 12] Cannot allocate memory" in "\n".join(line.text for line in screen.query_one("#fed-log").lines)

@@ -221,7 +221,7 @@ class FederationScreen(Screen):
         try:
             rounds = job.run(on_note=lambda note: self._call(self._log, note),
                              on_round=lambda m, ckpt: self._call(self._on_round, m, ckpt))
-        except FedkbError as e:
+        except (FedkbError, OSError) as e:  # OSError: the process could not be started
             self._call(self._finished, self.rounds_done, str(e))
         else:
             self._call(self._finished, rounds, None)
