@@ -125,10 +125,13 @@ class FedkbApp(App):
         release_free_memory()  # the arrays swapped out were built in this thread's malloc arena: hand them back
 
     def _swap_global(self, checkpoint_dir: Path, ready) -> None:
-        if isinstance(ready, FedkbError):
-            self.notify(f"cannot use {checkpoint_dir}: {ready}", severity="error")
+        try:
+            if isinstance(ready, FedkbError):
+                raise ready
+            self.session.install(ready)
+        except FedkbError as e:  # the model, or the device's words file, cannot be used: typing goes on as it was
+            self.notify(f"cannot use {checkpoint_dir}: {e}", severity="error")
             return
-        self.session.install(ready)
         t = self.typing_screen
         if t is not None:
             t.refresh_all()

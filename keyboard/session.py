@@ -180,12 +180,12 @@ class KeyboardSession:
         self._device_words()
         self.apply_params(self._load_delta())
 
-    def _device_words(self, ready: ReadyModel | None = None) -> None:
-        """The device's blocked and personal words on the predictor (its caches are rebuilt by the
-        `apply_params` that follows); the vocabulary `ready` made where its personal words are still
-        the device's."""
-        words = self.device.personal_words()
-        self.predictor.blocked = set(self.device.blocked_words())
+    def _device_words(self, ready: ReadyModel | None = None, words: tuple[list[str], set[str]] | None = None) -> None:
+        """The device's blocked and personal words (`words`: (personal, blocked) as just read) on the
+        predictor (its caches are rebuilt by the `apply_params` that follows); the vocabulary `ready`
+        made where its personal words are still the device's."""
+        words, blocked = words or (self.device.personal_words(), self.device.blocked_words())
+        self.predictor.blocked = set(blocked)
         same = ready is not None and ready.base_vocab is self.vocab and ready.personal_words == words
         self.predictor.vocab = ready.vocab if same else self.vocab.add(words)
         self.predictor.base_vocab = self.vocab
@@ -223,7 +223,9 @@ class KeyboardSession:
     def install(self, ready: ReadyModel) -> None:
         """Type with a model `ready` made ready; call from the UI thread.  Where the device changed since
         (another profile, a new delta, a cleared device, another global model), what is now on disk is
-        read again here instead, so a stale personal model is never typed with."""
+        read again here instead, so a stale personal model is never typed with.  FedkbError where the
+        device's words file is damaged: then nothing has changed."""
+        words = self.device.personal_words(), self.device.blocked_words()
         if ready.file is not None:
             f = ready.file
             self.model_dir, self.meta, self.vocab, self.config = ready.model_dir, f.meta, f.vocab, f.config
@@ -232,7 +234,7 @@ class KeyboardSession:
                 or ready.stamp != _stamp(self.device):
             self.open(self.user_id)
             return
-        self._device_words(ready)
+        self._device_words(ready, words)
         self.delta_error = ready.delta_error
         self.apply_params(ready.personal, ready.tables)
 

@@ -464,6 +464,39 @@ def test_a_ready_model_the_device_changed_under_is_never_typed_with(tiny, tmp_pa
 
 
 @sync
+async def test_a_damaged_words_file_keeps_the_model_in_use(tiny, tmp_path, monkeypatch):
+    """A new global model or a learned delta that arrives while the device's words file is damaged is
+    not half-installed: typing goes on with the model in use, and the app says why."""
+    round3 = _another_global(tiny, tmp_path / "round3")
+    s = _session(tiny, tmp_path)
+    s.add_personal_words(["zorblax"])
+    ready = s.ready(round3)
+    s.device.words_file.write_text("{not json")
+    with pytest.raises(FedkbError, match="corrupt"):
+        s.install(ready)
+    assert s.label == "base" and s.vocab is s.predictor.base_vocab and "zorblax" in s.predictor.vocab
+    app = make_app(tiny, tmp_path / "app", user_id="u0001")
+    async with app.run_test() as pilot:
+        app.session.device.words_file.write_text("{not json")
+        app.use_global(round3)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.is_running and app.session.label == "base"
+        app.session.device.words_file.unlink()  # repaired, for the learning's process
+
+        def damaged():  # and damaged again once it has learned, as the app reads it
+            raise FedkbError(f"{app.session.device.words_file} is corrupt; fix or delete it")
+
+        monkeypatch.setattr(app.session.device, "personal_words", damaged)
+        await pilot.press("ctrl+l")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.is_running and app.session.label == "base"
+        said = str(app.screen.query_one("#learn-result").render())
+        assert "Learning failed" in said and "corrupt" in said
+
+
+@sync
 async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_path, monkeypatch):
     """f6 starts the live rounds (in a process of their own); escape goes back to typing while they go on,
     and each new global model is typed with; f6 shows the same screen again, `s` stops the rounds, and

@@ -200,7 +200,10 @@ class TypingScreen(Screen):
             return
         # the new personal model made ready here (the delta read, the word table composed), so that
         # only the swap to it is on the UI thread; a delta that cannot be used is said in delta_error
-        ready = self.app.session.ready()
+        try:
+            ready = self.app.session.ready()
+        except FedkbError as e:  # the device's words file is damaged: the delta stays on disk, unused
+            ready = e
         if not worker.is_cancelled:
             self.app.call_from_thread(self._learned, learner, result, ready)
         del ready
@@ -215,7 +218,13 @@ class TypingScreen(Screen):
         if learner is not self._learner or s.user_id != learner.user_id:
             return  # stopped, or another profile by now: the delta stays on its own device
         self._learner = None
-        s.install(ready)  # the delta the process wrote, on top of the global model in use now
+        try:
+            if isinstance(ready, FedkbError):
+                raise ready
+            s.install(ready)  # the delta the process wrote, on top of the global model in use now
+        except FedkbError as e:
+            self._learn_failed(str(e))
+            return
         if s.delta_error:
             self._learn_failed(s.delta_error)
             return
