@@ -48,6 +48,16 @@ def text(app) -> str:
     return app.screen.query_one(Input).value
 
 
+async def learning_fails(app, pilot, why: str = "") -> None:
+    """ctrl+l, and the learning fails: the app runs on with the global model and says `why`."""
+    await pilot.press("ctrl+l")
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    assert app.is_running and app.session.label == "base"
+    said = str(app.screen.query_one("#learn-result").render())
+    assert "Learning failed" in said and why in said
+
+
 async def type_(pilot, s: str) -> None:
     await pilot.press(*["space" if c == " " else c for c in s])
     await pilot.pause()
@@ -194,11 +204,7 @@ async def test_a_personal_model_that_cannot_be_written_is_a_failed_learning(tiny
     app = make_app(tiny, tmp_path, user_id="u0001")
     async with app.run_test() as pilot:
         app.session.device.delta_dir.write_text("a file where the personal model's folder goes")  # as a full disk would
-        await pilot.press("ctrl+l")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        assert app.is_running and app.session.label == "base"  # the app crashed before
-        assert "Learning failed" in str(app.screen.query_one("#learn-result").render())
+        await learning_fails(app, pilot)  # the app crashed before
 
 
 @sync
@@ -212,12 +218,7 @@ async def test_a_learned_delta_that_cannot_be_read_is_a_failed_learning(tiny, tm
 
     monkeypatch.setattr(app.session, "read_delta", damaged)
     async with app.run_test() as pilot:
-        await pilot.press("ctrl+l")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        assert app.is_running and app.session.label == "base"
-        said = str(app.screen.query_one("#learn-result").render())
-        assert "Learning failed" in said and "damaged" in said
+        await learning_fails(app, pilot, "damaged")
 
 
 @sync
@@ -488,12 +489,7 @@ async def test_a_damaged_words_file_keeps_the_model_in_use(tiny, tmp_path, monke
             raise FedkbError(f"{app.session.device.words_file} is corrupt; fix or delete it")
 
         monkeypatch.setattr(app.session.device, "personal_words", damaged)
-        await pilot.press("ctrl+l")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
-        assert app.is_running and app.session.label == "base"
-        said = str(app.screen.query_one("#learn-result").render())
-        assert "Learning failed" in said and "corrupt" in said
+        await learning_fails(app, pilot, "corrupt")
 
 
 @sync
