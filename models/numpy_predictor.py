@@ -194,8 +194,7 @@ class NumpyPredictor(IncrementalPredictor):
             hs.append(self._h)
         scores = _log_softmax(np.stack(hs) @ self.emb.T + self.bias) + self._mask  # (T-1, V)
         k = min(k, scores.shape[1])
-        best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        first = [row[np.lexsort((row, -s[row]))].tolist() for row, s in zip(best, scores)]  # _top's order
+        first = [self._top(row, k)[0] for row in scores]
         self.reset()
         return scores, first
 
