@@ -139,9 +139,13 @@ class FederationScreen(Screen):
         self.on_new_global = on_new_global
         self.top1: list[float] = []
         self.rounds_done = 0
-        self.running = False  # the rounds' process is at work
         self.ended = False  # the rounds have ended (finished, stopped or failed): f6 then starts a new run
         self._job: FederatorProcess | None = None
+
+    @property
+    def running(self) -> bool:
+        """The rounds' process is at work: started, not yet ended."""
+        return self._job is not None and not self.ended
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -206,7 +210,6 @@ class FederationScreen(Screen):
     def _start(self) -> None:
         model_dir, tokenizer_path, users_file, resume = self._job_where
         self._job = FederatorProcess(spec(self.run_dir, self.sim, model_dir, tokenizer_path, users_file, resume, self.theta))
-        self.running = True
         self.query_one("#fed-setup").remove()  # its keys are the screen's again (s: stop)
         self.query_one("#fed-run").display = True
         self.query_one("#fed-status", Static).update(f"federated learning: {self._settings()}, run folder {self.run_dir}")
@@ -250,7 +253,7 @@ class FederationScreen(Screen):
             self.on_new_global(ckpt)
 
     def _finished(self, rounds: int, error: str | None) -> None:
-        self.running, self.ended = False, True
+        self.ended = True
         self._log(f"stopped: {error}" if error else f"finished {rounds} rounds; the latest global model is in use")
         self.query_one("#fed-status", Static).update(f"{'stopped' if error else 'finished'} after {rounds} rounds "
                                                      f"({self._settings()}), run folder {self.run_dir}")
