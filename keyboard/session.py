@@ -180,11 +180,16 @@ class KeyboardSession:
         self._device_words()
         self.apply_params(self._load_delta())
 
-    def _device_words(self, ready: ReadyModel | None = None, words: tuple[list[str], set[str]] | None = None) -> None:
-        """The device's blocked and personal words (`words`: (personal, blocked) as just read) on the
+    def _read_words(self) -> tuple[list[str], list[str]]:
+        """The device's (personal, blocked) words, from one read of its words file; FedkbError if damaged."""
+        state = self.device.word_state()
+        return list(state["personal"]), list(state["blocked"])
+
+    def _device_words(self, ready: ReadyModel | None = None, read: tuple[list[str], list[str]] | None = None) -> None:
+        """The device's blocked and personal words (`read`: as `_read_words` just read them) on the
         predictor (its caches are rebuilt by the `apply_params` that follows); the vocabulary `ready`
         made where its personal words are still the device's."""
-        words, blocked = words or (self.device.personal_words(), self.device.blocked_words())
+        words, blocked = read or self._read_words()
         self.predictor.blocked = set(blocked)
         same = ready is not None and ready.base_vocab is self.vocab and ready.personal_words == words
         self.predictor.vocab = ready.vocab if same else self.vocab.add(words)
@@ -225,7 +230,7 @@ class KeyboardSession:
         (another profile, a new delta, a cleared device, another global model), what is now on disk is
         read again here instead, so a stale personal model is never typed with.  FedkbError where the
         device's words file is damaged: then nothing has changed."""
-        words = self.device.personal_words(), self.device.blocked_words()
+        read = self._read_words()  # first: a damaged words file raises before anything changes
         if ready.file is not None:
             f = ready.file
             self.model_dir, self.meta, self.vocab, self.config = ready.model_dir, f.meta, f.vocab, f.config
@@ -234,7 +239,7 @@ class KeyboardSession:
                 or ready.stamp != _stamp(self.device):
             self.open(self.user_id)
             return
-        self._device_words(ready, words)
+        self._device_words(ready, read)
         self.delta_error = ready.delta_error
         self.apply_params(ready.personal, ready.tables)
 
