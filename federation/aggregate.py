@@ -49,6 +49,7 @@ class Aggregator:
     rejected: int = 0
     robust_clipped: int = 0
     dp_clipped: int = 0
+    clipped: int = 0  # updates clipped by either bound, each counted once
     norms: list[float] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
 
@@ -62,14 +63,22 @@ class Aggregator:
             self.reasons.append(why)
             return False
         norm = P.global_norm(update)
-        self.norms.append(norm)
-        if self.agg.max_update_norm is not None and norm > self.agg.max_update_norm:
+        robust = self.agg.max_update_norm is not None and norm > self.agg.max_update_norm
+        if robust:
             update, _ = P.clip_by_norm(update, self.agg.max_update_norm)
-            self.robust_clipped += 1
         update, was = privacy.clip(update, self.dp)
-        self.dp_clipped += int(was)
         w = privacy.client_weight(num_words, self.dp)
         vec = torch.cat([P.flatten(update).double() * w, torch.tensor([w], dtype=torch.float64)])
+        if self.secagg is not None:
+            why = self.secagg.out_of_range(vec)
+            if why:
+                self.rejected += 1
+                self.reasons.append(why)
+                return False
+        self.norms.append(norm)
+        self.robust_clipped += int(robust)
+        self.dp_clipped += int(was)
+        self.clipped += int(robust or was)
         if self.secagg is not None:
             self.secagg.add(device, self.secagg.mask(device, vec))
         elif self.total is None:
@@ -79,20 +88,24 @@ class Aggregator:
         self.count += 1
         return True
 
-    def result(self, alive: set[int], generator: torch.Generator) -> tuple[dict[str, Tensor] | None, float]:
-        """(weighted mean update in the reference dtype, total weight); None if nothing arrived.
+    def result(self, alive: set[int], generator: torch.Generator,
+               denominator: float | None = None) -> tuple[dict[str, Tensor] | None, float]:
+        """(mean update in the reference dtype, total weight); None if nothing arrived.
 
-        Noise is added once to the weighted sum (not to the weight), then divided by the total weight.
-        The model's start state is not trained by clients, so its entries of the mean are zero.
+        Noise is added once to the weighted sum (not to the weight).  The sum is divided by the
+        total weight (FedAvg), or by `denominator` where one is given: DP-FedAvg's fixed q W
+        (privacy.fixed_denominator), so the mean's noise scale reveals nothing.  The model's
+        start state is not trained by clients, so its entries of the mean are zero.
         """
         if self.count == 0:
             return None, 0.0
         total = self.secagg.unmask(alive) if self.secagg is not None else self.total
         weight = float(total[-1])
         s = privacy.add_noise(total[:-1], self.dp, generator)
-        if weight <= 0:
+        divide_by = weight if denominator is None else denominator
+        if not divide_by > 0:
             return None, 0.0
-        mean = P.unflatten(s / weight, self.reference)
+        mean = P.unflatten(s / divide_by, self.reference)
         for key in START_STATE_KEYS:  # not trained by clients (models/start_state.py): no noise, no tampering
             if key in mean:
                 mean[key] = torch.zeros_like(mean[key])

@@ -1,14 +1,19 @@
 """Differential privacy for FedAvg: DP-FedAvg (McMahan et al. 2018, "Learning Differentially
 Private Recurrent Language Models").
 
-Two steps composed around aggregation, nothing else changes:
-  * `clip`: each client's update is scaled to L2 norm <= C (and its weight capped at 1,
-    `client_weight`), so one user changes the weighted sum by at most C;
-  * `add_noise`: Gaussian noise N(0, (z C)^2) is added ONCE to the sum.
-Epsilon at delta comes from Google's `dp_accounting` RDP accountant (Mironov 2017), with
-each round a Poisson-subsampled Gaussian mechanism at rate q = selected / population
-(the usual approximation of fixed-size sampling).  With z = 0 and no clip both steps are
-the identity, so the result is plain FedAvg.
+The paper's Algorithm 1 with its fixed-denominator estimator f~_f, composed around aggregation:
+  * devices are Poisson-sampled with probability q (federation/sampling.py, `poisson`);
+  * `clip`: each client's update is scaled to L2 norm <= C and its weight capped at 1
+    (`client_weight`, w_k = min(n_k / w^, 1)), so adding or removing one user changes the
+    weighted sum by at most C;
+  * `add_noise`: Gaussian noise N(0, (z C)^2) is added ONCE to the sum;
+  * the noised sum is divided by a fixed denominator (`fixed_denominator`), never by the round's
+    actual total weight: that total depends on who took part, and dividing by it would let one
+    user move the mean by up to 2C / total and reveal the total through the noise's scale.
+Epsilon at delta comes from Google's `dp_accounting` RDP accountant (Mironov 2017), each round
+a Poisson-subsampled Gaussian mechanism at rate q with noise multiplier z, composed over
+rounds.  With z = 0 and no clip the first steps are the identity and the mean is divided by
+the total weight: plain FedAvg.
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ def add_noise(total: Tensor, cfg: PrivacyConfig, generator: torch.Generator) -> 
         return total
     std = cfg.noise_multiplier * cfg.clip
     return total + std * torch.randn(total.shape, generator=generator, dtype=total.dtype)
+
+
+def fixed_denominator(population_size: int, sampling_rate: float, dropout_min: float, dropout_max: float) -> float:
+    """The paper's q W with every weight at its cap of 1 (W = N): the expected number of devices
+    that report in a round, q N (1 - mean dropout rate).  Fixed before any data is seen; a
+    device whose history is shorter than the weight cap counts for less than 1 in the sum, so
+    a round's mean step is at most what FedAvg's would be."""
+    return sampling_rate * population_size * (1 - (dropout_min + dropout_max) / 2)
 
 
 def epsilon(cfg: PrivacyConfig, sampling_rate: float, rounds: int) -> float | None:

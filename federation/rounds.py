@@ -1,10 +1,11 @@
 """One round of federated learning, phase by phase.
 
     sample    plan_round: select ceil(1.3 K), some drop out, the first K survivors report
+              (with DP noise: each device selected with probability q, every survivor reports)
     train     engine.run: each reporting device runs client_update from the global model
     clip/sum  Aggregator.add: validate, clip, weight, securely-aggregated running sum
     unmask    SecAggRound.unmask: masks of dropped / surplus devices removed via their shares
-    noise     privacy.add_noise on the sum, once (DP-FedAvg)
+    noise     privacy.add_noise on the sum, once, then a fixed denominator (DP-FedAvg)
     server    server_update(state, mean delta) with FedAvg / FedAvgM / FedAdam
     discover  optional hook (issue 5): discover(state, reporting_devices, round, generator)
               -> (new_vocab, info), run after the server step; the new vocabulary is kept in
@@ -30,7 +31,7 @@ from federation.config import SimulationConfig
 from federation.device import Device
 from federation.memory import TRIM_EVERY, release_free_memory
 from federation.engine_sequential import ClientTask
-from federation.sampling import Population, plan_round
+from federation.sampling import Population, plan_round, sampling_rate
 from federation.secagg import SecAggAborted, SecAggRound
 from federation.server import ServerState, server_update
 from models.lm import WordLM
@@ -92,7 +93,9 @@ def run_round(
     release_free_memory()  # the previous round's buffers: memory flat across rounds (federation/memory.py)
     rnd = state.round + 1
     k = sim.clients_per_round
-    plan = plan_round(population.size, k, sim.over_selection, sim.dropout_min, sim.dropout_max, generator)
+    dp = sim.privacy.noise_multiplier > 0
+    q = sampling_rate(population.size, k, sim.over_selection)
+    plan = plan_round(population.size, k, sim.over_selection, sim.dropout_min, sim.dropout_max, generator, poisson=dp)
     seeds = client_seeds(len(plan.reporting), generator)
     tasks = [ClientTask(i, u, population.real_id(u), s) for i, (u, s) in enumerate(zip(plan.reporting, seeds))]
     n_params = sum(v.numel() for v in state.params.values()) + 1
@@ -117,7 +120,8 @@ def run_round(
     t_agg = time.perf_counter()
     aborted = None
     try:
-        mean, weight = agg.result(set(plan.reporting) | set(plan.surplus), generator)
+        denominator = privacy.fixed_denominator(population.size, q, sim.dropout_min, sim.dropout_max) if dp else None
+        mean, weight = agg.result(set(plan.reporting) | set(plan.surplus), generator, denominator)
     except SecAggAborted as e:
         mean, weight, aborted = None, 0.0, str(e)
     new_state = server_update(state, mean)
@@ -138,13 +142,13 @@ def run_round(
         "surplus": len(plan.surplus),
         "aggregated": agg.count,
         "rejected": agg.rejected,
-        "clipped": agg.robust_clipped + agg.dp_clipped,
+        "clipped": agg.clipped,
         "robust_clipped": agg.robust_clipped,
         "dp_clipped": agg.dp_clipped,
         "update_norm_mean": round(sum(agg.norms) / len(agg.norms), 6) if agg.norms else None,
         "update_norm_max": round(max(agg.norms), 6) if agg.norms else None,
         "train_words": int(round(weight)) if sim.privacy.noise_multiplier == 0 else None,
-        "epsilon": privacy.epsilon(sim.privacy, len(plan.selected) / population.size, rnd),
+        "epsilon": privacy.epsilon(sim.privacy, q, rnd),
         "delta": sim.privacy.delta if sim.privacy.noise_multiplier > 0 else None,
         "secagg_aborted": aborted,
         "vocab_version": new_state.vocab.version,

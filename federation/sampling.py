@@ -9,6 +9,12 @@ A round (Bonawitz et al. 2019, "Towards Federated Learning at Scale"): the serve
 selects ceil(over_selection * K) devices uniformly without replacement; each drops
 out with probability r ~ U[dropout_min, dropout_max]; the survivors report in a random
 order and the first K are aggregated, the rest are told they are not needed.
+
+With DP noise the round samples as DP-FedAvg's Algorithm 1 does (McMahan et al. 2018):
+each device is selected independently with probability q = ceil(over_selection * K) / N
+(Poisson sampling, what the privacy accountant assumes), drops out as above, and every
+survivor is aggregated: no cap, since keeping only the first K would make one user's
+presence decide whether another is counted.
 """
 
 from __future__ import annotations
@@ -61,10 +67,22 @@ def devices_to_select(k: int, over_selection: float) -> int:
     return max(k, math.ceil(over_selection * k - 1e-9))
 
 
+def sampling_rate(population_size: int, k: int, over_selection: float) -> float:
+    """q: the probability that a given device is selected in a round (either way of sampling)."""
+    return min(1.0, devices_to_select(k, over_selection) / population_size)
+
+
 def plan_round(population_size: int, k: int, over_selection: float, dropout_min: float, dropout_max: float,
-               generator: torch.Generator) -> RoundPlan:
-    n_sel = min(population_size, devices_to_select(k, over_selection))
-    perm = torch.randperm(population_size, generator=generator)[:n_sel].tolist()
+               generator: torch.Generator, poisson: bool = False) -> RoundPlan:
+    """Who is selected, who drops out, who reports; `poisson`: DP-FedAvg's sampling (module docstring)."""
+    if poisson:
+        q = sampling_rate(population_size, k, over_selection)
+        perm = torch.nonzero(torch.rand(population_size, generator=generator, dtype=torch.float64) < q).flatten().tolist()
+        k = population_size  # every survivor reports
+    else:
+        n_sel = min(population_size, devices_to_select(k, over_selection))
+        perm = torch.randperm(population_size, generator=generator)[:n_sel].tolist()
+    n_sel = len(perm)
     rate = dropout_min + (dropout_max - dropout_min) * float(torch.rand((), generator=generator, dtype=torch.float64))
     drops = (torch.rand(n_sel, generator=generator, dtype=torch.float64) < rate).tolist()
     survivors = [u for u, d in zip(perm, drops) if not d]

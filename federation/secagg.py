@@ -138,6 +138,17 @@ class SecAggRound:
         self.included: list[int] = []
 
     # -- client side ------------------------------------------------------------------------
+    def out_of_range(self, x: Tensor) -> str | None:
+        """Why x cannot be encoded safely, or None.  Each report's entries stay below
+        2^(62 - scale_bits) / cohort size, so no report wraps around in Z_2^64 and neither does
+        the sum of the whole cohort's (which decodes to the wrong number, silently, past 2^63)."""
+        bound = 2.0 ** (62 - self.scale_bits) / len(self.parties)
+        biggest = float(x.abs().max()) if x.numel() else 0.0
+        if biggest >= bound:
+            return (f"too large for secure aggregation's fixed point ({biggest:.3g} >= {bound:.3g} with "
+                    f"{self.scale_bits} fraction bits and {len(self.parties)} devices)")
+        return None
+
     def mask(self, u: int, x: Tensor) -> Tensor:
         """Device u's masked report of the float vector x (only u's own secrets are used)."""
         p = self.parties[u]

@@ -13,9 +13,10 @@ from federation.config import AggregationConfig, PrivacyConfig, ServerConfig, Si
 from federation.engine_sequential import SequentialEngine
 from federation.rounds import client_seeds, run_round
 from federation.sampling import build_population, plan_round
+from federation.secagg import SecAggRound
 from federation.server import init_state
 from models import params as P
-from models.lm import WordLM
+from models.lm import START_STATE_KEYS, WordLM
 
 REF = {"a": torch.zeros(3), "b": torch.zeros(2, 2)}
 PLAIN = AggregationConfig(max_update_norm=None, secure_aggregation=False)
@@ -140,3 +141,83 @@ def test_bad_clients_never_corrupt_the_global_model(setup):
     assert m["rejected"] == 4 and m["robust_clipped"] == 1 and m["aggregated"] == 2
     assert P.all_finite(new.params)
     assert P.global_norm(P.delta(new.params, state.params)) <= 50.0 * 1.0001
+
+
+def test_dp_mean_divides_by_the_fixed_denominator_not_the_round_total():
+    """DP-FedAvg's estimator f~_f (McMahan et al. 2018, Algorithm 1): (sum w_k d_k + noise) / qW.
+    Dividing by the round's own total weight would make the noise's scale, and one user's pull on
+    the mean, depend on who took part."""
+    cfg = PrivacyConfig(clip=1000.0, noise_multiplier=1e-9, weight_cap_words=10)  # no clipping; noise far below the checks
+    big = {"a": torch.zeros(20000), "b": torch.zeros(2, 2)}
+    means = []
+    for n_users in (3, 5):  # two rounds with different total weights
+        agg = Aggregator(big, PLAIN, cfg)
+        for i in range(n_users):
+            agg.add(i, {"a": torch.full((20000,), 1.0), "b": torch.zeros(2, 2)}, 10)  # weight 1 each
+        mean, weight = agg.result(set(), torch.Generator().manual_seed(0), denominator=4.0)
+        assert weight == n_users
+        means.append(float(mean["a"].mean()))
+    assert means == pytest.approx([3 / 4, 5 / 4], rel=1e-6)
+    # the noise on the mean has the fixed scale z C / qW, whatever the round's total weight
+    cfg = PrivacyConfig(clip=1.0, noise_multiplier=2.0, weight_cap_words=10)
+    for n_users in (1, 7):
+        agg = Aggregator(big, PLAIN, cfg)
+        for i in range(n_users):
+            agg.add(i, {"a": torch.zeros(20000), "b": torch.zeros(2, 2)}, 1000)
+        mean, _ = agg.result(set(), torch.Generator().manual_seed(1), denominator=4.0)
+        assert float(mean["a"].std()) == pytest.approx(2.0 * 1.0 / 4.0, rel=0.03)
+
+
+def test_fixed_denominator_is_the_expected_number_of_reports():
+    assert privacy.fixed_denominator(1000, 0.13, 0.06, 0.10) == pytest.approx(130 * 0.92)
+
+
+def test_an_update_clipped_twice_is_counted_once():
+    agg = Aggregator(REF, AggregationConfig(max_update_norm=10.0, secure_aggregation=False), PrivacyConfig(clip=1.0))
+    agg.add(0, _upd(100.0), 1)  # above both bounds
+    agg.add(1, _upd(0.1), 1)  # below both
+    assert (agg.robust_clipped, agg.dp_clipped, agg.clipped) == (1, 1, 1)
+
+
+def test_secure_aggregation_rejects_what_its_fixed_point_cannot_hold():
+    """Without a robust bound, one finite but huge update would wrap around Z_2^64 and decode to
+    a wrong sum (or a weight of 0) with nothing counted; it is rejected and named instead."""
+    agg = Aggregator(REF, AggregationConfig(max_update_norm=None, secure_aggregation=True), PrivacyConfig())
+    agg.secagg = SecAggRound([0, 1, 2], 8, 2, 0.5, 32, torch.Generator().manual_seed(0))
+    assert agg.add(0, _upd(1.0), 10)
+    assert not agg.add(1, _upd(1e7), 5000)  # 5e10 after weighting: past 2^30 / 3
+    assert agg.rejected == 1 and "fixed point" in agg.reasons[0]
+    assert agg.add(2, _upd(3.0), 30)
+    mean, weight = agg.result({0, 1, 2}, torch.Generator())
+    assert weight == pytest.approx(40, abs=1e-6)
+    assert torch.allclose(mean["a"], torch.full((3,), (10 + 90) / 40))
+
+
+def test_a_dp_round_samples_devices_independently_and_reports_fixed_q(setup):
+    """With noise, a round Poisson-samples (every survivor reports, none is surplus), epsilon is
+    accounted at the fixed q, and the mean is divided by q N (1 - mean dropout)."""
+    ck, tok, pop, tok_path = setup
+    sim = SimulationConfig(clients_per_round=3, aggregation=PLAIN, over_selection=1.0, dropout_min=0.0, dropout_max=0.0,
+                           privacy=PrivacyConfig(clip=0.5, noise_multiplier=1e-6))
+    state = init_state(ck.model.state_dict(), ck.vocab, sim.server)
+    probe = torch.Generator().manual_seed(2)
+    plan = plan_round(pop.size, 3, 1.0, 0.0, 0.0, probe, poisson=True)
+    with SequentialEngine(ck.model.cfg, tok_path, pop.root, sim.client) as eng:
+        new, m = run_round(state, pop, sim, eng, torch.Generator().manual_seed(2))
+    q = 3 / pop.size
+    assert m["selected"] == len(plan.selected) == m["reporting"] and m["surplus"] == 0
+    assert m["epsilon"] == pytest.approx(privacy.epsilon(sim.privacy, q, 1))
+    assert m["train_words"] is None  # the total weight is not released
+    # the reference, written out plainly: clipped updates, capped weights, over q N = 3 (not their total weight)
+    seeds = client_seeds(len(plan.reporting), probe)
+    ws, total, weight = WordLM(ck.model.cfg), None, 0.0
+    for u, seed in zip(plan.reporting, seeds):
+        r = client_update(state.params, ws, ck.vocab, tok, pop.device(u).history(), sim.client, torch.Generator().manual_seed(seed))
+        d, _ = P.clip_by_norm(r.delta, 0.5)
+        w = min(r.num_words / 500, 1.0)
+        total = {k: v.double() * w for k, v in d.items()} if total is None else {k: total[k] + d[k].double() * w for k in d}
+        weight += w
+    assert weight != 3  # so the two denominators differ
+    for k in total:
+        if k not in START_STATE_KEYS:
+            assert torch.allclose(new.params[k], state.params[k] + (total[k] / 3).float(), atol=1e-5), k
