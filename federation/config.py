@@ -9,6 +9,7 @@ lr 1.0), available as `fedavgm`; the default here is plain FedAvg, which did bet
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,16 @@ from models.jsonvalues import is_int, is_number
 
 if TYPE_CHECKING:  # configs are plain data, read without torch (the keyboard's start); the trainer's is imported when made
     from models.train import TrainConfig
+
+MAX_USERS = 1_000_000  # a round draws over the whole population (a permutation of N): 8 MB at this size
+
+
+def _require_finite(**values: float | None) -> None:
+    """ValueError naming the first value that is NaN or infinite (None is allowed): such a setting
+    passes every `> 0` check and would only show as a model of NaNs after a round."""
+    for name, v in values.items():
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, not {v}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class ClientConfig:
     # the cohort is the regularizer. 50 rounds x 50 clients: README, Results.
 
     def __post_init__(self):
+        _require_finite(**{"client epochs": self.epochs, "client learning rate": self.lr, "the client's gradient clip": self.clip_grad})
         if self.batch_size < 1 or self.bptt < 1 or self.max_words < 2:
             raise ValueError("client batch size and bptt must be >= 1, max_words >= 2")
         if not self.epochs > 0 or not self.lr > 0:
@@ -84,6 +96,7 @@ class ServerConfig:
     tau: float = 1e-3  # fedadam adaptivity (epsilon)
 
     def __post_init__(self):
+        _require_finite(**{"server learning rate": self.lr, "tau": self.tau})
         if self.optimizer not in ("fedavg", "fedavgm", "fedadam"):
             raise ValueError(f"unknown server optimizer {self.optimizer!r}")
         if not self.lr > 0 or not self.tau >= 0:  # `not >` also refuses NaN
@@ -102,6 +115,7 @@ class PrivacyConfig:
     weight_cap_words: int = 500  # with noise: client weight = min(words / cap, 1) so sensitivity is `clip`
 
     def __post_init__(self):
+        _require_finite(**{"noise multiplier (--dp)": self.noise_multiplier, "clip": self.clip})
         if self.noise_multiplier < 0:
             raise ValueError("noise multiplier must be >= 0")
         if self.noise_multiplier > 0 and self.clip is None:
@@ -125,6 +139,7 @@ class AggregationConfig:
     secagg_scale_bits: int = 32  # fixed-point resolution 2^-bits for the masked sum
 
     def __post_init__(self):
+        _require_finite(max_update_norm=self.max_update_norm)
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ValueError("max_update_norm must be > 0 (or None)")
         if self.secagg_neighbors < 1 or not 0 < self.secagg_threshold <= 1:
@@ -154,6 +169,7 @@ class SimulationConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
     def __post_init__(self):
+        _require_finite(over_selection=self.over_selection)
         if self.users < 0 or self.clients_per_round < 1 or self.rounds < 0:
             raise ValueError("--users must be >= 0, --clients-per-round >= 1, --rounds >= 0")
         if self.workers < 1 or self.eval_every < 1 or self.eval_users < 0 or self.eval_messages < 1:
@@ -164,6 +180,10 @@ class SimulationConfig:
             raise ValueError("over_selection must be >= 1 and 0 <= dropout_min <= dropout_max < 1")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be >= 1")
+        if self.users > MAX_USERS:
+            raise ValueError(f"--users must be at most {MAX_USERS:,}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError("--seed must be in [0, 2^63)")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -171,6 +191,8 @@ class SimulationConfig:
     @classmethod
     def from_json(cls, obj: dict) -> "SimulationConfig":
         """The config `to_json` wrote (keys it lacks take their defaults); TypeError if a value has the wrong type."""
+        if not isinstance(obj, dict):
+            raise TypeError("simulation is not an object")
         nested = {"client": ClientConfig, "server": ServerConfig, "privacy": PrivacyConfig, "aggregation": AggregationConfig}
         kw = {k: _checked(nested[k], v, k) for k, v in obj.items() if k in nested}
         return _checked(cls, {k: v for k, v in obj.items() if k not in nested}, "simulation", **kw)

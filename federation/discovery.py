@@ -242,7 +242,7 @@ class DiscoveryStep:
         self.trie = TrieState()
 
     def bind(self, simulation) -> "DiscoveryStep":
-        """Take the population size and held-out text from a federation.run.Simulation.
+        """Take the population size and held-out text from a federation.run.Simulation (which calls this).
 
         On a resumed run the threshold stored in the run's history wins over `cfg.theta`
         (a run continues with the configuration it started with, like the Simulation's own).
@@ -276,8 +276,8 @@ def make_discovery_step(cfg: DiscoveryConfig, run_dir: Path | None = None,
 
 def discovery_for_run(run_dir: Path, theta: int | None, resume: bool = False) -> DiscoveryStep | None:
     """The discovery step of a run folder: with threshold `theta` (None: no discovery), or, on a
-    resumed run that discovered words, the one it ran with (`bind` takes its stored threshold).
-    `bind(simulation)` it once the Simulation exists.  FedkbError for a threshold out of range."""
+    resumed run, the Simulation then takes the threshold its config.json recorded, and binds the
+    step to itself.  FedkbError for a threshold out of range."""
     if theta is None and not (resume and vocab_history.path_of(run_dir).exists()):
         return None
     try:

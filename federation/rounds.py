@@ -34,6 +34,8 @@ from federation.engine_sequential import ClientTask
 from federation.sampling import Population, plan_round, sampling_rate
 from federation.secagg import SecAggAborted, SecAggRound
 from federation.server import ServerState, server_update
+from models import params as P
+from models.errors import FedkbError
 from models.lm import WordLM
 from models.tokenizer import Tokenizer
 from models.train import encode, evaluate_loss
@@ -125,6 +127,9 @@ def run_round(
     except SecAggAborted as e:
         mean, weight, aborted = None, 0.0, str(e)
     new_state = server_update(state, mean)
+    if not P.all_finite(new_state.params):  # every update was finite: the server step overflowed
+        raise FedkbError(f"round {rnd}: the server step made the global model non-finite (is the server learning rate "
+                         f"too large?); nothing of this round is committed, round {state.round} is the run's last")
     t_server = time.perf_counter()
 
     discovery = None

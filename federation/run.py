@@ -36,6 +36,7 @@ except ImportError:  # not POSIX (Windows): runs go unlocked
     fcntl = None
 
 from federation.config import SimulationConfig
+from federation.discovery import DiscoveryConfig, DiscoveryStep, make_discovery_step
 from federation.engine_parallel import make_engine
 from federation.rounds import Discover, Evaluator, run_round
 from federation.sampling import Population, build_population, devices_to_select, eval_users
@@ -65,11 +66,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def latest_round(run_dir: Path) -> int | None:
-    """The last committed round, from latest.json; None if it is missing or unreadable."""
+    """The last committed round, from latest.json; None if it is missing, unreadable or names no
+    possible round (not a whole number >= 0)."""
     try:
-        return int(json.loads((Path(run_dir) / LATEST).read_text())["round"])
+        r = json.loads((Path(run_dir) / LATEST).read_text())["round"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return r if is_int(r) and r >= 0 else None
+
+
+DISCOVERY_KEY = "discovery_theta"  # config.json: the TrieHH threshold the run discovers words with, or null
 
 
 def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
@@ -83,6 +89,13 @@ def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
         for key in ("model", "tokenizer", "devices"):
             if not isinstance(stored[key], str):
                 raise TypeError(f"{key} is not a path")
+        if not isinstance(stored.get("users_file"), str | None):
+            raise TypeError("users_file is not a path")
+        if not isinstance(stored.get("eval_users", []), list) or not all(isinstance(u, str) for u in stored.get("eval_users", [])):
+            raise TypeError("eval_users is not a list of user ids")
+        theta = stored.get(DISCOVERY_KEY)
+        if theta is not None and not (is_int(theta) and theta >= 1):
+            raise TypeError(f"{DISCOVERY_KEY} is not a threshold (a whole number >= 1) or null")
     except FileNotFoundError:
         raise FedkbError(f"{run_dir} is not a simulation run folder ({CONFIG} missing)") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
@@ -151,6 +164,23 @@ def _ignored_on_resume(asked: SimulationConfig, stored: SimulationConfig) -> lis
     return [f"{k} {a[k]!r} (the run has {s[k]!r})" for k in a if k != "rounds" and a[k] != s[k] and a[k] != d[k]]
 
 
+def _stored_discovery(stored: dict, discover: Discover | None, run_dir: Path) -> tuple[Discover | None, list[str]]:
+    """On resume, word discovery as the run's config.json recorded it (a run continues with the
+    settings it started with, whatever a kill left in vocab.jsonl), and what was asked and not
+    taken.  Runs from before the setting was recorded keep the step they were given."""
+    if DISCOVERY_KEY not in stored or not (discover is None or isinstance(discover, DiscoveryStep)):
+        return discover, []
+    theta = stored[DISCOVERY_KEY]
+    asked = discover.cfg.theta if discover is not None else None
+    if theta is None:
+        return None, [] if discover is None else ["--discover (the run does not discover words)"]
+    step = discover if discover is not None else make_discovery_step(DiscoveryConfig(theta=theta), run_dir)
+    step.cfg = replace(step.cfg, theta=theta)
+    if asked is not None and asked != theta:
+        return step, [f"--theta {asked} (the run discovers with {theta})"]
+    return step, []
+
+
 def _limits(sim: SimulationConfig, users: int, held: int, population: int) -> list[str]:
     """Settings the users cannot satisfy, in words: the run goes on with what there is."""
     notes = []
@@ -183,6 +213,8 @@ class Simulation:
             given = {"model": model_dir, "tokenizer": tokenizer_path, "users_file": users_file, "devices": devices_root}
             ignored += [f"{k} {str(v)!r} (the run has {stored.get(k)!r})" for k, v in given.items()
                         if v is not None and str(Path(v).resolve()) != stored.get(k)]
+            discover, not_taken = _stored_discovery(stored, discover, self.run_dir)
+            ignored += not_taken
             if ignored:
                 notes.append(f"--resume keeps the run's stored settings but --rounds; not taken: {', '.join(ignored)}")
             model_dir = Path(stored["model"])
@@ -197,8 +229,13 @@ class Simulation:
         self.tokenizer_path = Path(tokenizer_path or d_tok).resolve()
         self.users_file = Path(users_file).resolve() if users_file else None
         self.devices_root = Path(devices_root or self.run_dir.parent / f"{self.run_dir.name}-devices").resolve()
-        if self.devices_root == self.run_dir.resolve() or self.run_dir.resolve() in self.devices_root.parents:
+        run_dir = self.run_dir.resolve()
+        if self.devices_root == run_dir or run_dir in self.devices_root.parents:
             raise FedkbError("device folders must live outside the run folder")
+        if self.devices_root in run_dir.parents:
+            raise FedkbError(f"the run folder must not live inside the device folders ({self.devices_root})")
+        if holds_run(self.devices_root) or (self.devices_root / CONFIG).exists():
+            raise FedkbError(f"{self.devices_root} holds a run, not device folders: choose another --devices")
         self.discover = discover
         self.tokenizer = Tokenizer(self.tokenizer_path)
         base = load_checkpoint(self.model_dir, self.tokenizer)
@@ -211,6 +248,8 @@ class Simulation:
         self.eval_ids = [u.id for u in held]
         msgs = [m for u in held for m in u.future[: self.sim.eval_messages]]
         self.evaluator = Evaluator(WordLM(self.model_cfg), self.tokenizer, msgs) if msgs and self.sim.eval_users else None
+        if isinstance(self.discover, DiscoveryStep):
+            self.discover.bind(self)
 
         self.generator = torch.Generator().manual_seed(self.sim.seed)
         # what the run could not do as asked (settings larger than the users allow, a folder that cannot be
@@ -236,6 +275,7 @@ class Simulation:
                 "simulation": self.sim.to_json(), "model": str(self.model_dir), "tokenizer": str(self.tokenizer_path),
                 "users_file": str(self.users_file) if self.users_file else None, "devices": str(self.devices_root),
                 "eval_users": self.eval_ids, "population": self.population.size,
+                DISCOVERY_KEY: self.discover.cfg.theta if isinstance(self.discover, DiscoveryStep) else None,
             })
             (self.run_dir / METRICS).write_text("")
             m0 = {"round": 0, "kind": "base"}

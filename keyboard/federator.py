@@ -99,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         discover = discovery_for_run(run_dir, theta, resume)
         run = Simulation(run_dir, sim, paths["model"], paths["tokenizer"], paths["users_file"], resume=resume,
                          discover=discover)
-        if discover is not None:
-            discover.bind(run)
     except (FedkbError, OSError) as e:  # OSError: the run or device folders cannot be written
         emit({"error": str(e)})
         return 2

@@ -72,6 +72,16 @@ def test_simulate_client_flags_reach_the_config():
     (["--dp", "1", "--clip", "1", "--delta", "2"], "delta"),
     (["--clip", "-1"], "clip"),
     (["--discover", "--theta", "0"], "--theta"),  # any word anyone typed, before
+    # non-finite numbers pass every `> 0` check: before, each ran a round into a model of NaNs
+    # (or a traceback), and config.json kept the value, so no --resume could get past it
+    (["--server-lr", "inf"], "server learning rate must be a finite number"),
+    (["--dp", "nan", "--clip", "1"], "noise multiplier"),
+    (["--dp", "nan"], "noise multiplier"),  # a TypeError in the noise before
+    (["--dp", "inf", "--clip", "1"], "noise multiplier"),
+    (["--dp", "1", "--clip", "inf"], "clip must be a finite number"),
+    (["--client-epochs", "inf"], "client epochs"),  # an OverflowError before
+    (["--seed", str(10**23)], "--seed"),  # an OverflowError before
+    (["--users", str(10**12)], "--users"),  # tried to allocate 8 TB before
 ])
 def test_simulate_refuses_bad_settings_before_touching_anything(flags, message, tmp_path, capsys, tiny):
     out = tmp_path / "run"
@@ -90,6 +100,9 @@ def test_a_stored_config_is_checked_like_flags():
     assert SimulationConfig.from_json({"privacy": {"clip": 2}, "client": {"lr": 1}}).privacy.clip == 2  # int for float
     for obj, message in (({"rounds": "x"}, "rounds = 'x' is not of type int"), ({"client": {"dropout": 1}}, "dropout"),
                          ({"privacy": {"clip": True}}, "clip"), ({"client": [1]}, "client is not an object")):
+        with pytest.raises(TypeError, match=message):
+            SimulationConfig.from_json(obj)
+    for obj, message in (([], "simulation is not an object"),):
         with pytest.raises(TypeError, match=message):
             SimulationConfig.from_json(obj)
     with pytest.raises(ValueError, match="--workers"):

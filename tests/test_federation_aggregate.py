@@ -221,3 +221,16 @@ def test_a_dp_round_samples_devices_independently_and_reports_fixed_q(setup):
     for k in total:
         if k not in START_STATE_KEYS:
             assert torch.allclose(new.params[k], state.params[k] + (total[k] / 3).float(), atol=1e-5), k
+
+
+def test_a_server_step_that_overflows_commits_nothing(setup):
+    """Every update is finite, but a finite learning rate can still overflow float32: the round
+    stops with a reason instead of handing on (and checkpointing) a model of infinities."""
+    from models.errors import FedkbError
+
+    ck, tok, pop, tok_path = setup
+    sim = SimulationConfig(clients_per_round=2, aggregation=PLAIN, server=ServerConfig(optimizer="fedavg", lr=1e300))
+    state = init_state(ck.model.state_dict(), ck.vocab, sim.server)
+    with SequentialEngine(ck.model.cfg, tok_path, pop.root, sim.client) as eng:
+        with pytest.raises(FedkbError, match="non-finite .* round 0 is the run's last"):
+            run_round(state, pop, sim, eng, torch.Generator().manual_seed(0))

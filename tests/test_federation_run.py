@@ -160,6 +160,31 @@ def test_an_unreadable_latest_json_is_repaired_never_overwritten(tiny, tmp_path,
     assert "no checkpoint" in err and "round 4:" in err and "delete the folder" in err
 
 
+def test_a_latest_json_naming_no_possible_round_is_repaired_like_an_unreadable_one(tiny, tmp_path, reference_run, capsys):
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    (run / "latest.json").write_text('{"round": -1}')  # gave up on a healthy run before
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    assert "missing or unreadable" in capsys.readouterr().err
+    assert _latest(run) == 4 and _strip(run) == _strip(reference_run)
+
+
+def test_device_folders_never_mix_with_a_run_folder(tiny, tmp_path, reference_run, capsys):
+    """--devices naming another run would write every user's text into it (server artifacts); a run
+    inside the device folders would be listed as a user."""
+    from keyboard.cli import main
+
+    other = _copy_run(reference_run, tmp_path)
+    out = tmp_path / "new"
+    assert main(_cli(tiny, out, "--rounds", "1", "--devices", str(other))[3:]) == 2
+    assert "holds a run, not device folders" in capsys.readouterr().err
+    assert not any(p.name.startswith("u") for p in other.iterdir()) and not out.exists()
+    devices = tmp_path / "devices"
+    assert main(_cli(tiny, devices / "run", "--rounds", "1", "--devices", str(devices))[3:]) == 2
+    assert "must not live inside the device folders" in capsys.readouterr().err
+
+
 def test_report_tells_a_folder_that_is_no_run_from_a_run_to_repair(tmp_path, reference_run, capsys):
     from keyboard.cli import main
 
@@ -180,7 +205,10 @@ def test_a_damaged_config_json_is_a_clear_error(tiny, tmp_path, reference_run, c
     cfg = json.loads((run / "config.json").read_text())
     wrong_type = {**cfg, "simulation": {**cfg["simulation"], "client": {**cfg["simulation"]["client"], "lr": "fast"}}}
     for body, why in (('{"simulation": ', "Expecting value"), (json.dumps(wrong_type), "client.lr = 'fast' is not of type float"),
-                      ("[1]", "not a JSON object"), (json.dumps({k: v for k, v in cfg.items() if k != "model"}), "no 'model'")):
+                      ("[1]", "not a JSON object"), (json.dumps({k: v for k, v in cfg.items() if k != "model"}), "no 'model'"),
+                      (json.dumps({**cfg, "simulation": []}), "simulation is not an object"),  # tracebacks before
+                      (json.dumps({**cfg, "users_file": 5}), "users_file is not a path"),
+                      (json.dumps({**cfg, "discovery_theta": "ten"}), "discovery_theta is not a threshold")):
         (run / "config.json").write_text(body)
         assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 2
         assert f"config.json is damaged ({why}" in capsys.readouterr().err

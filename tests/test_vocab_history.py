@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from federation import vocab_history as vh
-from federation.discovery import DiscoveryConfig, make_discovery_step
+from federation.discovery import DiscoveryConfig, DiscoveryStep, make_discovery_step
 from models.errors import FedkbError
 from models.text import SPECIALS
 from models.vocab import Vocabulary
@@ -128,7 +128,6 @@ def _simulate(run_dir, tiny, users_file, rounds, resume=False, theta=3):
     step = make_discovery_step(DiscoveryConfig(theta=theta), run_dir)
     s = Simulation(run_dir, sim, tiny[0], tiny[1], users_file, run_dir.parent / f"{run_dir.name}-dev",
                    resume=resume, discover=step)
-    step.bind(s)
     s.run()
     return s
 
@@ -149,3 +148,32 @@ def test_history_of_a_simulation_survives_kill_and_resume(tmp_path, tiny, fixtur
     assert rows[-1]["vocab_version"] == ref.state.vocab.version
     assert rows[-1]["vocab_size"] == len(ref.state.vocab) > rows[0]["vocab_size"]  # it found words
     assert vh.when_added(tmp_path / "run", "zorblax")["round"] == len("zorblax$")
+
+
+def test_a_resumed_run_discovers_as_its_config_json_recorded(tmp_path, tiny, fixture_users):
+    """Whether a run discovers words, and with which threshold, is in config.json: a run killed
+    before its history file had a line used to resume without discovery, silently."""
+    import json
+
+    from federation.config import ClientConfig, SimulationConfig
+    from federation.run import Simulation
+
+    users = _users_file(tmp_path, fixture_users)
+    sim = SimulationConfig(rounds=0, clients_per_round=4, eval_users=2, eval_every=1000, seed=3, client=ClientConfig(max_words=50))
+
+    def open_run(name, discover, resume):
+        s = Simulation(tmp_path / name, sim, tiny[0], tiny[1], users, tmp_path / f"{name}-dev", resume=resume, discover=discover)
+        s.close()
+        return s
+
+    open_run("disc", make_discovery_step(DiscoveryConfig(theta=3), tmp_path / "disc"), False)
+    assert json.loads((tmp_path / "disc" / "config.json").read_text())["discovery_theta"] == 3
+    vh.path_of(tmp_path / "disc").unlink(missing_ok=True)  # killed before any history was written
+    s = open_run("disc", None, True)  # resumed without --discover
+    assert isinstance(s.discover, DiscoveryStep) and s.discover.cfg.theta == 3 and s.discover.cfg.population > 0
+    s = open_run("disc", make_discovery_step(DiscoveryConfig(theta=7), tmp_path / "disc"), True)
+    assert s.discover.cfg.theta == 3 and any("--theta 7 (the run discovers with 3)" in n for n in s.notes)
+    open_run("plain", None, False)
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["discovery_theta"] is None
+    s = open_run("plain", make_discovery_step(DiscoveryConfig(theta=3), tmp_path / "plain"), True)
+    assert s.discover is None and any("--discover (the run does not discover words)" in n for n in s.notes)

@@ -95,8 +95,6 @@ def run(args: argparse.Namespace) -> int:
     discover = discovery_for_run(args.out, args.theta if getattr(args, "discover", False) else None, args.resume)
     s = Simulation(args.out, sim, args.model, args.tokenizer, args.users_file, args.devices, resume=args.resume,
                    discover=discover)
-    if discover is not None:
-        discover.bind(s)
     console = Console(stderr=True)
     for note in s.notes:  # settings the users cannot satisfy, what resuming had to skip or repair (federation/run.py)
         console.print(f"[yellow]{note}[/yellow]", highlight=False)
