@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # configs are plain data, read without torch (the keyboard's 
     from models.train import TrainConfig
 
 MAX_USERS = 1_000_000  # a round draws over the whole population (a permutation of N): 8 MB at this size
+MAX_WORKERS = 64
 
 
 def _require_finite(**values: float | None) -> None:
@@ -174,6 +175,8 @@ class SimulationConfig:
             raise ValueError("--users must be >= 0, --clients-per-round >= 1, --rounds >= 0")
         if self.workers < 1 or self.eval_every < 1 or self.eval_users < 0 or self.eval_messages < 1:
             raise ValueError("--workers and --eval-every must be >= 1, --eval-users >= 0")
+        if self.workers > MAX_WORKERS:  # each is a process with the model and two 8 MB delta buffers
+            raise ValueError(f"--workers must be at most {MAX_WORKERS}")
         if self.engine not in ("sequential", "parallel"):
             raise ValueError(f"unknown engine {self.engine!r} (sequential or parallel)")
         if not self.over_selection >= 1 or not 0 <= self.dropout_min <= self.dropout_max < 1:

@@ -82,6 +82,7 @@ def test_simulate_client_flags_reach_the_config():
     (["--client-epochs", "inf"], "client epochs"),  # an OverflowError before
     (["--seed", str(10**23)], "--seed"),  # an OverflowError before
     (["--users", str(10**12)], "--users"),  # tried to allocate 8 TB before
+    (["--workers", "100000", "--engine", "parallel"], "--workers must be at most"),
 ])
 def test_simulate_refuses_bad_settings_before_touching_anything(flags, message, tmp_path, capsys, tiny):
     out = tmp_path / "run"
