@@ -202,6 +202,8 @@ class Simulation:
         from models.checkpoint import default_paths
 
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise FedkbError(f"{self.run_dir} is a file, not a run folder: choose another --out")
         cfg_path = self.run_dir / CONFIG
         if not resume and holds_run(self.run_dir):
             raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")

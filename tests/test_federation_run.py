@@ -183,6 +183,9 @@ def test_device_folders_never_mix_with_a_run_folder(tiny, tmp_path, reference_ru
     devices = tmp_path / "devices"
     assert main(_cli(tiny, devices / "run", "--rounds", "1", "--devices", str(devices))[3:]) == 2
     assert "must not live inside the device folders" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("keep me")
+    assert main(_cli(tiny, tmp_path / "a-file", "--rounds", "1")[3:]) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "keep me"
 
 
 def test_report_tells_a_folder_that_is_no_run_from_a_run_to_repair(tmp_path, reference_run, capsys):
