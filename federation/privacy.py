@@ -18,6 +18,8 @@ the total weight: plain FedAvg.
 
 from __future__ import annotations
 
+import logging
+
 import dp_accounting
 import torch
 from dp_accounting.rdp import RdpAccountant
@@ -65,5 +67,11 @@ def epsilon(cfg: PrivacyConfig, sampling_rate: float, rounds: int) -> float | No
         dp_accounting.PoissonSampledDpEvent(min(1.0, sampling_rate), dp_accounting.GaussianDpEvent(cfg.noise_multiplier)),
         rounds)
     acc = RdpAccountant()
-    acc.compose(event)
-    return float(acc.get_epsilon(cfg.delta))
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "failed to converge ... excluding this order": the accountant's own fallback, said once per order every round
+    try:
+        acc.compose(event)
+        return float(acc.get_epsilon(cfg.delta))
+    finally:
+        absl.setLevel(level)

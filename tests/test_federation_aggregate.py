@@ -234,3 +234,10 @@ def test_a_server_step_that_overflows_commits_nothing(setup):
     with SequentialEngine(ck.model.cfg, tok_path, pop.root, sim.client) as eng:
         with pytest.raises(FedkbError, match="non-finite .* round 0 is the run's last"):
             run_round(state, pop, sim, eng, torch.Generator().manual_seed(0))
+
+
+def test_epsilon_does_not_log_the_accountants_fallback(caplog):
+    """At q = 26 / 401 and z = 1 two RDP orders do not converge; the accountant drops them (its
+    fallback) and used to log a warning for each, every round, into `fedkb simulate`'s output."""
+    e = privacy.epsilon(PrivacyConfig(clip=0.5, noise_multiplier=1.0), 26 / 401, 10)
+    assert 0 < e < 10 and not [r for r in caplog.records if r.name == "absl"]
