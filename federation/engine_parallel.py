@@ -15,7 +15,9 @@ a whole worker's share, longest first (by the size of the device's history, read
 together instead of one idling while the other trains a long history (Graham 1969, "Bounds
 on Multiprocessing Timing Anomalies": longest-processing-time-first scheduling).  Each
 client's generator is seeded from its task, so results do not depend on which worker ran
-it or when: the engines agree bit for bit (tests/test_federation_run.py).
+it or when: each client's delta is the same bits, and with secure aggregation (an integer
+sum) the engines agree bit for bit (tests/test_federation_run.py).  `consume` sees the deltas
+in the order the workers finish, so a plain float64 sum (--no-secagg) may differ in a last bit.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@
 A round is committed by: checkpoint files (each atomic) -> metrics line -> latest.json.
 `resume` reloads the latest committed round, drops metrics lines past it, and continues;
 because every random draw comes from the saved generator, a killed and resumed run ends
-with exactly the parameters of an uninterrupted one.  Any whole checkpoint is a state to
+with exactly the parameters of an uninterrupted one (with the parallel engine, when the sum is
+securely aggregated, the default: an integer sum; a plain float64 sum follows the order the
+workers finish in, README "Engines").  Any whole checkpoint is a state to
 continue from, so a damaged one (its files carry checksums, models/tensorfile.py) or an
 unreadable latest.json costs rounds, never the run: resume takes the newest checkpoint that
 loads, says what it skipped (`Simulation.notes`), and redoes the rounds after it, to the
