@@ -130,7 +130,7 @@ class FedkbApp(App):
                 raise ready
             self.session.install(ready)
         except FedkbError as e:  # the model, or the device's words file, cannot be used: typing goes on as it was
-            self.notify(f"cannot use {checkpoint_dir}: {e}", severity="error")
+            self.notify(f"cannot use {checkpoint_dir}: {e}", severity="error", markup=False)
             return
         t = self.typing_screen
         if t is not None:
@@ -145,13 +145,20 @@ class FedkbApp(App):
         kept = self._background.get(name)  # a screen whose work goes on when it is left (the live rounds)
         if kept is not None:
             if not kept.ended:  # at work, or still asking for its settings
-                if self.screen is not kept:
+                if kept in self.screen_stack:  # under other screens (f7 over f6): back down to it, never a second copy
+                    while self.screen is not kept:
+                        self.pop_screen()
+                elif self.screen is not kept:
                     self.push_screen(kept)
                 return
             if kept in self.screen_stack:  # its work has ended: this key starts anew
                 self.switch_to_typing()
             del self._background[name]
             self.uninstall_screen(kept)
+        if any(type(x) is cls for x in self.screen_stack):  # already open under others: back down to it
+            while type(self.screen) is not cls:
+                self.pop_screen()
+            return
         offer = {"session": self.session, "model_dir": self.session.model_dir,
                  "tokenizer_path": self.session.tokenizer.path, "devices_root": self.session.devices_root,
                  "users_file": self.session.users_file, "on_new_global": self.use_global}
@@ -164,7 +171,7 @@ class FedkbApp(App):
                 self._background[name] = screen
             self.push_screen(screen)
         except (FedkbError, TypeError, ValueError) as e:
-            self.notify(f"cannot open the {name} screen: {e}", severity="error")
+            self.notify(f"cannot open the {name} screen: {e}", severity="error", markup=False)
 
     # -- controls (bindings and palette) -----------------------------------------------
     def action_learn(self) -> None:
@@ -218,7 +225,7 @@ class FedkbApp(App):
         try:
             self.session.open(uid)
         except (FedkbError, OSError) as e:  # OSError: the device folder cannot be laid out (a full disk)
-            self.notify(str(e), severity="error")
+            self.notify(str(e), severity="error", markup=False)
             return
         if t is not None:
             t.typing.clear()

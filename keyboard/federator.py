@@ -38,6 +38,7 @@ from typing import Callable
 
 from keyboard.jobs import JobProcess, emit, exit_on_sigterm
 from models.errors import FedkbError
+from models.jsonvalues import is_int, is_number
 
 
 def spec(run_dir: Path, sim, model_dir: Path | None, tokenizer_path: Path | None, users_file: Path | None,
@@ -47,6 +48,24 @@ def spec(run_dir: Path, sim, model_dir: Path | None, tokenizer_path: Path | None
     path = lambda p: str(p) if p is not None else None  # noqa: E731
     return {"run_dir": str(run_dir), "sim": sim.to_json(), "model": path(model_dir), "tokenizer": path(tokenizer_path),
             "users_file": path(users_file), "resume": bool(resume), "theta": theta}
+
+
+_FIGURES = ("loss", "top1", "top3", "ksr", "eval_loss", "epsilon")  # each a number or null
+_COUNTS = ("aggregated", "selected", "rejected")  # each a whole number
+
+
+def _round_ok(m) -> bool:
+    """Whether a round's metrics are what the screen draws and logs: an integer round >= 1, its
+    figures numbers, its counts whole numbers (anything else is ignored, like a line that is not JSON)."""
+    if not isinstance(m, dict) or not (is_int(m.get("round")) and m["round"] >= 1):
+        return False
+    if not all(m.get(k) is None or is_number(m[k]) for k in _FIGURES) or not all(is_int(m.get(k, 0)) for k in _COUNTS):
+        return False
+    d, t = m.get("discovery"), m.get("timings")
+    added = d.get("added", []) if isinstance(d, dict) else []
+    return ((d is None or isinstance(d, dict)) and isinstance(added, list)
+            and all(isinstance(a, dict) and isinstance(a.get("word"), str) for a in added)
+            and (t is None or isinstance(t, dict) and is_number(t.get("round_s"))))
 
 
 class FederatorProcess(JobProcess):
@@ -62,7 +81,7 @@ class FederatorProcess(JobProcess):
         def on_message(msg: dict) -> None:
             if "note" in msg:
                 on_note(str(msg["note"]))
-            elif isinstance(msg.get("round"), dict) and isinstance(msg.get("checkpoint"), str):
+            elif _round_ok(msg.get("round")) and isinstance(msg.get("checkpoint"), str):
                 on_round(msg["round"], Path(msg["checkpoint"]))
             elif "done" in msg:
                 out["done"] = msg["done"]

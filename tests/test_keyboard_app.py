@@ -548,6 +548,59 @@ async def test_federated_rounds_go_on_in_the_background_while_typing(tiny, tmp_p
     assert new._job.stopped and new._job._proc.wait(30) is not None  # the app's quitting ended its rounds
 
 
+@sync
+async def test_extra_screens_are_never_stacked_twice(tiny, tmp_path, monkeypatch):
+    """f6 over f7 over a waiting federation screen goes back down to it (it pushed a second copy of
+    it, and escape then led to the vocabulary screen); f7 pressed again does not stack another."""
+    import keyboard.screens.federation as federation_screen
+
+    monkeypatch.setattr(federation_screen, "RUNS_DIR", tmp_path / "runs")
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await pilot.press("f6")
+        fed = app.screen
+        await pilot.press("f7", "f7", "f7")
+        await pilot.pause()
+        names = [type(x).__name__ for x in app.screen_stack]
+        assert names.count("VocabScreen") == 1, names
+        await pilot.press("f6")
+        await pilot.pause()
+        assert app.screen is fed and app.screen_stack.count(fed) == 1
+        await pilot.press("escape")
+        assert app.screen is app.typing_screen
+
+
+@sync
+async def test_the_form_shows_what_was_typed_not_markup(tiny, tmp_path, monkeypatch):
+    """An error that quotes a field holding Textual markup ("[/]") crashed the app (MarkupError)."""
+    import keyboard.screens.federation as federation_screen
+
+    monkeypatch.setattr(federation_screen, "RUNS_DIR", tmp_path / "runs")
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await pilot.press("f6")
+        fed = app.screen
+        fed.query_one("#fed-dp").value = "[/]"
+        await pilot.press("enter")
+        await pilot.pause()
+        shown = str(fed.query_one("#fed-setup-error").render())
+        assert "cannot start" in shown and "[/]" in shown and fed._job is None and app.is_running
+
+
+def test_malformed_round_messages_never_reach_the_screen():
+    """The rounds process's messages are checked before the UI thread draws them: a bad line is
+    ignored like a line that is not JSON (a KeyError, TypeError or ValueError closed the app)."""
+    from keyboard.federator import _round_ok
+
+    good = {"round": 3, "loss": 4.1, "top1": 20.5, "top3": None, "ksr": 53.0, "epsilon": None, "aggregated": 20,
+            "selected": 26, "rejected": 0, "discovery": {"added": [{"word": "yeet", "votes": 3}]}, "timings": {"round_s": 4.2}}
+    assert _round_ok(good) and _round_ok({"round": 1})
+    for bad in ({**good, "round": {"top1": 0.5}}, {**good, "round": "x"}, {**good, "round": 0}, {**good, "top1": "50%"},
+                {**good, "aggregated": 2.5}, {**good, "discovery": {"added": [{"word": 5}]}}, {**good, "discovery": []},
+                {**good, "timings": {}}, {**good, "timings": {"round_s": "fast"}}, [good], None):
+        assert not _round_ok(bad), bad
+
+
 def test_the_keyboards_process_never_imports_torch(tiny, tmp_path):
     """Typing runs on NumPy, "Learn now" and the live rounds in processes of their own (keyboard/learner.py,
     keyboard/federator.py): the app starts, learns a personal delta and suggests from it (global + delta)

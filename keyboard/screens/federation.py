@@ -31,6 +31,7 @@ from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
+from textual.content import Content
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
@@ -195,7 +196,7 @@ class FederationScreen(Screen):
             self.sim, self.theta = live_config(v("fed-rounds"), v("fed-clients"), v("fed-server-opt"), v("fed-dp"),
                                                v("fed-clip"), v("fed-engine"), v("fed-discover"), v("fed-theta"))
         except FedkbError as e:
-            self.query_one("#fed-setup-error", Static).update(f"cannot start: {e}")
+            self.query_one("#fed-setup-error", Static).update(Content(f"cannot start: {e}"))  # as typed: "[/]" is no markup
             return
         self._start()
 

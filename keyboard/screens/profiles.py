@@ -47,7 +47,7 @@ class ProfilesScreen(Screen[str]):
             users = s.users()
         except FedkbError as e:
             users = {}
-            self.notify(str(e), severity="error")
+            self.notify(str(e), severity="error", markup=False)
         for uid, u in users.items():
             table.add_row(uid, str(len(u.history)), str(len(u.future)), key=uid)
         if s.user_id in users or s.user_id == ME:

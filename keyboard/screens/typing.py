@@ -86,7 +86,7 @@ class TypingScreen(Screen):
         self.query_one("#profile", Static).update(line)
         self.show_stats()
         if s.delta_error:
-            self.app.notify(s.delta_error, severity="warning", timeout=8)
+            self.app.notify(s.delta_error, severity="warning", timeout=8, markup=False)
 
     def show_stats(self) -> None:
         s = self.app.session
