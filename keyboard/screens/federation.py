@@ -44,6 +44,7 @@ from models.errors import FedkbError
 
 RUNS_DIR = Path(__file__).resolve().parents[2] / "runs"
 ROUNDS, CLIENTS_PER_ROUND = 10, 10  # a live run's size when the caller gives none
+LOG_LINES = 5000  # the log keeps its newest lines: a run of thousands of rounds does not grow the app without bound
 EVAL_USERS = 10  # held-out users who score each round (fewer than `fedkb simulate`'s 20: a round sooner)
 SERVER_OPTIMIZERS = (("FedAvg", "fedavg"), ("FedAvgM (momentum 0.9)", "fedavgm"), ("FedAdam (lr 0.01)", "fedadam"))
 ENGINES = (("sequential (one core)", "sequential"), ("parallel (two workers, both cores)", "parallel"))
@@ -173,7 +174,7 @@ class FederationScreen(Screen):
             yield ProgressBar(show_eta=True, id="fed-progress")
             yield Static("global top-1 on held-out users, per round", id="fed-plot-label")
             yield Sparkline([], id="fed-top1")
-            yield RichLog(id="fed-log", wrap=True, markup=False)
+            yield RichLog(id="fed-log", wrap=True, markup=False, max_lines=LOG_LINES)
         yield Footer()
 
     def on_mount(self) -> None:

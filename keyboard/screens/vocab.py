@@ -4,7 +4,7 @@ A DataTable of the rounds that added words (votes per word, vocabulary version
 and size, held-out OOV rate, TrieHH epsilon), a search box ("when was WORD
 added?": typing filters the table, Enter answers), and Sparklines of the
 vocabulary size and the OOV rate per round.  Reads `RUN/vocab.jsonl`
-(federation.vocab_history); `R` reloads it while a simulation is running.
+(federation.vocab_history); `ctrl+r` reloads it while a simulation is running.
 """
 
 from __future__ import annotations
