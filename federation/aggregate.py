@@ -59,9 +59,7 @@ class Aggregator:
         if why is None and num_words < 0:
             why = "negative weight"
         if why:
-            self.rejected += 1
-            self.reasons.append(why)
-            return False
+            return self._reject(why)
         norm = P.global_norm(update)
         robust = self.agg.max_update_norm is not None and norm > self.agg.max_update_norm
         if robust:
@@ -69,12 +67,8 @@ class Aggregator:
         update, was = privacy.clip(update, self.dp)
         w = privacy.client_weight(num_words, self.dp)
         vec = torch.cat([P.flatten(update).double() * w, torch.tensor([w], dtype=torch.float64)])
-        if self.secagg is not None:
-            why = self.secagg.out_of_range(vec)
-            if why:
-                self.rejected += 1
-                self.reasons.append(why)
-                return False
+        if self.secagg is not None and (why := self.secagg.out_of_range(vec)):
+            return self._reject(why)
         self.norms.append(norm)
         self.robust_clipped += int(robust)
         self.dp_clipped += int(was)
@@ -87,6 +81,12 @@ class Aggregator:
             self.total += vec
         self.count += 1
         return True
+
+    def _reject(self, why: str) -> bool:
+        """Count an update that never enters the sum, and why; False, `add`'s answer for it."""
+        self.rejected += 1
+        self.reasons.append(why)
+        return False
 
     def result(self, alive: set[int], generator: torch.Generator,
                denominator: float | None = None) -> tuple[dict[str, Tensor] | None, float]:

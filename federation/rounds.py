@@ -95,7 +95,7 @@ def run_round(
     release_free_memory()  # the previous round's buffers: memory flat across rounds (federation/memory.py)
     rnd = state.round + 1
     k = sim.clients_per_round
-    dp = sim.privacy.noise_multiplier > 0
+    dp = sim.privacy.noise_multiplier > 0  # DP-FedAvg: Poisson sampling, a fixed denominator, no word count released
     q = sampling_rate(population.size, k, sim.over_selection)
     plan = plan_round(population.size, k, sim.over_selection, sim.dropout_min, sim.dropout_max, generator, poisson=dp)
     seeds = client_seeds(len(plan.reporting), generator)
@@ -152,9 +152,9 @@ def run_round(
         "dp_clipped": agg.dp_clipped,
         "update_norm_mean": round(sum(agg.norms) / len(agg.norms), 6) if agg.norms else None,
         "update_norm_max": round(max(agg.norms), 6) if agg.norms else None,
-        "train_words": int(round(weight)) if sim.privacy.noise_multiplier == 0 else None,
+        "train_words": int(round(weight)) if not dp else None,
         "epsilon": privacy.epsilon(sim.privacy, q, rnd),
-        "delta": sim.privacy.delta if sim.privacy.noise_multiplier > 0 else None,
+        "delta": sim.privacy.delta if dp else None,
         "secagg_aborted": aborted,
         "vocab_version": new_state.vocab.version,
         "vocab_size": len(new_state.vocab),

@@ -146,18 +146,17 @@ class FedkbApp(App):
         if kept is not None:
             if not kept.ended:  # at work, or still asking for its settings
                 if kept in self.screen_stack:  # under other screens (f7 over f6): back down to it, never a second copy
-                    while self.screen is not kept:
-                        self.pop_screen()
-                elif self.screen is not kept:
+                    self._pop_to(kept)
+                else:
                     self.push_screen(kept)
                 return
             if kept in self.screen_stack:  # its work has ended: this key starts anew
                 self.switch_to_typing()
             del self._background[name]
             self.uninstall_screen(kept)
-        if any(type(x) is cls for x in self.screen_stack):  # already open under others: back down to it
-            while type(self.screen) is not cls:
-                self.pop_screen()
+        open_ = next((x for x in reversed(self.screen_stack) if type(x) is cls), None)
+        if open_ is not None:  # already open under others: back down to it
+            self._pop_to(open_)
             return
         offer = {"session": self.session, "model_dir": self.session.model_dir,
                  "tokenizer_path": self.session.tokenizer.path, "devices_root": self.session.devices_root,
@@ -172,6 +171,11 @@ class FedkbApp(App):
             self.push_screen(screen)
         except (FedkbError, TypeError, ValueError) as e:
             self.notify(f"cannot open the {name} screen: {e}", severity="error", markup=False)
+
+    def _pop_to(self, screen) -> None:
+        """Pop the screens above `screen` (on the stack), so that it shows again."""
+        while self.screen is not screen:
+            self.pop_screen()
 
     # -- controls (bindings and palette) -----------------------------------------------
     def action_learn(self) -> None:
