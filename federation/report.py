@@ -11,6 +11,7 @@ without ids; the text never leaves the device folders.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 
 from federation.client import local_finetune
-from federation.config import ClientConfig, personalization_config
+from federation.config import ClientConfig, SimulationConfig, personalization_config
 from federation.device import Device
-from federation.run import checkpoint_dir, latest_round, read_config, read_metrics
+from federation.run import METRICS, checkpoint_dir, latest_round, numbered_metrics, read_config
 from models import atomic
 from models.checkpoint import load_checkpoint
 from models.errors import FedkbError
@@ -35,18 +36,37 @@ from models.train import encode, evaluate_loss
 _NUMBERS = ("top1", "top3", "ksr", "loss", "eval_loss", "epsilon", "rejected", "clipped", "dropouts", "aggregated")
 
 
+def _finite(v) -> bool:
+    """A number a plot can draw and strict JSON can hold: not a bool, NaN, an infinity or an int beyond a float."""
+    try:
+        return is_number(v) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _metrics(run_dir: Path) -> list[dict]:
-    """The run's metrics lines, each field the report reads a number (or absent): FedkbError naming
-    the round of a line that was edited or damaged, instead of a plot of strings or a traceback."""
-    ms = read_metrics(run_dir)
-    for m in ms:
-        bad = [k for k in _NUMBERS if m.get(k) is not None and not is_number(m[k])]
+    """The run's metrics lines, in increasing rounds, each field the report reads a finite number (or
+    absent): FedkbError naming the line that was edited or damaged (a NaN included, which would make
+    report.json invalid JSON), instead of a plot of strings, a wrong sum or a traceback."""
+    path = Path(run_dir) / METRICS
+    ms, seen = [], {}
+    for n, m in numbered_metrics(run_dir):
+        r = m["round"]
+        if r in seen:
+            raise FedkbError(f"{path}: round {r} appears twice (lines {seen[r]} and {n}): the file was edited or "
+                             f"written by two processes; keep one of the two lines")
+        if ms and r < ms[-1]["round"]:
+            raise FedkbError(f"{path}, line {n}: round {r} comes after round {ms[-1]['round']} (the file was edited)")
+        bad = [k for k in _NUMBERS if m.get(k) is not None and not _finite(m[k])]
         t = m.get("timings", {})
-        if m["round"] > 0 and not (isinstance(t, dict) and is_number(t.get("round_s"))):
+        if r > 0 and not (isinstance(t, dict) and _finite(t.get("round_s"))):
             bad.append("timings.round_s")
         if bad:
-            raise FedkbError(f"{Path(run_dir) / 'metrics.jsonl'}: the line of round {m['round']} is malformed "
-                             f"({', '.join(bad)}: not a number)")
+            raise FedkbError(f"{path}, line {n}: the line of round {r} is malformed ({', '.join(bad)}: not a finite number)")
+        seen[r] = n
+        ms.append(m)
+    if not ms:
+        raise FedkbError(f"{run_dir}: no metrics (is it a `fedkb simulate` run folder?)")
     return ms
 
 
@@ -55,16 +75,13 @@ def _series(ms: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
-    """accuracy.png, ksr.png, loss.png and (with DP) epsilon.png; returns the files written."""
+def plot_run(ms: list[dict], out_dir: Path) -> list[Path]:
+    """accuracy.png, ksr.png, loss.png and (with DP) epsilon.png of the metrics lines `ms`; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = _metrics(run_dir)
-    if not ms:
-        raise FedkbError(f"{run_dir}: no metrics (is it a `fedkb simulate` run folder?)")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     panels = [
@@ -93,10 +110,7 @@ def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
     return written
 
 
-def summarize(run_dir: Path) -> dict:
-    ms = _metrics(run_dir)
-    if not ms:
-        raise FedkbError(f"{run_dir}: no metrics")
+def summarize(ms: list[dict]) -> dict:
     first = next((m for m in ms if "top1" in m), {})
     last = next((m for m in reversed(ms) if "top1" in m), {})
     rounds = [m for m in ms if m["round"] > 0]
@@ -127,15 +141,13 @@ def study_user_ids(cfg: dict) -> list[str]:
     return ids + sorted(p.name for p in Path(cfg["devices"]).iterdir() if p.is_dir() and p.name not in set(ids))
 
 
-def personalization_study(run_dir: Path, users: int = 50, client: ClientConfig | None = None, seed: int = 0,
-                          min_future_words: int = 20) -> dict:
-    """Per user: base vs global vs personalized on the user's future text (held-out users first)."""
-    run_dir = Path(run_dir)
-    cfg, sim = read_config(run_dir)
+def personalization_study(run_dir: Path, cfg: dict, sim: SimulationConfig, rnd: int, users: int = 50,
+                          client: ClientConfig | None = None, seed: int = 0, min_future_words: int = 20) -> dict:
+    """Per user: base vs global vs personalized on the user's future text (held-out users first); the
+    global model is round `rnd`'s, `cfg` and `sim` the run's config.json (`read_config`)."""
     client = client or personalization_config(sim.client)
     tok = Tokenizer(Path(cfg["tokenizer"]))
     base = load_checkpoint(Path(cfg["model"]), tok)
-    rnd = latest_round(run_dir)
     glob = load_checkpoint(checkpoint_dir(run_dir, rnd), tok)
     root = Path(cfg["devices"])
     rows = []
@@ -218,16 +230,19 @@ def plot_personalization(study: dict, out_dir: Path) -> Path:
 
 
 def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, personalization: bool = True) -> dict:
+    """The plots, the study and report.json (strict JSON) of a run; its files are checked before anything is written."""
     run_dir = Path(run_dir)
-    read_config(run_dir)  # "not a simulation run folder" where it has none, a one-line error where it is damaged
-    if latest_round(run_dir) is None:
+    cfg, sim = read_config(run_dir)  # "not a simulation run folder" where it has none, a one-line error where it is damaged
+    rnd = latest_round(run_dir)
+    if rnd is None:
         raise FedkbError(f"{run_dir}: latest.json is missing or unreadable (`fedkb simulate --out {run_dir} --resume` repairs it)")
+    ms = _metrics(run_dir)
     out_dir = Path(out_dir or run_dir / "report")
-    files = plot_run(run_dir, out_dir)
-    rep = {"summary": summarize(run_dir)}
+    files = plot_run(ms, out_dir)
+    rep = {"summary": summarize(ms)}
     if personalization and users > 0:
-        rep["personalization"] = personalization_study(run_dir, users)
+        rep["personalization"] = personalization_study(run_dir, cfg, sim, rnd, users)
         files.append(plot_personalization(rep["personalization"], out_dir))
     rep["files"] = [str(f) for f in files]
-    atomic.write_json(out_dir / "report.json", rep)
+    atomic.write_text(out_dir / "report.json", json.dumps(rep, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
     return rep

@@ -61,10 +61,27 @@ def checkpoint_dir(run_dir: Path, rnd: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"round-{rnd:04d}"
 
 
+def numbered_metrics(run_dir: Path) -> list[tuple[int, dict]]:
+    """(line number, line) of each metrics line of a run, read as `atomic.read_jsonl` reads: a torn
+    last line, a blank one, or a line without an integer round is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and is_int(obj.get("round")):
+                out.append((n, obj))
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The metrics lines of a run (a torn last line, or a line without an integer round, is skipped)."""
-    return [obj for obj in atomic.read_jsonl(Path(run_dir) / METRICS)
-            if isinstance(obj, dict) and is_int(obj.get("round"))]
+    return [m for _, m in numbered_metrics(run_dir)]
 
 
 def latest_round(run_dir: Path) -> int | None:
@@ -126,6 +143,14 @@ def lock_run(run_dir: Path) -> tuple[int | None, str | None]:
         os.close(fd)
         return None, f"cannot lock {Path(run_dir) / LOCK} ({e.strerror}): nothing stops a second process from running this folder"
     return fd, None
+
+
+def refuse_a_file(path: Path, what: str, flag: str) -> None:
+    """FedkbError where a file stands at `path` or above it, so no folder can be made there."""
+    f = next(p for p in (path, *path.parents) if p.exists())
+    if not f.is_dir():
+        why = f"{f} is a file, not {what}" if f == path else f"{path} cannot be {what} ({f} is a file)"
+        raise FedkbError(f"{why}: choose another {flag}")
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -204,8 +229,7 @@ class Simulation:
         from models.checkpoint import default_paths
 
         self.run_dir = Path(run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise FedkbError(f"{self.run_dir} is a file, not a run folder: choose another --out")
+        refuse_a_file(self.run_dir, "a run folder", "--out")
         cfg_path = self.run_dir / CONFIG
         if not resume and holds_run(self.run_dir):
             raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
@@ -238,6 +262,7 @@ class Simulation:
             raise FedkbError("device folders must live outside the run folder")
         if self.devices_root in run_dir.parents:
             raise FedkbError(f"the run folder must not live inside the device folders ({self.devices_root})")
+        refuse_a_file(self.devices_root, "a folder of device folders", "--devices")
         if holds_run(self.devices_root) or (self.devices_root / CONFIG).exists():
             raise FedkbError(f"{self.devices_root} holds a run, not device folders: choose another --devices")
         self.discover = discover
@@ -324,7 +349,8 @@ class Simulation:
         metrics line was written (the line comes after the checkpoint, before latest.json)."""
         latest = latest_round(self.run_dir)
         have = checkpoint_rounds(self.run_dir)
-        logged = {m["round"] for m in read_metrics(self.run_dir)}
+        lines = read_metrics(self.run_dir)
+        logged = {m["round"] for m in lines}
         if latest is None:
             candidates = [r for r in have if r in logged] or have  # no metrics either: any whole checkpoint
             self.notes.append(f"{LATEST} is missing or unreadable: resuming from the newest checkpoint whose round "
@@ -340,6 +366,8 @@ class Simulation:
             except FedkbError as e:
                 skipped.append(f"round {r}: {e}")
                 continue
+            # drop the lines of rounds never committed (or to run again)
+            atomic.write_text(self.run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in lines if m["round"] <= r))
             self.notes += [f"skipped the checkpoint of {why}" for why in skipped]
             if r != latest:
                 last = latest if latest is not None else max(logged, default=r)
@@ -367,8 +395,6 @@ class Simulation:
         except (TypeError, RuntimeError) as e:
             raise FedkbError(f"{d / 'rng.safetensors'} does not hold a generator state ({e})") from None
         self.state = ServerState(ck.model.state_dict(), ck.vocab, rnd, self.sim.server, opt)
-        lines = [m for m in read_metrics(self.run_dir) if m["round"] <= rnd]  # drop rounds never committed
-        atomic.write_text(self.run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in lines))
 
     # -- running ----------------------------------------------------------------------------
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 from textual import work
@@ -106,36 +107,42 @@ class FedkbApp(App):
     def push_extra(self, name: str) -> None:
         self.action_push_extra(name)
 
-    def use_global(self, checkpoint_dir: Path) -> None:
+    def use_global(self, checkpoint_dir: Path, done: Callable[[str | None], None] | None = None) -> None:
         """A new global model arrived (a federated round finished): type with it from now on.
         It is read and made ready (the device's delta on top, the word table composed) in a worker
-        thread; only the swap (`_swap_global`) is on the UI thread."""
-        self._ready_global(Path(checkpoint_dir))
+        thread; only the swap (`_swap_global`) is on the UI thread.  `done` is then called there with
+        None (typing with it) or why it cannot be used (typing goes on as it was); not when a newer
+        model came meanwhile."""
+        self._ready_global(Path(checkpoint_dir), done)
 
     @work(thread=True, exclusive=True, group="new-global")
-    def _ready_global(self, checkpoint_dir: Path) -> None:
+    def _ready_global(self, checkpoint_dir: Path, done: Callable[[str | None], None] | None = None) -> None:
         worker = get_current_worker()
         try:
             ready = self.session.ready(checkpoint_dir)
         except FedkbError as e:  # the readers turn an unreadable file into one too
             ready = e
         if not worker.is_cancelled:  # else a newer round's model has come meanwhile: that one is used
-            self.call_from_thread(self._swap_global, checkpoint_dir, ready)
+            self.call_from_thread(self._swap_global, checkpoint_dir, ready, done)
         del ready
         release_free_memory()  # the arrays swapped out were built in this thread's malloc arena: hand them back
 
-    def _swap_global(self, checkpoint_dir: Path, ready) -> None:
+    def _swap_global(self, checkpoint_dir: Path, ready, done: Callable[[str | None], None] | None = None) -> None:
         try:
             if isinstance(ready, FedkbError):
                 raise ready
             self.session.install(ready)
         except FedkbError as e:  # the model, or the device's words file, cannot be used: typing goes on as it was
             self.notify(f"cannot use {checkpoint_dir}: {e}", severity="error", markup=False)
+            if done is not None:
+                done(str(e))
             return
         t = self.typing_screen
         if t is not None:
             t.refresh_all()
         self.notify(f"typing with {self.session.label}")
+        if done is not None:
+            done(None)
 
     def action_push_extra(self, name: str) -> None:
         cls = self._extras.get(name)

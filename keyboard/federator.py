@@ -19,6 +19,8 @@ stdout, one JSON object a line:
 SystemExit, so the round under way is dropped, its temporary files are removed, the
 engine's workers end and the run folder is unlocked.  Every finished round is already
 committed (atomically), so the run can be resumed (`fedkb simulate --resume --out RUN`).
+A round committed before the stop whose line was not read yet (or not written) is not
+lost: `run` reads it from the run folder once the process has ended and reports it too.
 
 In a thread of the keyboard's process (where the screen ran them before), the rounds'
 Python holds the GIL between torch calls, and the keyboard's process would import torch
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from keyboard.jobs import JobProcess, emit, exit_on_sigterm
+from models import atomic
 from models.errors import FedkbError
 from models.jsonvalues import is_int, is_number
 
@@ -68,25 +71,56 @@ def _round_ok(m) -> bool:
             and (t is None or isinstance(t, dict) and is_number(t.get("round_s"))))
 
 
+def committed_round(run_dir: Path) -> int:
+    """The run folder's last committed round (its latest.json, read as federation.run.latest_round
+    reads it: that module imports torch); 0 where there is none."""
+    try:
+        r = json.loads((Path(run_dir) / "latest.json").read_text())["round"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return r if is_int(r) and r >= 0 else 0
+
+
+def committed_since(run_dir: Path, after: int) -> list[tuple[dict, Path]]:
+    """The rounds after `after` that the run folder committed, each (metrics, checkpoint) as the process
+    reports it (the checkpoint named as federation.run.checkpoint_dir names it)."""
+    run_dir = Path(run_dir)
+    lines = {m["round"]: m for m in atomic.read_jsonl(run_dir / "metrics.jsonl") if _round_ok(m)}  # the last line of a round
+    return [(lines[r], run_dir / "checkpoints" / f"round-{r:04d}")
+            for r in range(after + 1, committed_round(run_dir) + 1) if r in lines]
+
+
 class FederatorProcess(JobProcess):
     """Rounds of a run folder, run by `python -m keyboard.federator`; `run` blocks (call it from a worker)."""
 
     def __init__(self, spec: dict):
         super().__init__("keyboard.federator", spec, "federation")
+        self.round = 0  # the round the run folder has reached, as far as `run` knows
 
     def run(self, on_note: Callable[[str], None], on_round: Callable[[dict, Path], None]) -> int:
-        """Run the rounds; returns the round the run reached. FedkbError with the process's reason."""
+        """Run the rounds; returns the round the run reached. FedkbError with the process's reason; after
+        `stop()`, the rounds the run folder committed that the process had not reported are reported first."""
         out = {}
+        run_dir = Path(self.spec["run_dir"])
+        self.round = committed_round(run_dir)  # before the process starts: a resumed run's rounds are not its own
 
         def on_message(msg: dict) -> None:
             if "note" in msg:
                 on_note(str(msg["note"]))
             elif _round_ok(msg.get("round")) and isinstance(msg.get("checkpoint"), str):
+                self.round = msg["round"]["round"]
                 on_round(msg["round"], Path(msg["checkpoint"]))
             elif "done" in msg:
                 out["done"] = msg["done"]
 
-        self.follow(on_message)
+        try:
+            self.follow(on_message)
+        except FedkbError:
+            if self.stopped:  # the process has ended: what it committed is all in the folder
+                for m, ckpt in committed_since(run_dir, self.round):
+                    self.round = m["round"]
+                    on_round(m, ckpt)
+            raise
         if not isinstance(out.get("done"), int):
             raise FedkbError("the federation process failed: it ended without finishing its rounds")
         return out["done"]

@@ -188,6 +188,30 @@ def test_device_folders_never_mix_with_a_run_folder(tiny, tmp_path, reference_ru
     assert "is a file, not a run folder" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_a_file_where_a_folder_goes_is_one_line_naming_it(resume, tiny, tmp_path, capsys):
+    """--out or --devices naming a file, or a path below one: the file and why, on one line (a bare
+    "File exists", or "Not a directory" naming a device folder below the file, before)."""
+    from keyboard.cli import main
+
+    f = tmp_path / "a-file"
+    f.write_text("keep me")
+    for out, extra, said in ((f, [], f"{f} is a file, not a run folder: choose another --out"),
+                             (f / "run", [], f"{f / 'run'} cannot be a run folder ({f} is a file): choose another --out"),
+                             (tmp_path / "run", ["--devices", str(f)],
+                              f"{f} is a file, not a folder of device folders: choose another --devices")):
+        if resume and extra:  # a resumed run takes its device folders from its config.json
+            continue
+        assert main(_cli(tiny, out, "--rounds", "1", *extra, *resume)[3:]) == 2
+        assert capsys.readouterr().err == f"fedkb simulate: error: {said}\n"
+    (tmp_path / "b-devices").write_text("")  # the default device folders of --out b
+    assert main(_cli(tiny, tmp_path / "b", "--rounds", "1", *resume)[3:]) == 2
+    err = capsys.readouterr().err
+    assert (f"{tmp_path / 'b-devices'} is a file, not a folder of device folders" in err if not resume
+            else f"nothing to resume in {tmp_path / 'b'}" in err)
+    assert f.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "b-devices"]
+
+
 def test_report_tells_a_folder_that_is_no_run_from_a_run_to_repair(tmp_path, reference_run, capsys):
     from keyboard.cli import main
 
@@ -308,8 +332,66 @@ def test_edited_metrics_lines_are_skipped_or_named(reference_run, tmp_path, tiny
     m = json.loads(lines[2])
     lines[2] = json.dumps({**m, "top1": "20 %"})
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(FedkbError, match=r"line of round 2 is malformed \(top1: not a number\)"):
+    with pytest.raises(FedkbError, match=r"line of round 2 is malformed \(top1: not a finite number\)"):
         write_report(run, tmp_path / "rep2", users=0)
+
+
+def _edit_line(run: Path, index: int, **fields) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    m = json.loads(lines[index])
+    lines[index] = json.dumps({**m, **fields})
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_nan_in_the_metrics_is_named_and_report_json_is_strict(reference_run, tmp_path):
+    """NaN and Infinity parse as floats in Python's json, and were copied into report.json, which
+    strict JSON readers then refused: the line is named instead, before anything is written."""
+    from federation.report import write_report
+    from models.errors import FedkbError
+
+    run = _copy_run(reference_run, tmp_path)
+    good = (run / "metrics.jsonl").read_text()
+    m2 = json.loads(good.splitlines()[2])
+    for fields, bad in (({"top1": float("nan")}, "top1"), ({"epsilon": float("inf")}, "epsilon"),
+                        ({"timings": {**m2["timings"], "round_s": float("-inf")}}, "timings.round_s")):
+        (run / "metrics.jsonl").write_text(good)
+        _edit_line(run, 2, **fields)
+        with pytest.raises(FedkbError, match=rf"metrics.jsonl, line 3: the line of round 2 is malformed \({bad}: not a finite"):
+            write_report(run, tmp_path / "rep", users=0)
+        assert not (tmp_path / "rep").exists()
+    (run / "metrics.jsonl").write_text(good)
+    with open(run / "metrics.jsonl", "a") as f:  # a figure too large for a float parses as an infinity too
+        f.write('{"round": 5, "loss": 1e999, "timings": {"round_s": 1.0}}\n')
+    with pytest.raises(FedkbError, match=r"line 6: the line of round 5 is malformed \(loss: not a finite number\)"):
+        write_report(run, tmp_path / "rep", users=0)
+    (run / "metrics.jsonl").write_text(good)
+
+    rep = write_report(run, tmp_path / "rep", users=0)
+    text = (tmp_path / "rep" / "report.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))["summary"] == rep["summary"]
+
+
+def test_a_round_written_twice_or_out_of_order_is_named(reference_run, tmp_path):
+    """A round's line is written once (resume drops the lines it runs again), so two lines of one
+    round mean an edited file or two writers: named with both line numbers (it was summed twice)."""
+    from federation.report import write_report
+    from models.errors import FedkbError
+
+    run = _copy_run(reference_run, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(FedkbError, match=r"metrics.jsonl: round 2 appears twice \(lines 3 and 6\)"):
+        write_report(run, tmp_path / "rep", users=0)
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2] + ["", lines[2], lines[2]] + lines[3:]) + "\n")
+    with pytest.raises(FedkbError, match=r"round 2 appears twice \(lines 4 and 5\)"):  # blank lines count
+        write_report(run, tmp_path / "rep", users=0)
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], lines[1], lines[3], lines[2], lines[4]]) + "\n")
+    with pytest.raises(FedkbError, match=r"metrics.jsonl, line 4: round 2 comes after round 3"):
+        write_report(run, tmp_path / "rep", users=0)
+    assert not (tmp_path / "rep").exists()
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert write_report(run, tmp_path / "rep", users=0)["summary"]["aggregated"] == sum(
+        json.loads(l).get("aggregated", 0) for l in lines)
 
 
 def test_a_system_without_file_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch):

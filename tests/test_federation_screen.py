@@ -48,14 +48,26 @@ async def until(cond, seconds: float = 60.0) -> None:
     raise AssertionError("timed out")
 
 
+def log_text(screen) -> str:
+    """The log's words, one space apart (its lines are wrapped to the screen)."""
+    return " ".join(" ".join(line.text for line in screen.query_one("#fed-log").lines).split())
+
+
 @sync
 async def test_federation_screen_runs_rounds_and_announces_globals(tiny, tmp_path):
+    """Each round's global model is offered to the keyboard; the run's last line says which round's
+    model the keyboard types with: being made ready until it answers, then the one it could use."""
     from federation.config import SimulationConfig
 
-    seen, finished, new_globals = [], [], []
+    seen, answers, finished, new_globals = [], [], [], []
+
+    def keyboard(ckpt, done):  # takes round 1's model at once; answers for round 2 when the test says
+        seen.append(ckpt)
+        done(None) if ckpt.name == "round-0001" else answers.append(done)
+
     sim = SimulationConfig(rounds=2, clients_per_round=3, eval_users=3)
     screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run", sim=sim,
-                              on_new_global=seen.append)
+                              on_new_global=keyboard)
     async with host(screen, finished, new_globals).run_test() as pilot:
         await until(lambda: finished)
         await pilot.pause()
@@ -64,6 +76,51 @@ async def test_federation_screen_runs_rounds_and_announces_globals(tiny, tmp_pat
         assert seen == [tmp_path / "run" / "checkpoints" / "round-0001", tmp_path / "run" / "checkpoints" / "round-0002"]
         assert all((d / "model.safetensors").exists() for d in seen[-1:])
         assert len(screen.top1) == 2 and screen.query_one("#fed-top1").data == screen.top1
+        assert "finished 2 rounds; round 2's global model is being made ready for typing" in log_text(screen)
+        assert "in use" not in log_text(screen) and screen.model_round == 1
+        answers[-1]("the device's words file is corrupt")  # the keyboard could not swap it in
+        await pilot.pause()
+        assert log_text(screen).endswith("finished 2 rounds; round 2's global model is being made ready for typing "
+                                         "round 2's global model cannot be used (the device's words file is corrupt); "
+                                         "the keyboard types with round 1's global model")
+
+
+@sync
+async def test_a_run_with_no_new_round_says_no_model_came(tiny, tmp_path):
+    """Resuming a run that has all its rounds sends no model: the last line says so rather than that
+    the latest global model is in use."""
+    from federation.config import SimulationConfig
+    from federation.run import Simulation
+
+    sim = SimulationConfig(rounds=1, clients_per_round=3, eval_users=3)
+    Simulation(tmp_path / "run", sim, tiny[0], tiny[1], FIXTURES / "users.jsonl.gz").run()
+    seen, finished = [], []
+    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run", sim=sim, resume=True,
+                              on_new_global=lambda ckpt, done: seen.append(ckpt))
+    async with host(screen, finished).run_test() as pilot:
+        await until(lambda: finished)
+        await pilot.pause()
+        assert finished == [(1, None)] and seen == []
+        assert ("finished 1 rounds; no new global model came: the keyboard types with the model it had"
+                in log_text(screen))
+
+
+@sync
+async def test_the_app_says_whether_it_types_with_a_new_global_model(tiny, tmp_path):
+    """`FedkbApp.use_global`'s `done`: None once the model is typed with, why where it cannot be used."""
+    from keyboard.app import FedkbApp
+
+    answers = []
+    app = FedkbApp(tiny[0], tiny[1], devices_root=tmp_path / "devices", users_file=FIXTURES / "users.jsonl.gz",
+                   cursor_blink=False, extra_screens=False)
+    async with app.run_test() as pilot:
+        app.use_global(tmp_path / "gone", answers.append)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        app.use_global(tiny[0], answers.append)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    assert len(answers) == 2 and "gone" in answers[0] and answers[1] is None
 
 
 @sync
@@ -111,7 +168,7 @@ async def test_stop_ends_the_rounds_process_and_the_run_resumes(tiny, tmp_path):
         assert screen._job._proc.poll() == 128 + 15  # SIGTERM became SystemExit: the engine closed, the lock dropped
         assert "stopping: the round under way is dropped" in "\n".join(line.text for line in screen.query_one("#fed-log").lines)
     done = latest_round(tmp_path / "run")
-    assert 2 <= done < 200 and holds_run(tmp_path / "run")
+    assert 2 <= done < 200 and holds_run(tmp_path / "run") and finished[0][0] == screen.rounds_done == done
     assert not list((tmp_path / "run").rglob("*.tmp"))  # the dropped round left no temporary file
     fd, why = lock_run(tmp_path / "run")
     assert fd is not None and why is None
@@ -120,6 +177,41 @@ async def test_stop_ends_the_rounds_process_and_the_run_resumes(tiny, tmp_path):
                    resume=True)
     s.run()
     assert s.round == done + 1
+
+
+@sync
+async def test_rounds_committed_before_a_stop_are_still_shown(tiny, tmp_path):
+    """A round the process committed while the screen was still busy with the one before (its line in
+    the pipe) is shown after `s` too, its model offered, and the run stops at the round the folder holds."""
+    import time
+
+    from federation.config import SimulationConfig
+    from federation.run import checkpoint_dir, latest_round
+
+    finished, new_globals, seen = [], [], []
+
+    def keyboard(ckpt, done):  # busy with round 1's model until round 2 is committed, then stops the rounds
+        seen.append(ckpt)
+        if len(seen) == 1:
+            for _ in range(600):
+                if (latest_round(tmp_path / "run") or 0) >= 2:
+                    break
+                time.sleep(0.1)
+            screen.action_stop()
+        done(None)
+
+    sim = SimulationConfig(rounds=200, clients_per_round=3, eval_users=3)
+    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run", sim=sim,
+                              on_new_global=keyboard)
+    async with host(screen, finished, new_globals).run_test() as pilot:
+        await until(lambda: finished)
+        await pilot.pause()
+        done = latest_round(tmp_path / "run")
+        assert done >= 2 and finished == [(done, "federation stopped")] and screen.rounds_done == done
+        assert [r for r, _ in new_globals] == list(range(1, done + 1)) and len(screen.top1) == done
+        assert seen == [checkpoint_dir(tmp_path / "run", r) for r in range(1, done + 1)]
+        assert f"stopped after {done} rounds" in str(screen.query_one("#fed-status").render())
+        assert log_text(screen).endswith(f"stopped: federation stopped; the keyboard types with round {done}'s global model")
 
 
 def test_a_bad_spec_is_one_json_error_line(capsys):
@@ -149,7 +241,7 @@ def test_the_forms_settings_are_fedkb_simulates():
     import argparse
 
     from keyboard.commands.simulate import add_arguments, build_config
-    from keyboard.screens.federation import EVAL_USERS, live_config
+    from keyboard.screens.federation import EVAL_USERS, MAX_ROUNDS, live_config
     from models.errors import FedkbError
 
     parser = argparse.ArgumentParser()
@@ -158,8 +250,11 @@ def test_the_forms_settings_are_fedkb_simulates():
              "--eval-users", str(EVAL_USERS)]
     assert live_config(" 3", "4 ", "fedadam", "1.5", "0.5", "parallel") == (build_config(parser.parse_args(flags)), None)
     assert live_config("3", "4", noise="", clip="")[0].privacy.clip is None
+    assert live_config(str(MAX_ROUNDS), "4")[0].rounds == MAX_ROUNDS == 10_000
     assert live_config("3", "4", discover=True, theta="5")[1] == 5 and live_config("3", "4", theta="0")[1] is None
     for form, message in [(("0", "4"), "--rounds must be >= 1"), (("three", "4"), "--rounds: 'three' is not a whole number"),
+                          (("10001", "4"), "--rounds must be at most 10,000 here"),
+                          (("9" * 30, "4"), "--rounds must be at most 10,000 here"),
                           (("3", "0"), "clients-per-round >= 1"), (("3", "4", "fedavg", "1", ""), "needs a clip norm"),
                           (("3", "4", "fedavg", "nan", "1"), "--dp: 'nan' is not a finite number"),
                           (("3", "4", "fedavg", "0", "-1"), "clip must be > 0"),

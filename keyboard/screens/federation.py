@@ -13,12 +13,16 @@ and a log of each round's metrics and the words it added.  The rounds run in
 `python -m keyboard.federator` (keyboard/federator.py), which a worker thread follows, so
 the keyboard's process never imports torch and typing goes on while they run: `escape`
 goes back to typing and the rounds go on in the background (the app keeps this screen,
-and `f6` shows it again); `s` stops them (the round under way is dropped; the run folder
-can be resumed).  After every round the new global checkpoint is announced two ways: the
-screen posts `FederationScreen.NewGlobal(checkpoint_dir, round, metrics)` (it bubbles to
-the app) and calls `on_new_global(checkpoint_dir)` on the UI thread, so the typing
-screen switches to the new global model.  The simulated users' device folders live
-beside the run folder (RUN-devices/), never the app's own devices.
+and `f6` shows it again); `s` stops them (the round under way is dropped, the rounds
+committed before it are still shown; the run folder can be resumed).  After every round
+the new global checkpoint is announced two ways: the screen posts
+`FederationScreen.NewGlobal(checkpoint_dir, round, metrics)` (it bubbles to the app) and
+calls `on_new_global(checkpoint_dir, done)` on the UI thread, so the typing screen
+switches to the new global model; the keyboard calls `done(None)` on the UI thread once it
+types with it, or `done(why)` where it cannot (not when a newer round's model came first),
+and the run's last log line says which round's model the keyboard types with.  The
+simulated users' device folders live beside the run folder (RUN-devices/), never the
+app's own devices.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from textual.app import ComposeResult
 from textual.content import Content
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import (Button, Checkbox, Footer, Header, Input, Label, ProgressBar, RichLog, Select, Sparkline,
@@ -44,6 +49,9 @@ from models.errors import FedkbError
 
 RUNS_DIR = Path(__file__).resolve().parents[2] / "runs"
 ROUNDS, CLIENTS_PER_ROUND = 10, 10  # a live run's size when the caller gives none
+# `fedkb simulate` has no rounds limit; a live run is watched while one types, and a round of it takes
+# seconds (~6 s at 10 clients), so 10,000 rounds is most of a day: a larger number is a slip of the finger
+MAX_ROUNDS = 10_000
 LOG_LINES = 5000  # the log keeps its newest lines: a run of thousands of rounds does not grow the app without bound
 EVAL_USERS = 10  # held-out users who score each round (fewer than `fedkb simulate`'s 20: a round sooner)
 SERVER_OPTIMIZERS = (("FedAvg", "fedavg"), ("FedAvgM (momentum 0.9)", "fedavgm"), ("FedAdam (lr 0.01)", "fedadam"))
@@ -73,6 +81,8 @@ def live_config(rounds: str, clients_per_round: str, server_opt: str = "fedavg",
     args.rounds, args.clients_per_round = number(rounds, "--rounds", int), number(clients_per_round, "--clients-per-round", int)
     if args.rounds < 1:
         raise FedkbError("--rounds must be >= 1")
+    if args.rounds > MAX_ROUNDS:
+        raise FedkbError(f"--rounds must be at most {MAX_ROUNDS:,} here (longer runs: `fedkb simulate`)")
     args.server_opt, args.engine, args.eval_users = server_opt, engine, EVAL_USERS
     args.dp = number(noise, "--dp") if noise.strip() else 0.0
     args.clip = number(clip, "--clip") if clip.strip() else None
@@ -130,7 +140,8 @@ class FederationScreen(Screen):
 
     def __init__(self, model_dir: Path | None = None, tokenizer_path: Path | None = None, users_file: Path | None = None,
                  run_dir: Path | None = None, rounds: int | None = None, clients_per_round: int | None = None, sim=None,
-                 on_new_global: Callable[[Path], None] | None = None, resume: bool = False, theta: int | None = None,
+                 on_new_global: Callable[[Path, Callable[[str | None], None]], None] | None = None,
+                 resume: bool = False, theta: int | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         self.run_dir = Path(run_dir) if run_dir else _new_run_dir()
@@ -141,6 +152,10 @@ class FederationScreen(Screen):
         self.on_new_global = on_new_global
         self.top1: list[float] = []
         self.rounds_done = 0
+        self.model_round: int | None = None  # the round of this run whose global model the keyboard types with
+        self._offered: tuple[int, Path] | None = None  # the newest round's global model, and its checkpoint
+        self._offer_error: str | None = None  # why the keyboard cannot type with it
+        self._waiting = False  # the keyboard has not yet said whether it types with it
         self.ended = False  # the rounds have ended (finished, stopped or failed): f6 then starts a new run
         self._job: FederatorProcess | None = None
 
@@ -227,7 +242,7 @@ class FederationScreen(Screen):
             rounds = job.run(on_note=lambda note: self._call(self._log, note),
                              on_round=lambda m, ckpt: self._call(self._on_round, m, ckpt))
         except (FedkbError, OSError) as e:  # OSError: the process could not be started
-            self._call(self._finished, self.rounds_done, str(e))
+            self._call(self._finished, job.round, str(e))  # the rounds the folder holds, as far as known
         else:
             self._call(self._finished, rounds, None)
 
@@ -251,12 +266,41 @@ class FederationScreen(Screen):
             self.query_one(Sparkline).data = list(self.top1)
         self._log(_line(m))
         self.post_message(self.NewGlobal(ckpt, m["round"], m))
+        rnd = m["round"]
+        self._offered, self._offer_error, self._waiting = (rnd, ckpt), None, self.on_new_global is not None
         if self.on_new_global is not None:
-            self.on_new_global(ckpt)
+            self.on_new_global(ckpt, lambda error: self._model_answer(rnd, error))
+
+    def _model_answer(self, rnd: int, error: str | None) -> None:
+        """The keyboard types with round `rnd`'s global model now (`error` None), or cannot (why)."""
+        if error is None:
+            self.model_round = rnd  # the swaps are made in turn: the last one made is typed with
+        if self._offered is None or rnd != self._offered[0]:
+            return  # an older round's: the newest one's answer is what the run ends with
+        self._offer_error, self._waiting = error, False
+        if self.ended:  # the run's last line said the model was being made ready
+            try:
+                self._log(self._model_note())
+            except NoMatches:  # the screen has been taken down meanwhile: no one reads its log
+                pass
+
+    def _model_note(self) -> str:
+        """Which global model the keyboard types with, as far as it has said."""
+        if self._offered is None:
+            return "no new global model came" + (": the keyboard types with the model it had" if self.on_new_global else "")
+        rnd, ckpt = self._offered
+        if self.on_new_global is None:
+            return f"round {rnd}'s global model is in {ckpt}"
+        if self._waiting:
+            return f"round {rnd}'s global model is being made ready for typing"
+        if self._offer_error is None:
+            return f"the keyboard types with round {rnd}'s global model"
+        had = f"round {self.model_round}'s global model" if self.model_round is not None else "the model it had"
+        return f"round {rnd}'s global model cannot be used ({self._offer_error}); the keyboard types with {had}"
 
     def _finished(self, rounds: int, error: str | None) -> None:
         self.ended = True
-        self._log(f"stopped: {error}" if error else f"finished {rounds} rounds; the latest global model is in use")
+        self._log(f"stopped: {error}; {self._model_note()}" if error else f"finished {rounds} rounds; {self._model_note()}")
         self.query_one("#fed-status", Static).update(f"{'stopped' if error else 'finished'} after {rounds} rounds "
                                                      f"({self._settings()}), run folder {self.run_dir}")
         self.post_message(self.Finished(rounds, error))
