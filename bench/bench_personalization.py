@@ -1,15 +1,20 @@
 """How to fine-tune a personal model: learning rates and epochs compared on held-out HISTORY.
 
-    python bench/bench_personalization.py RUN [--users 100] [--grid 0.3:1,0.1:1,0.3:2,0.1:3,0.1:3:on]
+    python bench/bench_personalization.py RUN [--users 100] [--grid 0.3:1,0.1:1,0.3:2,0.1:3,0.1:3:on] [--include-clients]
 
-For each user (the run's held-out evaluation users first, as in `fedkb report`), the
+For each of the run's held-out evaluation users (none of them trained the global model), the
 history is split in time: the first 80 % is fine-tuned on, from the run's final global
 model, with each (lr, epochs[, dropout on/off]) of the grid, the rest of the step as
 `personalization_config` makes it from the run's client setting; the last 20 % scores it
 against the global model (top-1 and loss).  The future text that `fedkb report` scores is
 never read, so choosing the personalization setting here does not tune on the test text.  Prints one
 JSON object: per setting, the share of users whose top-1 got better / worse, the median
-relative top-1 change, mean top-1, and the share with lower loss and the median change.
+relative top-1 change (over users whose global top-1 is above 0, as `fedkb report` takes it),
+mean top-1, and the share with lower loss and the median change.
+
+--include-clients adds the population's other users after them (as `fedkb report`'s study
+does): more users, but the federation's clients trained the global model on their whole
+history, the 20 % scored here included, which favours the global model over any personal one.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def main() -> None:
     from federation.client import local_finetune
     from federation.config import personalization_config
     from federation.device import Device
-    from federation.report import score_text, study_user_ids
+    from federation.report import relative_changes, score_text, study_user_ids
     from federation.run import checkpoint_dir, latest_round, read_config
     from models.checkpoint import load_checkpoint
     from models.lm import WordLM
@@ -52,6 +57,8 @@ def main() -> None:
     p.add_argument("--grid", default="0.3:1,0.1:1,0.3:2,0.1:3", metavar="LR:EPOCHS[:on|off],...",
                    help="settings; a third field turns dropout on or off (default: 0.3:1,0.1:1,0.3:2,0.1:3)")
     p.add_argument("--min-words", type=int, default=20, help="validation words a user needs (default: 20)")
+    p.add_argument("--include-clients", action="store_true",
+                   help="also the federation's clients, whose whole history trained the global model")
     args = p.parse_args()
 
     cfg, sim = read_config(args.run)
@@ -62,7 +69,8 @@ def main() -> None:
     grid = {s: parse_setting(s, client) for s in args.grid.split(",")}
 
     rows = []
-    for uid in study_user_ids(cfg):
+    users = study_user_ids(cfg) if args.include_clients else list(cfg.get("eval_users", []))
+    for uid in users:
         if len(rows) >= args.users:
             break
         hist = Device(root, uid).history()
@@ -78,16 +86,19 @@ def main() -> None:
             row[name] = score_text(personal, glob.vocab, tok, val)
         rows.append(row)
 
-    out = {"run": str(args.run), "users": len(rows), "global_mean_top1": round(statistics.mean(r["global"]["top1"] for r in rows), 3),
+    if not rows:
+        raise SystemExit(f"no user with {args.min_words} validation words (the run holds out {len(cfg.get('eval_users', []))} users; "
+                         "--include-clients adds the others)")
+    out = {"run": str(args.run), "users": len(rows), "clients_included": args.include_clients, "global_mean_top1": round(statistics.mean(r["global"]["top1"] for r in rows), 3),
            "settings": {}}
     for name in grid:
         d1 = [r[name]["top1"] - r["global"]["top1"] for r in rows]
         dl = [r[name]["loss"] - r["global"]["loss"] for r in rows]
-        rel = [d / r["global"]["top1"] if r["global"]["top1"] else 0.0 for d, r in zip(d1, rows)]
+        rel = relative_changes([r["global"]["top1"] for r in rows], [r[name]["top1"] for r in rows])
         out["settings"][name] = {
             "share_better_top1": round(sum(d > 0 for d in d1) / len(rows), 3),
             "share_worse_top1": round(sum(d < 0 for d in d1) / len(rows), 3),
-            "median_relative_top1_change": round(statistics.median(rel), 4),
+            "median_relative_top1_change": round(statistics.median(rel), 4) if rel else None,
             "mean_top1": round(statistics.mean(r[name]["top1"] for r in rows), 3),
             "share_lower_loss": round(sum(d < 0 for d in dl) / len(rows), 3),
             "median_loss_change": round(statistics.median(dl), 4),

@@ -110,7 +110,9 @@ def plot_run(ms: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def summarize(ms: list[dict]) -> dict:
+def summarize(ms: list[dict], dp: bool = False) -> dict:
+    """The run's figures from its committed metrics lines `ms`; `dp`: the run adds DP noise (its epsilon
+    is then None only before its first round)."""
     first = next((m for m in ms if "top1" in m), {})
     last = next((m for m in reversed(ms) if "top1" in m), {})
     rounds = [m for m in ms if m["round"] > 0]
@@ -118,6 +120,7 @@ def summarize(ms: list[dict]) -> dict:
         "rounds": ms[-1]["round"],
         "start": {k: first.get(k) for k in ("round", "top1", "top3", "ksr", "eval_loss")},
         "end": {k: last.get(k) for k in ("round", "top1", "top3", "ksr", "eval_loss")},
+        "dp": dp,
         "epsilon": ms[-1].get("epsilon"),
         "rejected": sum(m.get("rejected", 0) for m in rounds),
         "clipped": sum(m.get("clipped", 0) for m in rounds),
@@ -132,6 +135,12 @@ def score_text(model: WordLM, ck_vocab, tokenizer: Tokenizer, future: list[str])
     s = simulate_typing(Predictor(model, ck_vocab, tokenizer), future)
     table = WordTable.build(ck_vocab, tokenizer, model.cfg.base_vocab)
     return {"top1": s["top1"], "ksr": s["ksr"], "loss": evaluate_loss(model, table, encode(future, ck_vocab)), "words": s["words"]}
+
+
+def relative_changes(before: list[float], after: list[float]) -> list[float]:
+    """(after - before) / before for each user whose `before` is above 0: a change from 0 has no relative
+    size, so such users count in the shares of users made better or worse but not in a relative median."""
+    return [(b - a) / a for a, b in zip(before, after) if a > 0]
 
 
 def study_user_ids(cfg: dict) -> list[str]:
@@ -174,7 +183,7 @@ def personalization_study(run_dir: Path, cfg: dict, sim: SimulationConfig, rnd: 
         return [r[b][key] - r[a][key] for r in rows]
 
     def rel(a: str, b: str, key: str = "top1") -> list[float]:
-        return [(r[b][key] - r[a][key]) / r[a][key] for r in rows if r[a][key] > 0]
+        return relative_changes([r[a][key] for r in rows], [r[b][key] for r in rows])
 
     def median_or_none(xs: list[float]) -> float | None:
         return statistics.median(xs) if xs else None
@@ -185,11 +194,13 @@ def personalization_study(run_dir: Path, cfg: dict, sim: SimulationConfig, rnd: 
     out = {
         "round": rnd,
         "users": len(rows),
+        "held_out_users": sum(r["held_out"] for r in rows),  # the rest took part in the federation (not on this text)
         "mean": {m: {k: mean(k, m) for k in ("top1", "ksr", "loss")} for m in ("base", "global", "personalized")},
         "personalized_vs_global": {
             "top1_gain_points": gains("global", "personalized", "top1"),
             "median_top1_gain_points": statistics.median(gains("global", "personalized", "top1")),
             "median_relative_top1_gain": median_or_none(rel("global", "personalized")),
+            "users_with_relative_top1_gain": len(rel("global", "personalized")),  # global top-1 above 0
             "share_better_top1": sum(g > 0 for g in gains("global", "personalized", "top1")) / len(rows),
             "share_worse_top1": sum(g < 0 for g in gains("global", "personalized", "top1")) / len(rows),
             "median_relative_ksr_gain": median_or_none(rel("global", "personalized", "ksr")),
@@ -198,6 +209,7 @@ def personalization_study(run_dir: Path, cfg: dict, sim: SimulationConfig, rnd: 
             # perplexity ratio personalized / global, per user: exp(loss difference)
             "median_relative_perplexity_change": statistics.median(math.expm1(g) for g in gains("global", "personalized", "loss")),
             "share_better_loss": sum(g < 0 for g in gains("global", "personalized", "loss")) / len(rows),
+            "share_worse_loss": sum(g > 0 for g in gains("global", "personalized", "loss")) / len(rows),
         },
         "global_vs_base": {
             "median_top1_gain_points": statistics.median(gains("base", "global", "top1")),
@@ -236,10 +248,14 @@ def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, pe
     rnd = latest_round(run_dir)
     if rnd is None:
         raise FedkbError(f"{run_dir}: latest.json is missing or unreadable (`fedkb simulate --out {run_dir} --resume` repairs it)")
-    ms = _metrics(run_dir)
+    # the rounds latest.json committed: a round's metrics line is written before latest.json names it,
+    # so a run killed (or read) between the two has a line that `--resume` drops and runs again
+    ms = [m for m in _metrics(run_dir) if m["round"] <= rnd]
+    if not ms:
+        raise FedkbError(f"{run_dir}: no metrics line of a committed round")
     out_dir = Path(out_dir or run_dir / "report")
     files = plot_run(ms, out_dir)
-    rep = {"summary": summarize(ms)}
+    rep = {"summary": summarize(ms, dp=sim.privacy.noise_multiplier > 0)}
     if personalization and users > 0:
         rep["personalization"] = personalization_study(run_dir, cfg, sim, rnd, users)
         files.append(plot_personalization(rep["personalization"], out_dir))

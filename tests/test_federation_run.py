@@ -258,6 +258,46 @@ def test_report_writes_plots_and_personalization_study(reference_run, tmp_path):
     assert pv["median_relative_perplexity_change"] > -1.0  # a ratio of perplexities minus one
     assert rep["summary"]["rounds"] == 4 and rep["summary"]["aggregated"] > 0
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["summary"] == rep["summary"]
+    cfg = json.loads((reference_run / "config.json").read_text())
+    from federation.report import study_user_ids
+
+    studied = study_user_ids(cfg)[:4]  # every fixture user has enough text: the first four are studied
+    assert p["held_out_users"] == sum(u in cfg["eval_users"] for u in studied)
+    assert pv["share_better_loss"] + pv["share_worse_loss"] <= 1.0
+    assert pv["users_with_relative_top1_gain"] <= len(pv["top1_gain_points"])
+
+
+def test_relative_changes_leave_out_users_who_start_at_zero():
+    from federation.report import relative_changes
+
+    assert relative_changes([0.0, 10.0, 20.0, 0.0], [5.0, 12.0, 10.0, 0.0]) == [0.2, -0.5]
+
+
+def test_the_report_holds_only_committed_rounds(reference_run, tmp_path):
+    """A metrics line past latest.json (a run killed, or read, between the two writes) is not reported:
+    `--resume` drops it and runs that round again."""
+    from federation.report import write_report
+
+    run = _copy_run(reference_run, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    extra = {**json.loads(lines[-1]), "round": 5, "top1": 99.0}
+    (run / "metrics.jsonl").write_text("\n".join(lines + [json.dumps(extra)]) + "\n")
+    rep = write_report(run, tmp_path / "rep", users=0, personalization=False)
+    assert rep["summary"]["rounds"] == 4 and rep["summary"]["end"]["top1"] == json.loads(lines[-1])["top1"]
+
+
+def test_the_printed_summary_says_what_it_lacks():
+    """No evaluated round, a last round left unevaluated, and a DP run before its first round are said as such."""
+    from keyboard.commands.report import _epsilon, _scores
+
+    none = {"round": None, "top1": None, "top3": None, "ksr": None}
+    assert _scores({"rounds": 3, "start": none, "end": none}) == "no round was evaluated (--eval-users 0)"
+    st, en = {"round": 0, "top1": 20.0, "top3": 30.0, "ksr": 50.0}, {"round": 2, "top1": 21.0, "top3": 31.0, "ksr": 51.0}
+    assert _scores({"rounds": 3, "start": st, "end": en}).endswith("KSR 50.0% -> 51.0% (round 2, the last evaluated)")
+    assert "last evaluated" not in _scores({"rounds": 2, "start": st, "end": en})
+    assert _epsilon({"epsilon": None, "dp": True}) == "epsilon n/a (no round yet)"
+    assert _epsilon({"epsilon": None, "dp": False}) == "epsilon n/a (no DP noise)"
+    assert _epsilon({"epsilon": 1.5, "dp": True}) == "epsilon 1.5"
 
 
 def test_an_os_error_is_one_line_with_its_path(reference_run, tmp_path, capsys):

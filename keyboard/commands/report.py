@@ -19,6 +19,22 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
+def _scores(s: dict) -> str:
+    """The global model's scores at the first and the last evaluated round (held-out users)."""
+    st, en = s["start"], s["end"]
+    if st.get("top1") is None:
+        return "no round was evaluated (--eval-users 0)"
+    at = f" (round {en['round']}, the last evaluated)" if en.get("round") != s["rounds"] else ""
+    return (f"global top-1 {st['top1']}% -> {en['top1']}%, top-3 {st.get('top3')}% -> {en.get('top3')}%, "
+            f"KSR {st.get('ksr')}% -> {en.get('ksr')}%{at}")
+
+
+def _epsilon(s: dict) -> str:
+    if s["epsilon"] is not None:
+        return f"epsilon {s['epsilon']}"
+    return "epsilon n/a (no round yet)" if s.get("dp") else "epsilon n/a (no DP noise)"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -30,18 +46,16 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     rep = write_report(args.run, args.out, users=args.users, personalization=args.users > 0)
     s = rep["summary"]
-    st, en = s["start"], s["end"]
-    print(f"{s['rounds']} rounds: global top-1 {st.get('top1')}% -> {en.get('top1')}%, top-3 {st.get('top3')}% -> {en.get('top3')}%, "
-          f"KSR {st.get('ksr')}% -> {en.get('ksr')}%")
+    print(f"{s['rounds']} rounds: {_scores(s)}")
     print(f"aggregated {s['aggregated']} updates, {s['rejected']} rejected, {s['clipped']} clipped, {s['dropouts']} dropouts; "
-          f"epsilon {s['epsilon'] if s['epsilon'] is not None else 'n/a (no DP noise)'}")
+          f"{_epsilon(s)}")
     p = rep.get("personalization")
     if p:
         m, pv = p["mean"], p["personalized_vs_global"]
-        print(f"personalization ({p['users']} users): mean top-1 base {m['base']['top1']}% / global {m['global']['top1']}% / "
+        print(f"personalization ({p['users']} users, {p['held_out_users']} of them held out of the federation): mean top-1 base {m['base']['top1']}% / global {m['global']['top1']}% / "
               f"personalized {m['personalized']['top1']}%; median relative top-1 gain {_pct(pv['median_relative_top1_gain'])}; "
               f"{100 * pv['share_better_top1']:.0f}% better, {100 * pv['share_worse_top1']:.0f}% worse (top-1), "
-              f"{100 * pv['share_better_loss']:.0f}% lower loss (median perplexity change "
+              f"{100 * pv['share_better_loss']:.0f}% lower loss, {100 * pv['share_worse_loss']:.0f}% higher (median perplexity change "
               f"{100 * pv['median_relative_perplexity_change']:+.1f}%); KSR {100 * pv['share_better_ksr']:.0f}% better, "
               f"{100 * pv['share_worse_ksr']:.0f}% worse, median relative gain {_pct(pv['median_relative_ksr_gain'])}")
     for f in rep["files"]:
