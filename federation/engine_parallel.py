@@ -1,32 +1,42 @@
 """The parallel engine: persistent worker processes, one torch thread each.
 
-    main                                    worker w (started once, spawn)
-    ----                                    --------
-    params -> shared flat buffer  ------->  reads the global model from it (no copy, no pickle)
-    control[w] <- (round, vocab if new)     loads model, tokenizer, user streams once, keeps them
-    tasks <- ClientTask x K, then W stops   takes tasks until a stop: trains, writes its delta
-    results -> consume(task, delta) <-----  straight into one of ITS two shared delta buffers,
-    ack[w].release() once consume returns   reports, and goes on; waits only to reuse a buffer
-                                            whose delta is not yet consumed
+    main                                      worker w (started once, spawn)
+    ----                                      --------
+    params -> shared flat buffer  --------->  reads the global model from it (no copy, no pickle)
+    pipe[w] <- ("round", r, vocab if new)     loads model, tokenizer, user streams once, keeps them
+    pipe[w] <- ("task", client, slot)         trains, writes the delta straight into ITS shared
+    pipe[w] -> ("done", slot, ...)            delta buffer `slot` (of two), reports, and waits
+    the next task goes to w (the other slot),
+    then consume(task, delta) reads `slot`
 
-Clients are handed out dynamically (a shared queue), so a slow client does not hold up
-a whole worker's share, longest first (by the size of the device's history, read with a
-`stat`, never opened): the last clients to start are then short ones, so the workers finish
-together instead of one idling while the other trains a long history (Graham 1969, "Bounds
-on Multiprocessing Timing Anomalies": longest-processing-time-first scheduling).  Each
-client's generator is seeded from its task, so results do not depend on which worker ran
-it or when: each client's delta is the same bits, and with secure aggregation (an integer
-sum) the engines agree bit for bit (tests/test_federation_run.py).  `consume` sees the deltas
-in the order the workers finish, so a plain float64 sum (--no-secagg) may differ in a last bit.
+Each worker has one pipe (a socket pair) of its own: a round's messages reach it in the order
+they were sent, so a worker always reads a round's vocabulary before that round's clients.
+There are no shared queues, and so no named semaphores (a `multiprocessing.Queue` holds three,
+which only a finalizer or the resource tracker unlinks: killing the process group, as closing a
+terminal does, left 14 in /dev/shm each time) and no feeder threads.  A dead peer is seen at
+once: a worker's `recv` ends when the main process dies (kill -9, the OOM killer), and the main
+process's when a worker does.
+
+Clients are handed out dynamically: a worker gets the next one as soon as it reports, before
+its delta is consumed (which reads the other buffer), so a slow client does not hold up a whole
+worker's share; longest first (by the size of the device's history, read with a `stat`, never
+opened): the last clients to start are then short ones, so the workers finish together instead
+of one idling while the other trains a long history (Graham 1969, "Bounds on Multiprocessing
+Timing Anomalies": longest-processing-time-first scheduling).  Each client's generator is
+seeded from its task, so results do not depend on which worker ran it or when: each client's
+delta is the same bits, and with secure aggregation (an integer sum) the engines agree bit for
+bit (tests/test_federation_run.py).  `consume` sees the deltas in the order the workers finish,
+so a plain float64 sum (--no-secagg) may differ in a last bit.
 """
 
 from __future__ import annotations
 
 import os
-import queue as queue_mod
 import signal
 import traceback
+from collections import deque
 from collections.abc import Sequence
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import torch
@@ -45,6 +55,7 @@ from models.lm import LMConfig, WordLM
 from models.vocab import Vocabulary
 
 _STOP = None
+WAIT_S = 5.0  # how often the main process, waiting for a report, checks that every worker is alive
 
 
 def _views(flat: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -79,34 +90,9 @@ def _ending(exitcode: int) -> str:
     return f"exit code {exitcode}; its error, if any, is on stderr"
 
 
-ORPHAN_CHECK_S = 2.0  # how often an idle worker checks that the main process is still there
-
-
-def _wait(get):
-    """`get(timeout)` until it answers; exit if the main process has died (kill -9, the OOM killer),
-    checked while waiting and before what it answered is used: with nobody to report to, the
-    worker would otherwise wait forever, holding its model and users' streams (~350 MB),
-    or first train the round's queued clients for no one."""
-    parent = mp.parent_process()
-    while True:
-        try:
-            got = get(ORPHAN_CHECK_S)
-        except queue_mod.Empty:
-            got = queue_mod.Empty
-        if parent is not None and not parent.is_alive():
-            os._exit(0)
-        if got is not queue_mod.Empty:
-            return got
-
-
-def _acquire(sem):
-    def get(timeout):
-        if not sem.acquire(timeout=timeout):
-            raise queue_mod.Empty
-    return _wait(get)
-
-
-def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_bufs, control, tasks, results, ack, use_native):
+def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_bufs, conn, use_native):
+    """Serve `conn` until the stop (None) or the main process's end (EOF: the worker exits, rather
+    than hold its model and users' streams, ~350 MB, for no one)."""
     torch.set_num_threads(1)
     if not use_native:
         native.disable()  # the kernels the main process has, so the engines agree bit for bit
@@ -115,29 +101,32 @@ def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta
         like = runner.model.state_dict()
         global_params = _views(params_buf, like)
         outs = [_views(buf, like) for buf in delta_bufs]
-        while True:
-            msg = _wait(lambda t: control.get(timeout=t))
-            if msg is _STOP:
-                return
-            _round, vocab_json = msg
-            if vocab_json is not None:
-                runner.set_vocab(Vocabulary.from_json(vocab_json))
-            done = 0
-            while True:
-                task = _wait(lambda t: tasks.get(timeout=t))
-                if task is _STOP:
-                    release_free_memory()
-                    break
-                slot = done % len(outs)  # double buffering: the main process reads one while this trains
-                _acquire(ack)  # a free buffer (released in the order they were filled, so this one)
-                res = runner.run(global_params, task, out=outs[slot])  # the delta, written straight into it
-                del res.delta
-                done += 1
-                if done % TRIM_EVERY == 0:
-                    release_free_memory()  # memory flat within and across rounds (federation/memory.py)
-                results.put((wid, slot, task, res.num_words, res.loss, res.steps, res.seconds, None))
+        done = 0
+        while (msg := conn.recv()) is not _STOP:
+            if msg[0] == "round":
+                if msg[2] is not None:
+                    runner.set_vocab(Vocabulary.from_json(msg[2]))
+                release_free_memory()
+                continue
+            _, task, slot = msg
+            try:
+                res = runner.run(global_params, task, out=outs[slot])  # the delta, written straight into the buffer
+            except (FedkbError, OSError) as e:  # the user's device: the sequential engine's error, word for word
+                why = (e.errno, e.strerror, e.filename) if isinstance(e, OSError) and e.strerror else (str(e),)
+                conn.send(("failed", task, why, isinstance(e, OSError)))
+                continue
+            del res.delta
+            done += 1
+            if done % TRIM_EVERY == 0:
+                release_free_memory()  # memory flat within and across rounds (federation/memory.py)
+            conn.send(("done", slot, task, res.num_words, res.loss, res.steps, res.seconds))
+    except (EOFError, BrokenPipeError):  # the main process has gone
+        os._exit(0)
     except BaseException:  # report, don't hang the main process
-        results.put((wid, 0, None, 0, 0.0, 0, 0.0, traceback.format_exc()))
+        try:
+            conn.send(("crashed", traceback.format_exc()))
+        except OSError:
+            os._exit(1)
 
 
 class ParallelEngine:
@@ -153,87 +142,104 @@ class ParallelEngine:
         n = sum(v.numel() for v in like.values())
         self.params_buf = torch.zeros(n).share_memory_()
         self.delta_bufs = [[torch.zeros(n).share_memory_() for _ in range(2)] for _ in range(workers)]
-        self.tasks = ctx.Queue()
-        self.results = ctx.Queue()
-        self.controls = [ctx.Queue() for _ in range(workers)]
-        self.acks = [ctx.Semaphore(2) for _ in range(workers)]  # free delta buffers per worker
-        self.procs = [ctx.Process(target=_worker, daemon=True,
-                                  args=(w, model_cfg, Path(tokenizer_path), Path(devices_root), cfg, self.params_buf,
-                                        self.delta_bufs[w], self.controls[w], self.tasks, self.results, self.acks[w], use_native))
-                      for w in range(workers)]
-        for p in self.procs:
+        self.conns, self.procs = [], []
+        for w in range(workers):
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(target=_worker, daemon=True, args=(w, model_cfg, Path(tokenizer_path), Path(devices_root), cfg,
+                                                               self.params_buf, self.delta_bufs[w], theirs, use_native))
             p.start()
+            theirs.close()  # the worker's end lives in the worker only: its death is then an EOF here
+            self.conns.append(mine)
+            self.procs.append(p)
         self.root = Path(devices_root)
         self._vocab_key = None
         self._round = 0
 
     def run(self, global_params: dict[str, Tensor], vocab: Vocabulary, tasks: Sequence[ClientTask], consume: Consume) -> None:
+        """Train `tasks`, calling `consume` for each as its worker reports.  Anything raised here (a
+        worker's error, a dead worker, an error in `consume`) closes the engine: clients of this round
+        may still be training, and no later round could tell their reports from its own."""
+        if not self.procs:
+            raise FedkbError("the parallel engine is closed")
+        try:
+            self._run(global_params, vocab, tasks, consume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, global_params, vocab, tasks, consume) -> None:
         self._check_workers()  # one killed between rounds (the OOM killer) would leave the other to run them alone
         self.params_buf.copy_(P.flatten(global_params))  # the broadcast: workers read this buffer
         key = (vocab.version, len(vocab))
         vocab_json = vocab.to_json() if key != self._vocab_key else None
         self._vocab_key = key
         self._round += 1
-        for c in self.controls:
-            c.put((self._round, vocab_json))
-        for t in longest_first(tasks, self.root):
-            self.tasks.put(t)
-        for _ in self.procs:
-            self.tasks.put(_STOP)
+        for w in range(len(self.procs)):
+            self._send(w, ("round", self._round, vocab_json))
+        order = deque(longest_first(tasks, self.root))
+        for w in range(len(self.procs)):
+            if order:
+                self._send(w, ("task", order.popleft(), 0))
         for _ in range(len(tasks)):
-            wid, slot, task, num_words, loss, steps, seconds, err = self._get()
-            if err is not None:
-                self.close()
-                raise RuntimeError(f"parallel engine worker {wid} failed:\n{err}")
-            delta = _views(self.delta_bufs[wid][slot], self.like)  # no copy: valid until consume returns
-            try:
-                consume(task, ClientResult(delta, num_words, loss, steps, seconds, task.slot))
-            finally:
-                self.acks[wid].release()  # the worker may reuse the buffer now
+            w, msg = self._recv()
+            if msg[0] == "failed":
+                _, task, why, is_os = msg
+                raise OSError(*why) if is_os else FedkbError(why[0])
+            if msg[0] == "crashed":
+                raise RuntimeError(f"parallel engine worker {w} failed:\n{msg[1]}")
+            _, slot, task, num_words, loss, steps, seconds = msg
+            if order:  # the worker trains its next client into the other buffer while this one is read
+                self._send(w, ("task", order.popleft(), 1 - slot))
+            delta = _views(self.delta_bufs[w][slot], self.like)  # no copy: valid until consume returns
+            consume(task, ClientResult(delta, num_words, loss, steps, seconds, task.slot))
 
-    def _get(self):
+    def _send(self, w: int, msg) -> None:
+        try:
+            self.conns[w].send(msg)
+        except OSError:  # BrokenPipeError: the worker has died
+            self._check_workers(ending=w)
+            raise
+
+    def _recv(self):
+        """(worker, its next report); FedkbError where a worker died."""
         while True:
-            try:
-                return self.results.get(timeout=5.0)
-            except queue_mod.Empty:
+            ready = wait(self.conns, timeout=WAIT_S)
+            if not ready:
                 self._check_workers()
+                continue
+            c = ready[0]
+            try:
+                return self.conns.index(c), c.recv()
+            except (EOFError, OSError):  # its end closed: the worker has died
+                w = self.conns.index(c)
+                self._check_workers(ending=w)
+                raise FedkbError(f"parallel engine: worker {w} closed its pipe") from None
 
-    def _check_workers(self) -> None:
+    def _check_workers(self, ending: int | None = None) -> None:
+        """FedkbError, saying how, where a worker has died (`ending`: one whose pipe just closed, given
+        a few seconds to finish dying so that its exit code is known)."""
+        if ending is not None:
+            self.procs[ending].join(timeout=5.0)
         dead = [(i, p.exitcode) for i, p in enumerate(self.procs) if not p.is_alive()]
         if dead:
-            self.close()
             how = ", ".join(f"{i}: {_ending(code)}" for i, code in dead)
             raise FedkbError(f"parallel engine: worker(s) {[i for i, _ in dead]} died ({how})")
 
     def close(self) -> None:
-        for q in (*self.controls, self.tasks, self.results):
-            q.cancel_join_thread()  # at exit, never wait to flush a message into a dead worker's full pipe
-        for c, p in zip(self.controls, self.procs):
+        for c, p in zip(self.conns, self.procs):
             if p.is_alive():
-                c.put(_STOP)
+                try:
+                    c.send(_STOP)
+                except OSError:
+                    pass
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
-        if self.procs and all(p.exitcode == 0 for p in self.procs):
-            self._end_feeders()
-        self.procs = []
-
-    def _end_feeders(self) -> None:
-        """End each queue's feeder thread now, once every worker has read its last message.
-
-        A feeder thread holds the queue's write lock and semaphore; left running, it drops them
-        when the queue is garbage collected, and their finalizer (unlink the named semaphore, then
-        tell multiprocessing's resource tracker) then runs in that daemon thread. A process
-        exiting at that moment stopped it between the two, and the tracker warned of a "leaked
-        semaphore" it could not find (about one `fedkb simulate --engine parallel` in five). Joined
-        here, the locks outlive their thread and are finalized in the main thread.  Not after a
-        worker died: a feeder may be blocked on its full pipe, and the exit must not wait on it."""
-        for q in (*self.controls, self.tasks, self.results):
-            q.close()  # hands the feeder thread its sentinel
-            feeder = getattr(q, "_thread", None)  # CPython's Queue keeps it here; None if nothing was ever put
-            if feeder is not None:
-                feeder.join(timeout=5)
+                p.join(timeout=5)
+        for c in self.conns:
+            c.close()
+        self.conns, self.procs = [], []
 
     def __enter__(self):
         return self

@@ -23,6 +23,7 @@ OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -151,6 +152,16 @@ def refuse_a_file(path: Path, what: str, flag: str) -> None:
     if not f.is_dir():
         why = f"{f} is a file, not {what}" if f == path else f"{path} cannot be {what} ({f} is a file)"
         raise FedkbError(f"{why}: choose another {flag}")
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Remove the temporary files of writes a killed process left (models/atomic.py names them
+    `.NAME.RANDOM.tmp` beside NAME; only a kill -9 or a power cut leaves one): called under the
+    run's lock, so no other process is writing them."""
+    for folder in (run_dir, *(run_dir / "checkpoints").glob("round-*")):
+        for f in folder.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                f.unlink()
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -287,6 +298,8 @@ class Simulation:
         self.engine = None
         self._lock, why = lock_run(self.run_dir)  # before the first write; close() releases it
         self.notes += [why] if why else []
+        if self._lock is not None:  # no other process writes here
+            remove_temporaries(self.run_dir)
         try:
             self._start(base, resume, cfg_path)
         except BaseException:

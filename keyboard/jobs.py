@@ -39,8 +39,10 @@ _ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the keyb
 
 def exit_on_sigterm() -> None:
     """The job's side: `stop()`'s SIGTERM becomes SystemExit, so `finally` blocks run (an atomic
-    write removes its temporary file, an engine ends its workers, a run folder is unlocked)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    write removes its temporary file, an engine ends its workers, a run folder is unlocked); so
+    does SIGHUP, which a closing terminal sends (`fedkb simulate` installs this too)."""
+    for sig in (signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
 
 
 def emit(obj: dict) -> None:

@@ -73,21 +73,74 @@ def test_how_a_worker_ended_is_said_in_words():
     assert _ending(1) == "exit code 1; its error, if any, is on stderr"
 
 
-CLOSE_SCRIPT = SETUP + textwrap.indent(textwrap.dedent('''
-    import threading
+ORDER_SCRIPT = SETUP.replace("    engine = ParallelEngine", """    import threading
+    import multiprocessing.synchronize as mps
+    made = []
+    init = mps.SemLock.__init__
+    mps.SemLock.__init__ = lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1]
+    engine = ParallelEngine""") + textwrap.indent(textwrap.dedent('''
+    import torch
+    from federation.engine_sequential import SequentialEngine
+
+    def keep(into):
+        return lambda t, r: into.__setitem__(t.slot, {k: v.clone() for k, v in r.delta.items()})
+
+    grown = ck.vocab.add(["zorble", "lol", "ok"])
+    with SequentialEngine(ck.model.cfg, tok.path, pop.root, ClientConfig()) as seq:
+        ref = {}
+        seq.run(ck.model.state_dict(), grown, tasks, keep(ref))
+    differ = 0
+    for _ in range(3):
+        engine.run(ck.model.state_dict(), ck.vocab, [], lambda t, r: None)  # a round without clients
+        got = {}
+        engine.run(ck.model.state_dict(), grown, tasks, keep(got))
+        differ += any(not torch.equal(ref[s][k], got[s][k]) for s in ref for k in ref[s])
+        engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)
     engine.close()
-    print("feeders after close:", sum(t.name == "QueueFeederThread" for t in threading.enumerate() if t.is_alive()))
+    print("rounds unlike the sequential engine's:", differ)
+    print("named semaphores made:", len(made))
+    print("threads after close:", threading.active_count())
 '''), "    ")
 
 
-def test_closing_the_engine_ends_its_queue_threads(tiny, tmp_path):
-    """After a clean close no queue feeder thread is left: one left running finalized the queue's
-    named semaphores itself when the queue was freed, and a process exiting then cut it off
-    half-way, so multiprocessing's resource tracker warned of a leaked semaphore (about one
-    parallel `fedkb simulate` in five)."""
-    r = _run(CLOSE_SCRIPT, tiny, tmp_path)
-    assert "feeders after close: 0" in r.stdout, r.stdout
+def test_each_round_is_trained_with_its_own_vocabulary_and_no_semaphore_is_made(tiny, tmp_path):
+    """A round right after one without clients (which waits for no worker) is trained with its own
+    vocabulary by both workers: with one shared task queue, a worker could take the next round's
+    client before reading that round's vocabulary (3 rounds in 4 unlike the sequential engine's).
+    And the engine makes no named semaphore (a multiprocessing.Queue makes three, left in /dev/shm
+    when the process group is killed, as closing a terminal does) and leaves no thread behind."""
+    r = _run(ORDER_SCRIPT, tiny, tmp_path)
+    assert "rounds unlike the sequential engine's: 0" in r.stdout, r.stdout
+    assert "named semaphores made: 0" in r.stdout and "threads after close: 1" in r.stdout, r.stdout
     assert "leaked" not in r.stderr
+
+
+FAIL_SCRIPT = SETUP.replace("    engine = ParallelEngine", """    import shutil
+    h = pop.root / pop.real_id(2) / "history.jsonl"
+    h.unlink()
+    h.mkdir()  # a device whose history cannot be read
+    engine = ParallelEngine""").replace(
+    "    engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)  # the workers now wait for a round", "") + textwrap.indent(textwrap.dedent('''
+    from federation.engine_sequential import SequentialEngine
+
+    for eng in (SequentialEngine(ck.model.cfg, tok.path, pop.root, ClientConfig()), engine):
+        try:
+            eng.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)
+        except OSError as e:
+            print(type(eng).__name__, "OSError", e.errno, e.strerror, e.filename)
+        eng.close()
+    print("alive after the error:", sum(p.is_alive() for p in engine.procs))
+'''), "    ")
+
+
+def test_a_clients_error_in_a_worker_is_the_sequential_engines_error(tiny, tmp_path):
+    """A device the client cannot read raises in the main process what the sequential engine raises
+    (the CLI prints it as one line), not a RuntimeError with the worker's traceback, and the engine
+    is closed."""
+    r = _run(FAIL_SCRIPT, tiny, tmp_path)
+    lines = [l.split(" ", 1)[1] for l in r.stdout.splitlines() if "OSError" in l]
+    assert len(lines) == 2 and lines[0] == lines[1] and "Is a directory" in lines[0], r.stdout
+    assert "alive after the error: 0" in r.stdout
 
 
 ORPHAN_SCRIPT = SETUP + textwrap.indent(textwrap.dedent('''
@@ -103,7 +156,7 @@ def test_workers_exit_when_the_main_process_is_killed(tiny, tmp_path):
     import time
 
     p = subprocess.Popen(_args(ORPHAN_SCRIPT, tiny, tmp_path), cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True,
-                         stderr=subprocess.DEVNULL)  # its resource tracker, outliving it, warns of the semaphores a kill -9 leaves
+                         stderr=subprocess.DEVNULL)
     try:
         workers = [int(x) for x in p.stdout.readline().split()]
         assert len(workers) == 2 and all(_alive(w) for w in workers)

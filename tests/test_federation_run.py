@@ -66,6 +66,39 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tiny, tmp_path, reference_r
     assert strip(a) == strip(b)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_kill_or_a_closed_terminal_stops_a_run_cleanly(sig, tiny, tmp_path, reference_run):
+    """SIGTERM (`kill`) and SIGHUP (a closed terminal) end `fedkb simulate` as ctrl-c does: `finally`
+    blocks run (status 128 + the signal, not death by it), so no write is left half done, and the
+    run resumes to the uninterrupted run's bits."""
+    rounds = ["--rounds", "4"]
+    run = tmp_path / "run"
+    p = subprocess.Popen(_cli(tiny, run, *rounds), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _latest(run) < 1 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)
+    assert p.poll() is None, "the run finished before it could be stopped"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig, err
+    assert not list(run.rglob(".*.tmp")) and "Traceback" not in err
+    _run(_cli(tiny, run, *rounds, "--resume"))
+    final = "checkpoints/round-0004/model.safetensors"
+    assert (run / final).read_bytes() == (reference_run / final).read_bytes()
+
+
+def test_resume_removes_the_temporary_files_a_kill_left(reference_run, tiny, tmp_path):
+    """A kill -9 during an atomic write leaves its `.NAME.RANDOM.tmp`; the next run of the folder, holding
+    its lock, removes them (and nothing else)."""
+    run = _copy_run(reference_run, tmp_path)
+    left = [run / ".latest.json.k2j3.tmp", run / "checkpoints" / "round-0004" / ".model.safetensors.x9y8.tmp"]
+    for f in left:
+        f.write_bytes(b"half a write")
+    (run / "notes.tmp").write_text("not one of ours")
+    _run(_cli(tiny, run, "--rounds", "4", "--resume"))
+    assert not any(f.exists() for f in left) and (run / "notes.tmp").exists()
+
+
 def test_parallel_engine_equals_sequential(tiny, tmp_path, reference_run):
     from keyboard.cli import main
 

@@ -89,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
     from federation.discovery import discovery_for_run
     from federation.run import Simulation, read_metrics
+    from keyboard.jobs import exit_on_sigterm
 
+    exit_on_sigterm()  # `kill`, or a closed terminal: the round under way is dropped cleanly, as on ctrl-c
     torch.set_num_threads(max(1, args.threads))
     sim = build_config(args)
     discover = discovery_for_run(args.out, args.theta if getattr(args, "discover", False) else None, args.resume)
