@@ -4,10 +4,10 @@
     ----                                      --------
     params -> shared flat buffer  --------->  reads the global model from it (no copy, no pickle)
     pipe[w] <- ("round", r, vocab if new)     loads model, tokenizer, user streams once, keeps them
-    pipe[w] <- ("task", client, slot)         trains, writes the delta straight into ITS shared
-    pipe[w] -> ("done", slot, ...)            delta buffer `slot` (of two), reports, and waits
-    the next task goes to w (the other slot),
-    then consume(task, delta) reads `slot`
+    pipe[w] <- ("task", client, slot) x 2     trains, writes the delta straight into ITS shared
+    pipe[w] -> ("done", slot, ...)            delta buffer `slot` (of two), reports, and goes on
+    consume(task, delta) reads `slot`;        with its other client, into the other buffer
+    then w's next client, into `slot`
 
 Each worker has one pipe (a socket pair) of its own: a round's messages reach it in the order
 they were sent, so a worker always reads a round's vocabulary before that round's clients.
@@ -17,9 +17,10 @@ terminal does, left 14 in /dev/shm each time) and no feeder threads.  A dead pee
 once: a worker's `recv` ends when the main process dies (kill -9, the OOM killer), and the main
 process's when a worker does.
 
-Clients are handed out dynamically: a worker gets the next one as soon as it reports, before
-its delta is consumed (which reads the other buffer), so a slow client does not hold up a whole
-worker's share; longest first (by the size of the device's history, read with a `stat`, never
+Clients are handed out dynamically, one ahead: a worker holds two, and gets its next as soon
+as the delta it reported is consumed (aggregation with secure aggregation takes ~0.2 s a
+client, which the worker spends on its other client), so a slow client does not hold up a
+whole worker's share; longest first (by the size of the device's history, read with a `stat`, never
 opened): the last clients to start are then short ones, so the workers finish together instead
 of one idling while the other trains a long history (Graham 1969, "Bounds on Multiprocessing
 Timing Anomalies": longest-processing-time-first scheduling).  Each client's generator is
@@ -177,9 +178,10 @@ class ParallelEngine:
         for w in range(len(self.procs)):
             self._send(w, ("round", self._round, vocab_json))
         order = deque(longest_first(tasks, self.root))
-        for w in range(len(self.procs)):
-            if order:
-                self._send(w, ("task", order.popleft(), 0))
+        for slot in (0, 1):  # a client for each buffer: one to train now, one to go on with while the first is read
+            for w in range(len(self.procs)):
+                if order:
+                    self._send(w, ("task", order.popleft(), slot))
         for _ in range(len(tasks)):
             w, msg = self._recv()
             if msg[0] == "failed":
@@ -188,10 +190,10 @@ class ParallelEngine:
             if msg[0] == "crashed":
                 raise RuntimeError(f"parallel engine worker {w} failed:\n{msg[1]}")
             _, slot, task, num_words, loss, steps, seconds = msg
-            if order:  # the worker trains its next client into the other buffer while this one is read
-                self._send(w, ("task", order.popleft(), 1 - slot))
             delta = _views(self.delta_bufs[w][slot], self.like)  # no copy: valid until consume returns
             consume(task, ClientResult(delta, num_words, loss, steps, seconds, task.slot))
+            if order:  # that buffer is free again: the worker's client after the one it trains now
+                self._send(w, ("task", order.popleft(), slot))
 
     def _send(self, w: int, msg) -> None:
         try:
