@@ -21,7 +21,8 @@ import torch
 from federation.client import local_finetune
 from federation.config import ClientConfig, SimulationConfig, personalization_config
 from federation.device import Device
-from federation.run import METRICS, checkpoint_dir, latest_round, numbered_metrics, read_config
+from federation.run import read_config
+from federation.runfolder import METRICS, checkpoint_dir, latest_round, numbered_metrics
 from models import atomic
 from models.checkpoint import load_checkpoint
 from models.errors import FedkbError

@@ -42,6 +42,7 @@ from federation.config import SimulationConfig
 from federation.discovery import DiscoveryConfig, DiscoveryStep, make_discovery_step
 from federation.engine_parallel import make_engine
 from federation.rounds import Discover, Evaluator, run_round
+from federation.runfolder import CONFIG, LATEST, LOCK, METRICS, checkpoint_dir, latest_round, read_metrics
 from federation.sampling import Population, build_population, devices_to_select, eval_users
 from federation.server import ServerState, init_state
 from models import atomic
@@ -51,49 +52,6 @@ from models.errors import FedkbError
 from models.jsonvalues import is_int
 from models.lm import WordLM
 from models.tokenizer import Tokenizer
-
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-LATEST = "latest.json"
-LOCK = ".lock"
-
-
-def checkpoint_dir(run_dir: Path, rnd: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"round-{rnd:04d}"
-
-
-def numbered_metrics(run_dir: Path) -> list[tuple[int, dict]]:
-    """(line number, line) of each metrics line of a run, read as `atomic.read_jsonl` reads: a torn
-    last line, a blank one, or a line without an integer round is skipped."""
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and is_int(obj.get("round")):
-                out.append((n, obj))
-    return out
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The metrics lines of a run (a torn last line, or a line without an integer round, is skipped)."""
-    return [m for _, m in numbered_metrics(run_dir)]
-
-
-def latest_round(run_dir: Path) -> int | None:
-    """The last committed round, from latest.json; None if it is missing, unreadable or names no
-    possible round (not a whole number >= 0)."""
-    try:
-        r = json.loads((Path(run_dir) / LATEST).read_text())["round"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return r if is_int(r) and r >= 0 else None
-
 
 DISCOVERY_KEY = "discovery_theta"  # config.json: the TrieHH threshold the run discovers words with, or null
 

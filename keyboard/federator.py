@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from keyboard.jobs import JobProcess, emit, exit_on_sigterm
-from models import atomic
+from federation.runfolder import checkpoint_dir, latest_round, read_metrics
 from models.errors import FedkbError
 from models.jsonvalues import is_int, is_number
 
@@ -71,23 +71,11 @@ def _round_ok(m) -> bool:
             and (t is None or isinstance(t, dict) and is_number(t.get("round_s"))))
 
 
-def committed_round(run_dir: Path) -> int:
-    """The run folder's last committed round (its latest.json, read as federation.run.latest_round
-    reads it: that module imports torch); 0 where there is none."""
-    try:
-        r = json.loads((Path(run_dir) / "latest.json").read_text())["round"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return r if is_int(r) and r >= 0 else 0
-
-
 def committed_since(run_dir: Path, after: int) -> list[tuple[dict, Path]]:
     """The rounds after `after` that the run folder committed, each (metrics, checkpoint) as the process
-    reports it (the checkpoint named as federation.run.checkpoint_dir names it)."""
-    run_dir = Path(run_dir)
-    lines = {m["round"]: m for m in atomic.read_jsonl(run_dir / "metrics.jsonl") if _round_ok(m)}  # the last line of a round
-    return [(lines[r], run_dir / "checkpoints" / f"round-{r:04d}")
-            for r in range(after + 1, committed_round(run_dir) + 1) if r in lines]
+    reports it."""
+    lines = {m["round"]: m for m in read_metrics(run_dir) if _round_ok(m)}  # the last line of a round
+    return [(lines[r], checkpoint_dir(run_dir, r)) for r in range(after + 1, (latest_round(run_dir) or 0) + 1) if r in lines]
 
 
 class FederatorProcess(JobProcess):
@@ -102,7 +90,7 @@ class FederatorProcess(JobProcess):
         `stop()`, the rounds the run folder committed that the process had not reported are reported first."""
         out = {}
         run_dir = Path(self.spec["run_dir"])
-        self.round = committed_round(run_dir)  # before the process starts: a resumed run's rounds are not its own
+        self.round = latest_round(run_dir) or 0  # before the process starts: a resumed run's rounds are not its own
 
         def on_message(msg: dict) -> None:
             if "note" in msg:
@@ -144,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from federation.discovery import discovery_for_run
-    from federation.run import Simulation, checkpoint_dir
+    from federation.run import Simulation
     from models import native
 
     torch.set_num_threads(1)  # one core trains, the other types

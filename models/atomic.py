@@ -57,16 +57,21 @@ def read_jsonl(path: Path) -> list:
     that are not UTF-8 (a character cut in two) are replaced, so a crash never makes
     the rest of the file unreadable.
     """
+    return [obj for _, obj in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: Path) -> list[tuple[int, object]]:
+    """`read_jsonl`'s values, each with its line number (from 1), for messages that name a line."""
     path = Path(path)
     if not path.exists():
         return []
     out = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                out.append((n, json.loads(line)))
             except ValueError:
                 continue
     return out
