@@ -658,3 +658,22 @@ asyncio.run(main())
     app = make_app(tiny, tmp_path, user_id="u0001")  # the delta that process learned, read here
     assert app.session.label == "base + personal delta"
     assert words == str(app.session.predictor.suggest_for("how are")) != "[]"
+
+
+@sync
+async def test_a_paste_is_inserted_once_and_its_lines_become_one_message(tiny, tmp_path):
+    from textual import events
+
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "see you at")
+        app.screen.query_one(Input).post_message(events.Paste(" the station"))
+        await pilot.pause()
+        assert text(app) == "see you at the station"
+        await pilot.press("enter")
+        app.screen.query_one(Input).post_message(events.Paste("Dear Ann,\n  the meeting moved.\n\nBring the slides.\n"))
+        await pilot.pause()
+        assert text(app) == "Dear Ann, the meeting moved. Bring the slides."
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.session.device.history() == ["see you at the station", "Dear Ann, the meeting moved. Bring the slides."]

@@ -1,4 +1,4 @@
-"""The message input: an Input whose pastes are cut to the room left instead of being refused."""
+"""The message input: an Input whose pastes become one line, cut to the room left instead of being refused."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from textual.widgets import Input
 
 class MessageInput(Input):
     """Input with `max_length`: a paste longer than the room left is truncated (and says so).
+
+    A message is one line, so a multi-line paste has its lines joined by spaces (Input's own
+    handler keeps only the first line, silently).
 
     `on_change(value)` is called from the input's own message handler, so a keystroke
     reaches the typing logic without `Input.Changed` bubbling through the containers to
@@ -25,9 +28,9 @@ class MessageInput(Input):
 
     def _on_paste(self, event: events.Paste) -> None:
         event.stop()
-        if not event.text:
-            return
-        line = event.text.splitlines()[0]
+        event.prevent_default()  # else Input._on_paste runs after this one and inserts the paste again
+        lines = event.text.splitlines()
+        line = " ".join(part.strip() for part in lines if part.strip()) if len(lines) > 1 else event.text
         start, end = sorted(self.selection)
         room = (self.max_length or len(line)) - (len(self.value) - (end - start))
         if len(line) > room:
