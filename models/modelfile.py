@@ -8,7 +8,8 @@ here and predict with models/numpy_predictor.py, and torch is imported only by w
 
 The files are the ones models/checkpoint.py writes (`model.json` + `model.safetensors`, the
 delta files of a device), checked as strictly: the format and version, the tokenizer's hash,
-the data's checksum (models/tensorfile.py), every tensor's name, shape and dtype, all finite.
+the data's checksum (models/tensorfile.py), every tensor's name, shape and dtype, all finite;
+the vocabulary's every field (models.vocab.Vocabulary.from_json) and "meta" (an object).
 Every problem is a `FedkbError` that names the file.
 """
 
@@ -53,7 +54,7 @@ def read_meta(directory: Path) -> dict:
         raise FedkbError(f"{path} is corrupt ({e})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise FedkbError(f"{path} is not a fedkb model")
-    if obj.get("format_version") != FORMAT_VERSION:
+    if not is_int(obj.get("format_version")) or obj["format_version"] != FORMAT_VERSION:  # not `true` (== 1)
         raise FedkbError(f"{path} has format version {obj.get('format_version')}, this fedkb reads {FORMAT_VERSION}")
     return obj
 
@@ -130,6 +131,14 @@ def read_model(directory: Path, tokenizer: Tokenizer) -> ModelFile:
         raise FedkbError(f"{directory / META}: bad config ({e})") from None
     if config["num_pieces"] != tokenizer.num_pieces:
         raise FedkbError(f"model expects {config['num_pieces']} pieces, tokenizer has {tokenizer.num_pieces}")
-    vocab = Vocabulary.from_json(obj.get("vocab", {}))  # FedkbError if malformed
+    vocab = Vocabulary.from_json(obj.get("vocab"), directory / META)  # FedkbError naming the field
+    if vocab.base_size > config["base_vocab"]:
+        raise FedkbError(f"{directory / META}: bad vocabulary: vocab.base_size is {vocab.base_size}, more than "
+                         f"config.base_vocab ({config['base_vocab']}), the words the model has residual rows for")
+    meta = obj.get("meta")
+    if meta is None:
+        meta = {}
+    elif not isinstance(meta, dict):
+        raise FedkbError(f"{directory / META}: meta is {type(meta).__name__} {meta!r:.40}, not an object")
     weights = read_arrays(directory / WEIGHTS, reference=want)
-    return ModelFile(directory, weights, vocab, dict(config), obj.get("meta", {}) or {})
+    return ModelFile(directory, weights, vocab, dict(config), meta)

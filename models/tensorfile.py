@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +71,12 @@ def check(path: Path, blob: bytes) -> None:
 def read(path: Path) -> dict[str, np.ndarray]:
     """A safetensors file's tensors as NumPy arrays (writable), its checksum checked: what every
     reader of fedkb's tensor files starts from (models.modelfile.read_arrays checks the arrays).
-    FedkbError for a missing, unreadable or damaged file."""
+    FedkbError for a missing, unreadable or damaged file, and, before its data is read, for what
+    is not a regular file (a link to /dev/zero would be read until memory runs out), a file over
+    MAX_BYTES, or one whose size is not the size its header describes."""
     path = Path(path)
     try:
-        blob = path.read_bytes()
+        blob = _read_bytes(path)
         arrays = load(blob)
     except FileNotFoundError:
         raise FedkbError(f"{path} does not exist") from None
@@ -80,5 +84,52 @@ def read(path: Path) -> dict[str, np.ndarray]:
         raise FedkbError(f"{path} is not a valid safetensors file ({e})") from None
     except (KeyError, TypeError) as e:  # a dtype NumPy has no type for (bfloat16, ...); fedkb writes none
         raise FedkbError(f"{path} holds a dtype NumPy cannot read ({e})") from None
+    except MemoryError:
+        raise FedkbError(f"{path} is too large to read into memory") from None
     check(path, blob)
     return arrays
+
+
+MAX_BYTES = 1 << 30  # no fedkb tensor file comes near this: the shipped model is 7.8 MB
+_HEADER_MAX = 100_000_000  # safetensors' own limit on the header's length
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of tensor file `path`; FedkbError, before reading its data, where it is not a
+    regular file, is larger than MAX_BYTES, or is not the size its header describes."""
+
+    def sized(st: os.stat_result) -> int:
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+            raise FedkbError(f"{path} is not a valid safetensors file (it is {kind}, not a regular file)")
+        if st.st_size > MAX_BYTES:
+            raise FedkbError(f"{path} is {st.st_size:,} bytes, more than a fedkb tensor file can be "
+                             f"({MAX_BYTES:,}): not read")
+        return st.st_size
+
+    sized(os.stat(path))  # nothing but a regular file is even opened (opening a pipe would wait)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        size = sized(os.fstat(f.fileno()))  # the file opened, should `path` have changed since
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if 0 <= n <= min(_HEADER_MAX, size - 8):
+            described = _described_size(n, f.read(n))
+            if described is not None and described != size:
+                raise FedkbError(f"{path} is not a valid safetensors file (its header describes {described} "
+                                 f"bytes, the file holds {size}: {'cut short' if size < described else 'extra bytes'})")
+        f.seek(0)
+        return f.read(size)
+
+
+def _described_size(n: int, header: bytes) -> int | None:
+    """The file size a safetensors header of `n` bytes describes: 8 + n + the end of the last
+    tensor's data.  None where the header cannot be read that far (safetensors then says why)."""
+    try:
+        obj = json.loads(header)
+        ends = [v["data_offsets"][1] for k, v in obj.items() if k != "__metadata__"]
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError, RecursionError):
+        return None
+    if not all(type(e) is int and e >= 0 for e in ends):
+        return None
+    return 8 + n + max(ends, default=0)

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from models.errors import FedkbError
-from models.text import SPECIALS, is_word
+from models.jsonvalues import is_int
+from models.text import MAX_WORD_CHARS, SPECIALS, is_word
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,52 @@ class Vocabulary:
         return {"version": self.version, "base_size": self.base_size, "words": list(self.words)}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Vocabulary":
+    def from_json(cls, obj, source: object = None) -> "Vocabulary":
+        """The vocabulary `to_json` wrote, every field checked: `words` a list of vocabulary words
+        (lower-case `is_word`s after the specials), `version` and `base_size` whole numbers (not
+        bools, floats or strings), 0 <= base_size <= len(words).  Every problem is one FedkbError
+        naming `source` (the file it was read from, where given) and the field."""
+        where = f"{source}: " if source is not None else ""
+
+        def bad(why: str) -> FedkbError:
+            return FedkbError(f"{where}bad vocabulary: {why}")
+
+        if not isinstance(obj, dict):
+            raise bad("vocab is missing" if obj is None else f"vocab is {_show(obj)}, not an object")
+        for key in ("words", "version", "base_size"):
+            if key not in obj:
+                raise bad(f"vocab.{key} is missing")
+        words, version, base_size = obj["words"], obj["version"], obj["base_size"]
+        if not isinstance(words, list):
+            raise bad(f"vocab.words is {_show(words)}, not a list of words")
+        if not all(type(w) is str for w in words):
+            i = next(i for i, w in enumerate(words) if type(w) is not str)
+            raise bad(f"vocab.words[{i}] is {_show(words[i])}, not a string")
+        if not is_int(version) or version < 0:
+            raise bad(f"vocab.version is {_show(version)}, not a whole number >= 0")
+        if not is_int(base_size) or not 0 <= base_size <= len(words):
+            raise bad(f"vocab.base_size is {_show(base_size)}, not a whole number from 0 to {len(words)} "
+                      "(the number of words)")
+        if tuple(words[: len(SPECIALS)]) != SPECIALS:
+            raise bad(f"vocab.words must start with {SPECIALS}")
+        rest = words[len(SPECIALS):]
+        joined = "\n".join(rest)  # one lower() for all: the vocabulary is lower-case (models.text.words)
+        if joined != joined.lower() or not all(map(is_word, rest)):
+            i = next(i for i, w in enumerate(rest) if not (is_word(w) and w == w.lower())) + len(SPECIALS)
+            raise bad(f"vocab.words[{i}] is {_show(words[i])}, not a vocabulary word (lower-case letters "
+                      f"and digits with inner apostrophes, at most {MAX_WORD_CHARS} characters)")
         try:
-            return cls(tuple(obj["words"]), int(obj["version"]), int(obj["base_size"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise FedkbError(f"malformed vocabulary: {e}") from None
+            return cls(tuple(words), version, base_size)
+        except FedkbError:  # a word twice (the specials are checked above)
+            seen: set[str] = set()
+            twice = next(w for w in words if w in seen or seen.add(w))
+            raise bad(f"vocab.words holds {_show(twice)} twice") from None
+
+
+def _show(value) -> str:
+    """A value from a JSON file, for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def appended(earlier: tuple[str, ...] | None, words: tuple[str, ...]) -> int:

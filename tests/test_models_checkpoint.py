@@ -4,6 +4,8 @@ models.train: a seeded fit is bit-for-bit reproducible."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -84,6 +86,107 @@ def test_broken_checkpoint_is_a_fedkb_error(tiny, tmp_path, name):
     breakit(d)
     with pytest.raises(FedkbError, match=message):
         load_model(d, tiny[1])
+
+
+def _edit_json(d: Path, fn) -> None:
+    obj = json.loads((d / "model.json").read_text())
+    fn(obj)
+    (d / "model.json").write_text(json.dumps(obj))
+
+
+def _vocab(**changes):
+    return lambda o: o["vocab"].update(changes)
+
+
+JSON_BREAKERS = {  # model.json edits that loaded silently (wrong suggestions) or ended in a traceback
+    "meta a list": (lambda o: o.update(meta=["x"]), r"meta is list"),  # AttributeError in fedkb predict/eval/keyboard
+    "meta a string": (lambda o: o.update(meta="hello"), r"meta is str"),
+    "a word that is a number": (lambda o: o["vocab"]["words"].append(5), r"vocab\.words\[\d+\] is 5, not a string"),
+    "words cut short": (lambda o: o["vocab"].update(words=o["vocab"]["words"][:50]), r"vocab\.base_size is \d+, not .* to 50"),
+    "words a string": (_vocab(words="<s><unk>abc"), r"vocab\.words is '<s><unk>abc', not a list"),
+    "base_size negative": (_vocab(base_size=-5), r"vocab\.base_size is -5"),
+    "base_size a string": (lambda o: o["vocab"].update(base_size=str(o["vocab"]["base_size"])), r"vocab\.base_size is '\d+'"),
+    "base_size a float": (_vocab(base_size=9.5), r"vocab\.base_size is 9\.5"),
+    "base_size a bool": (_vocab(base_size=True), r"vocab\.base_size is True"),
+    "base_size missing": (lambda o: o["vocab"].pop("base_size"), r"vocab\.base_size is missing"),
+    "version negative": (_vocab(version=-3), r"vocab\.version is -3"),
+    "version a float": (_vocab(version=1.0), r"vocab\.version is 1\.0"),
+    "vocab a list": (lambda o: o.update(vocab=[1, 2]), r"vocab is \[1, 2\], not an object"),
+    "vocab missing": (lambda o: o.pop("vocab"), r"vocab is missing"),
+    "two words in one": (lambda o: o["vocab"]["words"].append("hello world"), r"vocab\.words\[\d+\] is 'hello world', not a vocabulary word"),
+    "an empty word": (lambda o: o["vocab"]["words"].append(""), r"vocab\.words\[\d+\] is '', not a vocabulary word"),
+    "a symbol": (lambda o: o["vocab"]["words"].append("a$b"), r"'a\$b', not a vocabulary word"),
+    "upper case": (lambda o: o["vocab"]["words"].append("Yeet"), r"'Yeet', not a vocabulary word"),
+    "a special twice": (lambda o: o["vocab"]["words"].append("<s>"), r"'<s>', not a vocabulary word"),
+    "a word too long": (lambda o: o["vocab"]["words"].append("x" * 5000), r"'xxx.*\.\.\., not a vocabulary word"),
+    "a word twice": (lambda o: o["vocab"]["words"].append(o["vocab"]["words"][5]), r"vocab\.words holds '.+' twice"),
+    "base_size past the residual rows": (lambda o: o["vocab"].update(words=o["vocab"]["words"] + ["zzqword"],
+                                                                    base_size=o["config"]["base_vocab"] + 1),
+                                         r"vocab\.base_size is \d+, more than config\.base_vocab"),
+    "format_version true": (lambda o: o.update(format_version=True), r"format version True"),
+}
+
+
+@pytest.mark.parametrize("name", list(JSON_BREAKERS))
+def test_model_json_fields_are_type_checked(tiny, tmp_path, name):
+    """Each edit is refused in one line naming the file and the field, by both readers."""
+    from models.modelfile import read_model
+
+    edit, message = JSON_BREAKERS[name]
+    d = _copy(tiny, tmp_path)
+    _edit_json(d, edit)
+    for load in (lambda: read_model(d, Tokenizer(tiny[1])), lambda: load_model(d, tiny[1])):
+        with pytest.raises(FedkbError, match=re.escape(str(d / "model.json")) + ".*" + message) as e:
+            load()
+        assert "\n" not in str(e.value)
+
+
+def test_model_json_without_meta_loads_with_empty_meta(tiny, tmp_path):
+    from models.modelfile import read_model
+
+    for edit in (lambda o: o.pop("meta"), lambda o: o.update(meta=None)):
+        d = _copy(tiny, tmp_path)
+        _edit_json(d, edit)
+        assert read_model(d, Tokenizer(tiny[1])).meta == {} and load_model(d, tiny[1])[0].meta == {}
+        shutil.rmtree(d)
+
+
+def test_the_shipped_vocabulary_passes_the_checks():
+    from models.modelfile import default_paths
+    from models.vocab import Vocabulary
+
+    obj = json.loads((default_paths()[0] / "model.json").read_text())
+    v = Vocabulary.from_json(obj["vocab"], "model.json")
+    assert v.base_size == obj["config"]["base_vocab"] == len(v)
+
+
+def test_a_tensor_file_that_is_not_a_regular_file_is_refused_unread(tmp_path):
+    """A link to /dev/zero was read until memory ran out (MemoryError); a directory, a pipe: refused before opening."""
+    cases = {"dir.safetensors": lambda p: p.mkdir(), "pipe.safetensors": lambda p: os.mkfifo(p)}
+    if Path("/dev/zero").exists():
+        cases["zero.safetensors"] = lambda p: p.symlink_to("/dev/zero")
+    for name, make in cases.items():
+        make(tmp_path / name)
+        with pytest.raises(FedkbError, match=f"{name} is not a valid safetensors file .*not a regular file"):
+            load_tensors(tmp_path / name)
+
+
+def test_a_tensor_file_is_refused_when_too_large_or_not_the_size_its_header_says(tmp_path, monkeypatch):
+    from models import tensorfile
+
+    save_tensors(tmp_path / "t.safetensors", {"a": torch.ones(300)})
+    blob = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "long.safetensors").write_bytes(blob + b"\0" * 64)
+    (tmp_path / "short.safetensors").write_bytes(blob[:-64])
+    with pytest.raises(FedkbError, match=rf"long.safetensors is not a valid safetensors file \(its header describes {len(blob)} bytes, the file holds {len(blob) + 64}: extra bytes\)"):
+        load_tensors(tmp_path / "long.safetensors")
+    with pytest.raises(FedkbError, match="short.safetensors .*header describes .*: cut short"):
+        load_tensors(tmp_path / "short.safetensors")
+    monkeypatch.setattr(tensorfile, "MAX_BYTES", len(blob) - 1)
+    with pytest.raises(FedkbError, match=rf"t.safetensors is {len(blob):,} bytes, more than a fedkb tensor file can be \({len(blob) - 1:,}\): not read"):
+        load_tensors(tmp_path / "t.safetensors")
+    monkeypatch.setattr(tensorfile, "MAX_BYTES", len(blob))
+    assert torch.equal(load_tensors(tmp_path / "t.safetensors")["a"], torch.ones(300))
 
 
 def test_tensor_files_carry_a_checksum_and_older_files_without_one_still_load(tmp_path):

@@ -57,10 +57,19 @@ def test_vocabulary_add_is_versioned_and_append_only():
 
 @pytest.mark.parametrize("obj", [{}, {"words": ["a"], "version": 0, "base_size": 0},
                                  {"words": [BOS, UNK, "a", "a"], "version": 0, "base_size": 0},
-                                 {"words": [BOS, UNK], "version": "x", "base_size": 0}])
+                                 {"words": [BOS, UNK], "version": "x", "base_size": 0},
+                                 {"words": [BOS, UNK, "a"], "version": 0, "base_size": 4},
+                                 {"words": [BOS, UNK, "a"], "version": 0, "base_size": -1},
+                                 {"words": [BOS, UNK, "a"], "version": 0, "base_size": 2.0},
+                                 {"words": [BOS, UNK, "a"], "version": False, "base_size": 3},
+                                 {"words": (BOS, UNK, "a"), "version": 0, "base_size": 3},
+                                 {"words": [BOS, UNK, 7], "version": 0, "base_size": 3},
+                                 {"words": [BOS, UNK, "A"], "version": 0, "base_size": 3},
+                                 {"words": [BOS, UNK, "a b"], "version": 0, "base_size": 3},
+                                 None, [BOS, UNK]])
 def test_malformed_vocabulary_is_a_fedkb_error(obj):
-    with pytest.raises(FedkbError):
-        Vocabulary.from_json(obj)
+    with pytest.raises(FedkbError, match=r"^vocab\.json: bad vocabulary: vocab"):
+        Vocabulary.from_json(obj, "vocab.json")
 
 
 def test_build_vocab_ranks_by_count_then_alphabet():
