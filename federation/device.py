@@ -1,18 +1,21 @@
 """A device is a folder: everything a user types stays in it.
 
     <root>/<user_id>/
-        history.jsonl        finished messages, one JSON string per line (append-only)
+        history.jsonl        finished messages, one JSON string per line (appended; rewritten to forget a word)
         future.jsonl         simulated users only: held-out future typing (never trained on)
         personal.safetensors the personal delta (local - global it was trained from) + personal.json
         words.json           {"personal": [...], "blocked": [...], "oov_counts": {word: n}}
 
+The folders are made 0700 and history/future/words 0600 (atomic.PRIVATE): readable by the user only.
 Only what a protocol explicitly computes from this folder (a clipped model
 delta, a vote for a word prefix) ever leaves it; the server never reads these files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -23,7 +26,7 @@ from pathlib import Path
 from models import atomic
 from models.errors import FedkbError
 from models.jsonvalues import is_int
-from models.text import is_word, normalize_text, words
+from models.text import _WORD, is_word, normalize_text, words  # _WORD: `words`' own pattern
 
 MAX_MESSAGE_CHARS = 10_000  # a longer paste is stored truncated
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -67,27 +70,50 @@ class Device:
         return _read_jsonl(self.future_file)
 
     def append_message(self, text: str, vocab: Iterable[str] | None = None) -> None:
-        """Store one finished message; count its words missing from `vocab` (the global vocabulary)."""
+        """Store one finished message; count its words missing from `vocab` (the global vocabulary).
+
+        All or nothing: words.json is read before the message is appended, and the message is
+        truncated away again if writing words.json fails."""
         text = normalize_text(text)[:MAX_MESSAGE_CHARS]
         if not text:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.history_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(text, ensure_ascii=False) + "\n")
-        if vocab is not None:
-            missing = [w for w in words(text) if w not in vocab and is_word(w)]
-            if missing:
-                state = self.word_state()
-                counts = Counter(state["oov_counts"])
-                counts.update(missing)
-                state["oov_counts"] = dict(counts)
+        state = self._counted(text, vocab)
+        self._make_folder()
+        size = atomic.append_line(self.history_file, json.dumps(text, ensure_ascii=False), atomic.PRIVATE)
+        if state is not None:
+            try:
                 self._write_words(state)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.history_file, size)
+                raise
+
+    def _counted(self, text: str, vocab: Iterable[str] | None) -> dict | None:
+        """words.json's state with `text`'s words missing from `vocab` counted (a forgotten word is
+        not); None if there is nothing to count."""
+        missing = [w for w in words(text) if w not in vocab and is_word(w)] if vocab is not None else []
+        if not missing:
+            return None
+        state = self.word_state()
+        blocked = set(state["blocked"])
+        missing = [w for w in missing if w not in blocked]
+        if not missing:
+            return None
+        counts = Counter(state["oov_counts"])
+        counts.update(missing)
+        state["oov_counts"] = dict(counts)
+        return state
 
     def write_simulated(self, history: Iterable[str], future: Iterable[str]) -> None:
         """Lay out a simulated user's folder (history + held-out future), atomically per file."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._make_folder()
         for file, texts in ((self.history_file, history), (self.future_file, future)):
-            atomic.write_text(file, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts))
+            atomic.write_text(file, _jsonl(texts), atomic.PRIVATE)
+
+    def _make_folder(self) -> None:
+        """The devices folder and this device's, each made 0700 if it does not exist."""
+        Path(self.root).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.mkdir(mode=0o700, exist_ok=True)
 
     # -- personal words ------------------------------------------------------------------
     def word_state(self) -> dict:
@@ -107,7 +133,8 @@ class Device:
         return state
 
     def _write_words(self, state: dict) -> None:
-        atomic.write_json(self.words_file, state)
+        self._make_folder()
+        atomic.write_json(self.words_file, state, atomic.PRIVATE)
 
     def personal_words(self) -> list[str]:
         return list(self.word_state()["personal"])
@@ -128,19 +155,46 @@ class Device:
         return added
 
     def block_word(self, word: str) -> None:
-        """Forget `word`: never suggested again on this device, dropped from personal words."""
+        """Forget `word`: never suggested again on this device, and erased from its personal words, its
+        word counts and its typed history (not from future.jsonl, which the user never typed).
+
+        words.json and history.jsonl are replaced together: an error leaves both as they were."""
         word = word.lower()
         state = self.word_state()
         if word not in state["blocked"]:
             state["blocked"] = state["blocked"] + [word]
         state["personal"] = [w for w in state["personal"] if w != word]
-        self._write_words(state)
+        state["oov_counts"] = {w: n for w, n in state["oov_counts"].items() if w != word}
+        files = {self.words_file: atomic.json_bytes(state)}
+        if self.history_file.exists():
+            files[self.history_file] = _jsonl(_erased(self.history(), word)).encode("utf-8")
+        self._make_folder()
+        atomic.write_files(files, atomic.PRIVATE)
 
     # -- clearing ------------------------------------------------------------------------
     def clear(self) -> None:
         """Delete everything learned and typed on this device."""
         if self.path.exists():
             shutil.rmtree(self.path)
+
+
+def _erased(messages: Iterable[str], word: str) -> list[str]:
+    """The messages with each occurrence of `word` (as `words` finds and lower-cases it) taken out;
+    a message left with no words is dropped."""
+    out = []
+    for text in messages:
+        if word in words(text):
+            text = normalize_text(_WORD.sub(lambda m: "" if m.group().lower() == word else m.group(),
+                                            normalize_text(text)))
+            if not words(text):
+                continue
+        out.append(text)
+    return out
+
+
+def _jsonl(texts: Iterable[str]) -> str:
+    """Messages as a history/future file holds them: one JSON string per line."""
+    return "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
 
 
 def _read_jsonl(path: Path) -> list[str]:
