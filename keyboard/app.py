@@ -26,6 +26,8 @@ from keyboard.screens.typing import TypingScreen
 from keyboard.session import ME, KeyboardSession, LearnConfig
 from models.errors import FedkbError
 
+LEARNER_EXIT_S = 5.0  # clearing the device waits this long for a learning's process to exit (then kills it)
+
 # optional screens written elsewhere: name -> (module, class, palette label, help, key)
 EXTRA_SCREENS = {
     "federation": ("keyboard.screens.federation", "FederationScreen", "Federation: live rounds",
@@ -208,13 +210,22 @@ class FedkbApp(App):
 
     def action_clear(self) -> None:
         def done(yes: bool | None) -> None:
-            if yes:
-                if self.typing_screen is not None:
-                    self.typing_screen.stop_learning()  # a learning under way would write a delta back
+            if not yes:
+                return
+            t, uid = self.typing_screen, self.session.user_id
+            # a learning under way would write a delta back: it is ended, and its process gone, first
+            if t is not None and not t.stop_learning(wait=LEARNER_EXIT_S):
+                self.notify(f"nothing cleared on '{uid}': a learning under way did not end", severity="error",
+                            markup=False)
+                return
+            try:
                 self.session.clear()
-                self.notify(f"cleared everything learned on '{self.session.user_id}'", timeout=3)
-                if self.typing_screen is not None:
-                    self.typing_screen.refresh_all()
+            except (OSError, FedkbError) as e:  # a folder that cannot be removed or written: typing goes on
+                self.notify(f"clearing '{uid}' failed: {e}", severity="error", timeout=8, markup=False)
+            else:
+                self.notify(f"cleared everything learned on '{uid}'", timeout=3, markup=False)
+            if t is not None:
+                t.refresh_all()
 
         self.push_screen(ConfirmScreen(f"Delete everything typed and learned on device '{self.session.user_id}'?"
                                        " (history, personal words, forgotten words, personal model)"), done)

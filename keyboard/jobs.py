@@ -17,7 +17,9 @@ The jobs are "Learn now" (keyboard/learner.py) and the live federation's rounds
 (keyboard/federator.py).  `JobProcess.follow` blocks: call it from a worker thread.
 `stop()` ends the process at once, from any thread: SIGTERM, which the job turns into
 SystemExit (`exit_on_sigterm`); whatever a job writes is written atomically, so a stopped
-job leaves the last whole file it wrote, or none, and no temporary file.
+job leaves the last whole file it wrote, or none, and no temporary file.  `stop(wait=S)`
+also waits for it to exit (killing it after S seconds), for a caller that then removes
+the folder it writes into (clearing the device).
 """
 
 from __future__ import annotations
@@ -102,9 +104,26 @@ class JobProcess:
                 last = (err.read().strip().splitlines() or [f"exit status {code}"])[-1]
                 raise FedkbError(f"the {self.what} process failed: {last}")
 
-    def stop(self) -> None:
-        """End the process, if it runs (the app quits, the profile changes, the user stops it)."""
-        with self._lock:
+    def stop(self, wait: float | None = None) -> bool:
+        """End the process, if it runs (the app quits, the profile changes, the user stops it).
+
+        With `wait`, wait up to that many seconds for it to exit, then kill it (SIGKILL) and wait as
+        long again, so that it writes nothing after this returns True (it has exited, or never
+        started); False: it still runs.  Without, return at once: whether it had exited."""
+        with self._lock:  # a follow() yet to start its process sees _stopped and never starts it
             self._stopped = True
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.terminate()
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        if proc is None:
+            return True
+        if wait is not None:
+            try:
+                proc.wait(wait)  # follow()'s thread may reap it first: this then sees its status
+            except subprocess.TimeoutExpired:  # SIGTERM not heeded in time
+                proc.kill()
+                try:
+                    proc.wait(wait)
+                except subprocess.TimeoutExpired:
+                    pass
+        return proc.returncode is not None

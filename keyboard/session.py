@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from federation.config import ClientConfig, personalization_config
 from federation.device import Device
@@ -51,6 +52,7 @@ from models.vocab import Vocabulary
 ME = "me"
 DELTA_FILE = "delta.safetensors"
 DELTA_META = "delta.json"
+EVAL_ON = ("held-out future text", "typed history")  # what a learning measures on (delta.json's eval_on)
 
 
 def _stamp(device: Device) -> tuple | None:
@@ -82,6 +84,17 @@ class ReadyModel:
     base_vocab: Vocabulary  # the global model's vocabulary
     vocab: Vocabulary  # base_vocab with the personal words
     tables: Tables  # the predictor's, for these weights and that vocabulary
+
+
+class _Profile(NamedTuple):
+    """A profile as `KeyboardSession._load` read it, for `_commit` to make it the session's."""
+
+    user: UserData | None  # a simulated user's data; None: "me", or a device whose user is not in the users file
+    device: Device
+    blocked: list[str]  # its words file's forgotten words
+    vocab: Vocabulary  # the global vocabulary with its personal words
+    personal: Arrays | None  # global + its delta; None: the global model is typed with
+    delta_error: str | None  # why its delta could not be used
 
 
 def default_devices_root() -> Path:
@@ -147,6 +160,9 @@ class KeyboardSession:
         self._users: dict[str, UserData] | None = None
         self.has_delta = False
         self.delta_error: str | None = None  # why the device's personal delta could not be used, if it could not
+        # user id -> the words forgotten in this session, kept for it where the words file lacks them
+        # (incognito, a write that failed) so that no new model brings them back
+        self._forgotten: dict[str, set[str]] = {}
         self.predictor = NumpyPredictor(self.global_weights, self.vocab, self.tokenizer)
         self.open(user_id)
 
@@ -161,9 +177,19 @@ class KeyboardSession:
         return [ME, *self.users()]
 
     def open(self, user_id: str) -> None:
-        """Switch to profile `user_id` ("me" or a simulated user); lays out a simulated device if absent."""
+        """Switch to profile `user_id` ("me" or a simulated user); lays out a simulated device if absent.
+        All or nothing: everything is read first, so that where anything fails (FedkbError: an unknown
+        user, a damaged words file, a history that cannot be read; OSError: a folder that cannot be laid
+        out) the session stays on the profile it was on."""
+        profile = self._load(user_id, self.global_weights, self.vocab)
+        profile.device.history()  # a history that cannot be read is refused here, as a damaged words file is
+        self._commit(profile)
+
+    def _load(self, user_id: str, global_weights: Arrays, vocab: Vocabulary) -> _Profile:
+        """Profile `user_id` read (laid out first if it is a simulated user's), with the global model
+        `global_weights`/`vocab`, into values that `_commit` makes the session's; changes no live state."""
         device = Device(self.devices_root, user_id)
-        self.user: UserData | None = None
+        user: UserData | None = None
         if user_id != ME:
             try:
                 user = self.users().get(user_id)
@@ -172,25 +198,36 @@ class KeyboardSession:
             if user is None and not device.exists():
                 raise FedkbError(f"unknown user {user_id!r}: use 'me' or a simulated user id such as "
                                  f"{', '.join(list(self.users())[:3]) or '(none found)'}")
-            self.user = user
             if user is not None and not device.history_file.exists():
                 device.write_simulated(user.history, user.future)
-        self.device = device
-        self.user_id = user_id
-        self._device_words()
-        self.apply_params(self._load_delta())
+        words, blocked = self._read_words(device)
+        personal, error = self._load_delta(device, global_weights)
+        return _Profile(user, device, blocked, vocab.add(words), personal, error)
 
-    def _read_words(self) -> tuple[list[str], list[str]]:
-        """The device's (personal, blocked) words, from one read of its words file; FedkbError if damaged."""
-        state = self.device.word_state()
+    def _commit(self, profile: _Profile) -> None:
+        """Type as `profile` (what `_load` read); nothing here fails."""
+        self.user, self.device, self.user_id = profile.user, profile.device, profile.device.user_id
+        self.predictor.blocked = self._blocked(profile.blocked)
+        self.predictor.vocab, self.predictor.base_vocab = profile.vocab, self.vocab
+        self.delta_error = profile.delta_error
+        self.apply_params(profile.personal)
+
+    def _read_words(self, device: Device | None = None) -> tuple[list[str], list[str]]:
+        """A device's (default: this one's) (personal, blocked) words, from one read of its words file;
+        FedkbError if damaged."""
+        state = (device or self.device).word_state()
         return list(state["personal"]), list(state["blocked"])
+
+    def _blocked(self, blocked: Sequence[str]) -> set[str]:
+        """This device's forgotten words: those of its words file and those forgotten in this session only."""
+        return set(blocked) | self._forgotten.get(self.user_id, set())
 
     def _device_words(self, ready: ReadyModel | None = None, read: tuple[list[str], list[str]] | None = None) -> None:
         """The device's blocked and personal words (`read`: as `_read_words` just read them) on the
         predictor (its caches are rebuilt by the `apply_params` that follows); the vocabulary `ready`
         made where its personal words are still the device's."""
         words, blocked = read or self._read_words()
-        self.predictor.blocked = set(blocked)
+        self.predictor.blocked = self._blocked(blocked)
         same = ready is not None and ready.base_vocab is self.vocab and ready.personal_words == words
         self.predictor.vocab = ready.vocab if same else self.vocab.add(words)
         self.predictor.base_vocab = self.vocab
@@ -231,13 +268,17 @@ class KeyboardSession:
         read again here instead, so a stale personal model is never typed with.  FedkbError where the
         device's words file is damaged: then nothing has changed."""
         read = self._read_words()  # first: a damaged words file raises before anything changes
-        if ready.file is not None:
-            f = ready.file
+        f = ready.file
+        global_weights, vocab = (f.weights, f.vocab) if f is not None else (self.global_weights, self.vocab)
+        profile = None
+        if ready.user_id != self.user_id or ready.global_weights is not global_weights \
+                or ready.stamp != _stamp(self.device):
+            profile = self._load(self.user_id, global_weights, vocab)  # raises before anything changes too
+        if f is not None:
             self.model_dir, self.meta, self.vocab, self.config = ready.model_dir, f.meta, f.vocab, f.config
             self.global_weights = f.weights
-        if ready.user_id != self.user_id or ready.global_weights is not self.global_weights \
-                or ready.stamp != _stamp(self.device):
-            self.open(self.user_id)
+        if profile is not None:
+            self._commit(profile)
             return
         self._device_words(ready, read)
         self.delta_error = ready.delta_error
@@ -260,17 +301,15 @@ class KeyboardSession:
         return model_label(self.meta) + (" + personal delta" if self.has_delta else "")
 
     # -- the personal delta ------------------------------------------------------------
-    def _load_delta(self) -> Arrays | None:
-        """global + the device's delta, or None where it has none (or one that cannot be used:
-        delta_error says why)."""
-        self.delta_error = None
-        if _stamp(self.device) is None:
-            return None
+    def _load_delta(self, device: Device, global_weights: Arrays) -> tuple[Arrays | None, str | None]:
+        """(`global_weights` + `device`'s delta, None), or (None, None) where it has none, or (None, why)
+        where it has one that cannot be used."""
+        if _stamp(device) is None:
+            return None, None
         try:
-            return self._personal(self.read_delta(self.user_id))
+            return self._personal(self.read_delta(device.user_id), global_weights), None
         except FedkbError as e:  # a delta for another model shape, or a damaged file: run on the global model, say so
-            self.delta_error = _unusable(e)
-            return None
+            return None, _unusable(e)
 
     def read_delta(self, user_id: str) -> Arrays:
         """A device's personal delta, read and checked against the model's shapes (safe in a worker);
@@ -283,7 +322,8 @@ class KeyboardSession:
 
     def delta_info(self) -> dict:
         """The last learning's record (delta.json), {} if there is none or it is unreadable; its
-        before/after scores are kept only where they are whole (a record the app can show)."""
+        before/after scores are kept only where they are whole, and what they were measured on only
+        where it is one of EVAL_ON (a record the app can show)."""
         try:
             info = json.loads((self.device.delta_dir / DELTA_META).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -293,6 +333,8 @@ class KeyboardSession:
         whole = lambda d: isinstance(d, dict) and all(is_number(d.get(k)) for k in ("top1", "top3", "ksr"))
         if not (whole(info.get("before")) and whole(info.get("after"))):
             info = {k: v for k, v in info.items() if k not in ("before", "after")}
+        if info.get("eval_on") not in EVAL_ON:
+            info.pop("eval_on", None)
         return info
 
     def apply_params(self, personal: Arrays | None, tables: Tables | None = None) -> None:
@@ -333,20 +375,37 @@ class KeyboardSession:
             self.predictor.add_personal_words(added)
         return added
 
-    def forget(self, word: str) -> None:
-        """Never suggest `word` again on this device."""
+    def forget(self, word: str) -> bool:
+        """Never suggest `word` again on this device: True where that is stored on it, False in
+        incognito, where it holds for this session only (as it does where the write fails: the
+        OSError or FedkbError is raised), whatever model is swapped in meanwhile."""
         word = word.lower()
         self.predictor.block(word)
-        if not self.incognito:
-            self.device.block_word(word)
+        self._forgotten.setdefault(self.user_id, set()).add(word)
+        if self.incognito:
+            return False
+        self.device.block_word(word)
+        return True
 
     def clear(self) -> None:
-        """Delete everything typed and learned on this device; back to the global model."""
-        self.device.clear()
-        if self.user is not None:  # a simulated user keeps its (public, simulated) data
-            self.device.write_simulated(self.user.history, self.user.future)
+        """Delete everything typed and learned on this device; back to the global model.  Where that
+        fails part-way (OSError: a folder that cannot be removed or written), the session types with
+        what is left on the device, and the error is raised."""
+        try:
+            self.device.clear()
+            if self.user is not None:  # a simulated user keeps its (public, simulated) data
+                self.device.write_simulated(self.user.history, self.user.future)
+        except (OSError, FedkbError):
+            try:
+                self.open(self.user_id)  # what is left of it, read again (a simulated user's data laid out again)
+            except (OSError, FedkbError):  # that fails too: at least never a personal model no longer there
+                personal, self.delta_error = self._load_delta(self.device, self.global_weights)
+                self.apply_params(personal)
+            raise
+        self._forgotten.pop(self.user_id, None)
         self.predictor.blocked = set()
         self.predictor.vocab = self.predictor.base_vocab = self.vocab
+        self.delta_error = None
         self.apply_params(None)
 
     # -- evaluation and learning -------------------------------------------------------
@@ -356,8 +415,8 @@ class KeyboardSession:
         if self.simulated:
             fut = self.device.future()
             if fut:
-                return fut[:n], "held-out future text"
-        return self.device.history()[-n:], "typed history"
+                return fut[:n], EVAL_ON[0]
+        return self.device.history()[-n:], EVAL_ON[1]
 
     def evaluate(self, weights: Arrays | None = None) -> dict:
         """simulate_typing on eval_texts() with `weights` (default: the model in use); safe in a worker."""

@@ -677,3 +677,222 @@ async def test_a_paste_is_inserted_once_and_its_lines_become_one_message(tiny, t
         await pilot.press("enter")
         await pilot.pause()
         assert app.session.device.history() == ["see you at the station", "Dear Ann, the meeting moved. Bring the slides."]
+
+
+@sync
+async def test_a_clear_that_fails_is_said_and_types_with_what_is_left(tiny, tmp_path, monkeypatch):
+    """f8 on a device folder that cannot be removed (read-only, a full disk) was a traceback that ended
+    the app, part-way through; now it is an error notification, and the session types with what is left
+    on the device (here: the personal model is gone, the words and the history are not)."""
+    from federation.device import Device
+
+    app = make_app(tiny, tmp_path)
+    said = []
+    app.notify = lambda message, **kw: said.append((message, kw.get("severity")))
+    async with app.run_test() as pilot:
+        s = app.session
+        await type_(pilot, "hello zorblaxian ")
+        await pilot.press("enter")
+        _write_delta(s, 0.01)
+        s.open("me")
+        assert s.label == "base + personal delta"
+
+        def fails_part_way(device):
+            import shutil
+            shutil.rmtree(device.delta_dir)
+            raise OSError(30, "Read-only file system", "history.jsonl")
+
+        monkeypatch.setattr(Device, "clear", fails_part_way)
+        await pilot.press("f8", "y")
+        await pilot.pause()
+        assert app.is_running
+        assert any(m.startswith("clearing 'me' failed") and "Read-only" in m and sev == "error" for m, sev in said)
+        assert s.label == "base" and s.delta_error is None  # the deleted personal model is not typed with
+        assert "zorblaxian" in s.predictor.vocab and s.device.history() == ["hello zorblaxian"]
+
+
+def test_clearing_forgets_why_the_deleted_personal_model_was_not_used(tiny, tmp_path):
+    s = _session(tiny, tmp_path)
+    s.device.delta_dir.mkdir(parents=True)
+    (s.device.delta_dir / DELTA_FILE).write_bytes(b"damaged")
+    s.open("u0001")
+    assert "personal model not used" in s.delta_error
+    s.clear()
+    assert s.delta_error is None  # the app warned again after every refresh about the file it had deleted
+
+
+def test_a_failed_profile_switch_leaves_the_session_on_the_profile_it_was_on(tiny, tmp_path):
+    """`open` reads everything before it changes anything: a target whose words file is damaged, whose
+    history cannot be read or whose folder cannot be laid out leaves the session as it was. It was half
+    switched: messages typed next went into the other profile's history, and f8 on "me" wrote a
+    simulated user's data into me's folder."""
+    s = _session(tiny, tmp_path, "u0001")
+    s.forget("the")
+    s.finish_message("a note of u0001")
+    _write_delta(s, 0.01)
+    s.open("u0001")
+    before = (s.user, s.device, s.predictor.vocab, s.weights)
+    root = tmp_path / "devices"
+    (root / "u0002").mkdir()
+    (root / "u0002" / "words.json").write_text("{not json")
+    (root / "u0000").write_text("a file where the device folder goes")
+    (root / "u0003" / "history.jsonl").mkdir(parents=True)  # cannot be read (a FedkbError from device.py)
+    for uid, error in (("u0002", FedkbError), ("u0000", OSError), ("u0003", FedkbError)):
+        with pytest.raises(error):
+            s.open(uid)
+        assert s.user_id == "u0001" and (s.user, s.device, s.predictor.vocab, s.weights) == before
+        assert s.user.id == "u0001" and "the" in s.predictor.blocked and s.label == "base + personal delta"
+    s.finish_message("typed after the failed switches")
+    assert s.device.history()[-2:] == ["a note of u0001", "typed after the failed switches"]
+    me = _session(tiny, tmp_path, "me")
+    with pytest.raises(OSError):
+        me.open("u0000")
+    me.clear()
+    assert me.user is None and me.device.history() == []  # no simulated user's data laid out in me's folder
+
+
+def test_a_history_that_cannot_be_read_is_a_one_line_error(tiny, tmp_path):
+    history = tmp_path / "devices" / "me" / "history.jsonl"
+    history.mkdir(parents=True)
+    with pytest.raises(FedkbError, match="history.jsonl"):  # the app started, then died with a traceback
+        make_app(tiny, tmp_path)
+
+
+@sync
+async def test_a_history_that_can_no_longer_be_read_is_said(tiny, tmp_path):
+    """history.jsonl damaged while the keyboard runs: the profile line, Learn now and the profiles
+    screen say so; the app runs on."""
+    app = make_app(tiny, tmp_path)
+    said = []
+    app.notify = lambda message, **kw: said.append((message, kw.get("severity")))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await type_(pilot, "hello there")
+        await pilot.press("enter")
+        await pilot.pause()
+        history = app.session.device.history_file
+        history.unlink()
+        history.mkdir()
+        app.screen.refresh_all()
+        await pilot.press("ctrl+l")
+        await pilot.press("f5")
+        await pilot.pause()
+        assert app.is_running and isinstance(app.screen, ProfilesScreen)
+        errors = [m for m, sev in said if sev == "error" and "history.jsonl" in m]
+        assert len(errors) == 3 and errors[1].startswith("nothing is learned")
+
+
+@pytest.mark.parametrize("eval_on", ["[/b]", "[@click=app.quit]quit[/]", 7])
+@sync
+async def test_a_learning_record_s_text_is_never_markup(tiny, tmp_path, eval_on):
+    """delta.json's `eval_on` went into the profile line as markup: "[/b]" ended the app as it opened,
+    a click action made part of the line run it. Only what a learning writes there is shown."""
+    import json
+
+    from textual.widgets import Static
+
+    ok = {"top1": 1, "top3": 2, "ksr": 3}
+    meta = tmp_path / "devices" / "me" / "personal" / "delta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"before": ok, "after": ok, "eval_on": eval_on}))
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await pilot.pause()
+        content = app.screen.query_one("#profile", Static).visual
+        assert app.is_running and content.plain.endswith("→ top-1 1.0%  top-3 2.0%  KSR 3.0%")
+        assert not any("click" in str(span.style) for span in content.spans)
+    meta.write_text(json.dumps({"before": ok, "after": ok, "eval_on": "typed history"}))
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await pilot.pause()
+        assert str(app.screen.query_one("#profile", Static).render()).endswith("KSR 3.0% on typed history")
+
+
+@sync
+async def test_an_error_naming_a_path_is_text_not_markup(tiny, tmp_path):
+    """A path in an error (here a devices folder named like markup) is shown as it is; a closing tag in
+    it ended the app."""
+    app = make_app(tiny, tmp_path / "[/b]", user_id="u0001")  # a folder "[" holding a folder "b]"
+    said = []
+    app.notify = lambda message, **kw: said.append((message, kw.get("markup", True)))
+    async with app.run_test() as pilot:
+        app.session.device.delta_dir.write_text("a file where the personal model's folder goes")
+        await learning_fails(app, pilot, "[/b]")
+        history = app.session.device.history_file
+        history.unlink()
+        history.mkdir()  # appending to it fails
+        await type_(pilot, "and the king")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.is_running and any(m.startswith("the message not saved") and not markup for m, markup in said)
+
+
+@sync
+async def test_a_word_forgotten_for_this_session_stays_forgotten_through_new_models(tiny, tmp_path, monkeypatch):
+    """In incognito (nothing stored), or where the words file cannot be written, a forgotten word is
+    blocked for the rest of the session: it came back with the next model (a federated round's, a
+    learning's). The notice says how long it holds; after a failed write there is no "will not be
+    suggested again on this device"."""
+    round3 = _another_global(tiny, tmp_path / "round3")
+    app = make_app(tiny, tmp_path, incognito=True)
+    said = []
+    app.notify = lambda message, **kw: said.append(message)
+
+    async def swap_model(pilot, model):
+        app.use_global(model)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+
+    async with app.run_test() as pilot:
+        s = app.session
+        await type_(pilot, "and ")
+        first = strip(app)[0]
+        await pilot.press("f4")
+        await pilot.pause()
+        assert said[-1] == f"incognito: '{first}' will not be suggested again in this session"
+        await swap_model(pilot, round3)
+        assert first.lower() in s.predictor.blocked and first not in strip(app)
+        assert first.lower() not in s.device.blocked_words()  # nothing stored
+
+        await pilot.press("ctrl+o")  # incognito off: the words file cannot be written now
+        monkeypatch.setattr(s.device, "block_word", lambda word: (_ for _ in ()).throw(OSError(28, "No space left")))
+        second = strip(app)[0]
+        said.clear()
+        await pilot.press("f4")
+        await pilot.pause()
+        assert len(said) == 1 and said[0].startswith(f"forgetting {second.lower()!r} not saved on this device")
+        await swap_model(pilot, tiny[0])
+        assert {first.lower(), second.lower()} <= s.predictor.blocked
+        s.open("u0001")  # another profile has its own forgotten words
+        assert first.lower() not in s.predictor.blocked
+        s.open("me")
+        assert {first.lower(), second.lower()} <= s.predictor.blocked
+        s.clear()  # the forgotten words go with everything else
+        assert not s.predictor.blocked
+
+
+@sync
+async def test_clearing_waits_for_a_learning_to_end(tiny, tmp_path, monkeypatch):
+    """f8 clears only once a learning under way has ended (it could write into the cleared folder):
+    its process is gone when the folder is removed, and where it does not end nothing is cleared."""
+    from federation.device import Device
+
+    app = make_app(tiny, tmp_path, user_id="u0001")
+    said = []
+    app.notify = lambda message, **kw: said.append((message, kw.get("severity")))
+    seen = []
+    clear = Device.clear
+    monkeypatch.setattr(Device, "clear", lambda device: (seen.append(learner._proc.returncode), clear(device)))
+    async with app.run_test() as pilot:
+        await pilot.press("ctrl+l")
+        learner = app.screen._learner
+        while learner._proc is None:
+            await pilot.pause(0.05)
+        await pilot.press("f8", "y")
+        await pilot.pause()
+        assert seen and seen[0] is not None  # exited before the folder was removed
+        monkeypatch.setattr(app.screen, "stop_learning", lambda wait=None: False)
+        history = app.session.device.history()
+        await pilot.press("f8", "y")
+        await pilot.pause()
+        assert len(seen) == 1 and app.session.device.history() == history
+        assert said[-1] == ("nothing cleared on 'u0001': a learning under way did not end", "error")

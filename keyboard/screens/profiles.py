@@ -6,6 +6,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 from textual.worker import get_current_worker
@@ -42,7 +43,14 @@ class ProfilesScreen(Screen[str]):
         table = self.query_one(DataTable)
         table.add_columns("profile", "history", "future")
         s = self.app.session
-        table.add_row(ME, str(len(s.device.history()) if s.user_id == ME else "·"), "—", key=ME)
+        history = "·"
+        if s.user_id == ME:
+            try:
+                history = str(len(s.device.history()))
+            except (OSError, FedkbError) as e:  # a history file that cannot be read (any more)
+                history = "?"
+                self.notify(str(e), severity="error", markup=False)
+        table.add_row(ME, history, "—", key=ME)
         try:
             users = s.users()
         except FedkbError as e:
@@ -73,7 +81,7 @@ class ProfilesScreen(Screen[str]):
         try:
             out = self.app.session.evaluate_user(uid)
         except (FedkbError, OSError) as e:  # OSError: a device folder that cannot be read or laid out
-            text = f"[b]cannot evaluate:[/b] {e}"
+            text = Content.from_markup("[b]cannot evaluate:[/b] $e", e=str(e))  # a path in it is text, not markup
         else:
             label = self.app.session.label.replace(" + personal delta", "")
             text = (f"Held-out future text: {out['messages']} messages ({out['global']['words']} words); "

@@ -6,6 +6,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, ProgressBar, Static
 from textual.worker import get_current_worker
@@ -80,10 +81,18 @@ class TypingScreen(Screen):
         self.sub_title = s.user_id
         who = "simulated user" if s.simulated else "you"
         info = s.delta_info()
-        line = f"Profile [b]{s.user_id}[/b] ({who})  ·  history {len(s.device.history())} messages  ·  personal words {len(s.device.personal_words())}"
+        try:
+            counts = f"history {len(s.device.history())} messages  ·  personal words {len(s.device.personal_words())}"
+        except (OSError, FedkbError) as e:  # a history or words file that cannot be read (any more): said, not a crash
+            counts = "history and personal words cannot be read"
+            self.app.notify(str(e), severity="error", timeout=8, markup=False)
+        line = f"Profile [b]$user[/b] ($who)  ·  $counts"
         if info.get("after"):
-            line += f"  ·  last learn: {_summary(info['before'])} → {_summary(info['after'])} on {info.get('eval_on', '')}"
-        self.query_one("#profile", Static).update(line)
+            line += f"  ·  last learn: {_summary(info['before'])} → {_summary(info['after'])}"
+            line += " on $eval_on" if "eval_on" in info else ""
+        # the values are text, never markup: delta.json's eval_on was markup (a crash at "[/b]", a click action)
+        self.query_one("#profile", Static).update(Content.from_markup(
+            line, user=s.user_id, who=who, counts=counts, eval_on=info.get("eval_on", "")))
         self.show_stats()
         if s.delta_error:
             self.app.notify(s.delta_error, severity="warning", timeout=8, markup=False)
@@ -99,7 +108,7 @@ class TypingScreen(Screen):
         try:
             return write()
         except (OSError, FedkbError) as e:
-            self.notify(f"{what} not saved on this device: {e}", severity="error", timeout=8)
+            self.notify(f"{what} not saved on this device: {e}", severity="error", timeout=8, markup=False)
             return None
 
     def typed(self, value: str) -> None:
@@ -147,10 +156,14 @@ class TypingScreen(Screen):
         if not word:
             self.notify("no suggestion to forget", severity="warning")
             return
-        self._device_write(lambda: self.app.session.forget(word), f"forgetting {word!r}")  # blocked in this session anyway
+        # blocked for the rest of this session in any case: in incognito, and where the write fails
+        stored = self._device_write(lambda: self.app.session.forget(word), f"forgetting {word!r}")
         self.typing.refresh()
         self.query_one(SuggestionStrip).show(self.typing.suggestions)
-        self.notify(f"'{word}' will not be suggested again on this device", timeout=3)
+        if stored:
+            self.notify(f"'{word}' will not be suggested again on this device", timeout=3, markup=False)
+        elif stored is not None:
+            self.notify(f"incognito: '{word}' will not be suggested again in this session", timeout=3, markup=False)
 
     def action_incognito(self) -> None:
         self.app.action_incognito()
@@ -160,7 +173,12 @@ class TypingScreen(Screen):
         if s.incognito:
             self.notify("incognito: nothing is learned", severity="warning")
             return
-        if not s.device.history():
+        try:
+            history = s.device.history()
+        except (OSError, FedkbError) as e:  # a history file that cannot be read
+            self.notify(f"nothing is learned: {e}", severity="error", markup=False)
+            return
+        if not history:
             self.notify("nothing to learn from yet: type and send (Enter) a few messages first", severity="warning")
             return
         bar = self.query_one("#learn-progress", ProgressBar)
@@ -171,12 +189,16 @@ class TypingScreen(Screen):
         self._learner = LearnerProcess(s)
         self.learn(self._learner)
 
-    def stop_learning(self) -> None:
-        """End a running "Learn now" (another profile, clearing the device, quitting): no delta comes of it."""
+    def stop_learning(self, wait: float | None = None) -> bool:
+        """End a running "Learn now" (another profile, clearing the device, quitting): no delta comes of it.
+        With `wait` (clearing the device), wait for its process to exit (JobProcess.stop): False if it
+        still runs, so that it might yet write into the device folder."""
+        ended = True
         if self._learner is not None:
-            self._learner.stop()
+            ended = self._learner.stop(wait)
             self._learner = None
         self.workers.cancel_group(self, "learn")
+        return ended
 
     def on_unmount(self) -> None:
         self.stop_learning()
@@ -211,7 +233,7 @@ class TypingScreen(Screen):
 
     def _learn_failed(self, why: str) -> None:
         self.query_one("#learn-progress").display = False
-        self.query_one("#learn-result", Static).update(f"[b]Learning failed:[/b] {why}")
+        self.query_one("#learn-result", Static).update(Content.from_markup("[b]Learning failed:[/b] $why", why=why))
 
     def _learned(self, learner: LearnerProcess, result, ready) -> None:
         s = self.app.session
@@ -229,8 +251,8 @@ class TypingScreen(Screen):
             self._learn_failed(s.delta_error)
             return
         self.query_one("#learn-progress").display = False
-        self.query_one("#learn-result", Static).update(
-            f"Learned from {result.messages} messages in {result.seconds:.1f}s. On {result.eval_on}: "
-            f"before {_summary(result.before)}  →  after [b]{_summary(result.after)}[/b]")
+        self.query_one("#learn-result", Static).update(Content.from_markup(
+            f"Learned from {result.messages} messages in {result.seconds:.1f}s. On $eval_on: "
+            f"before {_summary(result.before)}  →  after [b]{_summary(result.after)}[/b]", eval_on=result.eval_on))
         self.refresh_all()
         self.app.post_message(self.app.Learned(result))
