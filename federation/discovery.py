@@ -43,6 +43,7 @@ from pathlib import Path
 
 from federation import vocab_history
 from models.errors import FedkbError
+from models.jsonvalues import is_int
 from models.text import is_word, words
 from models.vocab import Vocabulary
 
@@ -240,19 +241,31 @@ class DiscoveryStep:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.heldout = vocab_history.word_counts(heldout)
         self.trie = TrieState()
+        self.asked_theta: int | None = cfg.theta  # the threshold asked for (None: none given, on --resume)
 
     def bind(self, simulation) -> "DiscoveryStep":
-        """Take the population size and held-out text from a federation.run.Simulation (which calls this).
+        """Take the population and held-out text from a federation.run.Simulation (which calls this).
 
-        On a resumed run the threshold stored in the run's history wins over `cfg.theta`
-        (a run continues with the configuration it started with, like the Simulation's own).
+        The sampling rate counts real people: a resampled population (more simulated users than
+        real ones) holds copies of the same person, and federation.rounds lets each person vote at
+        most once a round, so the rate is over the real users that can be sampled.  On a resumed
+        run the threshold is the one the run's config.json recorded (set by federation.run); a run
+        from before config.json recorded it continues with the threshold its history names.
         """
-        theta = next((r["theta"] for r in vocab_history.read(self.run_dir) if "theta" in r), self.cfg.theta) \
-            if self.run_dir is not None else self.cfg.theta
-        self.cfg = replace(self.cfg, population=simulation.population.size, theta=theta)
+        population = simulation.population
+        theta = self.cfg.theta
+        if self.run_dir is not None and _config_records_theta(self.run_dir) is False:  # a run from before
+            theta = next((self._stored_theta(r) for r in vocab_history.read(self.run_dir) if "theta" in r), theta)
+        self.cfg = replace(self.cfg, population=min(population.size, len(population.real_ids)), theta=theta)
         evaluator = getattr(simulation, "evaluator", None)
         self.heldout = vocab_history.word_counts(evaluator.messages if evaluator is not None else ())
         return self
+
+    def _stored_theta(self, rec: dict) -> int:
+        if not (is_int(rec["theta"]) and rec["theta"] >= 1):
+            raise FedkbError(f"{vocab_history.path_of(self.run_dir)}: the record of round {rec['round']} is "
+                             f"malformed (theta must be a whole number >= 1)")
+        return rec["theta"]
 
     def __call__(self, state, reporting_devices, round: int, generator) -> tuple[Vocabulary, dict]:
         vocab = state if isinstance(state, Vocabulary) else state.vocab
@@ -274,6 +287,20 @@ def make_discovery_step(cfg: DiscoveryConfig, run_dir: Path | None = None,
     return DiscoveryStep(cfg, run_dir, heldout)
 
 
+def _config_records_theta(run_dir: Path) -> bool | None:
+    """Whether the run's config.json records the discovery threshold (federation.run.DISCOVERY_KEY);
+    None where there is no config.json to read (a new run)."""
+    import json
+
+    from federation.runfolder import CONFIG
+
+    try:
+        stored = json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return isinstance(stored, dict) and "discovery_theta" in stored
+
+
 def discovery_for_run(run_dir: Path, theta: int | None, resume: bool = False) -> DiscoveryStep | None:
     """The discovery step of a run folder: with threshold `theta` (None: no discovery), or, on a
     resumed run, the Simulation then takes the threshold its config.json recorded, and binds the
@@ -281,7 +308,8 @@ def discovery_for_run(run_dir: Path, theta: int | None, resume: bool = False) ->
     if theta is None and not (resume and vocab_history.path_of(run_dir).exists()):
         return None
     try:
-        return make_discovery_step(DiscoveryConfig() if theta is None else DiscoveryConfig(theta=theta), run_dir)
+        step = make_discovery_step(DiscoveryConfig() if theta is None else DiscoveryConfig(theta=theta), run_dir)
     except ValueError as e:
         raise FedkbError(str(e)) from None
-
+    step.asked_theta = theta  # None: the resumed run's own threshold, no --theta to report as not taken
+    return step

@@ -8,6 +8,7 @@
     noise     privacy.add_noise on the sum, once, then a fixed denominator (DP-FedAvg)
     server    server_update(state, mean delta) with FedAvg / FedAvgM / FedAdam
     discover  optional hook (issue 5): discover(state, reporting_devices, round, generator)
+              (one device per real person: copies in a resampled population report once)
               -> (new_vocab, info), run after the server step; the new vocabulary is kept in
               ServerState and recorded by the next checkpoint
     evaluate  the global model on the held-out evaluation users' future text
@@ -134,7 +135,12 @@ def run_round(
 
     discovery = None
     if discover is not None:
-        vocab, discovery = discover(new_state, [population.device(u) for u in plan.reporting], rnd, generator)
+        # one vote per person: the copies of a real user in a resampled population share one device folder
+        # (one history), so they report to discovery once, as the first copy in report order
+        people: dict[str, int] = {}
+        for u in plan.reporting:
+            people.setdefault(population.real_id(u), u)
+        vocab, discovery = discover(new_state, [population.device(u) for u in people.values()], rnd, generator)
         new_state = replace(new_state, vocab=vocab)
 
     m = {

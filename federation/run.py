@@ -167,7 +167,10 @@ def _stored_discovery(stored: dict, discover: Discover | None, run_dir: Path) ->
     if DISCOVERY_KEY not in stored or not (discover is None or isinstance(discover, DiscoveryStep)):
         return discover, []
     theta = stored[DISCOVERY_KEY]
-    asked = discover.cfg.theta if discover is not None else None
+    # the threshold given (as for the other settings, a --theta left at its default was not asked for)
+    asked = getattr(discover, "asked_theta", discover.cfg.theta) if discover is not None else None
+    if asked == DiscoveryConfig().theta:
+        asked = None
     if theta is None:
         return None, [] if discover is None else ["--discover (the run does not discover words)"]
     step = discover if discover is not None else make_discovery_step(DiscoveryConfig(theta=theta), run_dir)

@@ -20,10 +20,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from federation import runfolder
 from models import atomic
 from models.errors import FedkbError
 from models.jsonvalues import is_int, is_number
-from models.text import is_word, words
+from models.text import is_word, normalize_text, words
 
 FILE = "vocab.jsonl"
 
@@ -55,19 +56,60 @@ def read(run_dir: Path) -> list[dict]:
 
 
 def _problem(rec: dict) -> str | None:
-    """What is wrong with a record, if anything: the fields readers use, with their types."""
-    if not (is_int(rec.get("vocab_version")) and is_int(rec.get("vocab_size"))):
-        return "vocab_version and vocab_size must be integers"
+    """What is wrong with a record, if anything: every field a reader or a resumed run uses, with its type."""
+    if not (is_int(rec.get("vocab_version")) and is_int(rec.get("vocab_size"))
+            and rec["vocab_version"] >= 0 and rec["vocab_size"] >= 0):
+        return "vocab_version and vocab_size must be whole numbers"
+    rebuilt = rec.get("rebuilt", False)
+    if not isinstance(rebuilt, bool):
+        return "rebuilt must be true or false"
     added = rec.get("added", [])
     if not isinstance(added, list) or not all(
-            isinstance(a, dict) and isinstance(a.get("word"), str) and is_int(a.get("votes")) for a in added):
+            isinstance(a, dict) and isinstance(a.get("word"), str)
+            and (is_int(a.get("votes")) or (rebuilt and a.get("votes") is None)) for a in added):
         return "added must be a list of {word, votes}"
-    for k in ("oov_rate", "epsilon_run", "delta_run"):
+    for k in ("oov_rate", "sampling_rate", "epsilon_run", "delta_run", "epsilon_full_run"):
         if rec.get(k) is not None and not is_number(rec[k]):
             return f"{k} must be a number"
-    if "theta" in rec and not is_int(rec["theta"]):
-        return "theta must be an integer"
+    for k in ("devices", "voters", "depth", "epoch"):
+        if k in rec and not (is_int(rec[k]) and rec[k] >= 0):
+            return f"{k} must be a whole number"
+    if "theta" in rec and not (is_int(rec["theta"]) and rec["theta"] >= 1):
+        return "theta must be a whole number >= 1"
+    if "dp" in rec:
+        if not isinstance(rec["dp"], bool):
+            return "dp must be true or false"
+        if rec["dp"] and not (is_number(rec.get("epsilon_run")) and is_number(rec.get("delta_run"))):
+            return "dp is true but epsilon_run or delta_run is not a number"
+    if "trie" in rec:
+        return _trie_problem(rec["trie"])
     return None
+
+
+def _trie_problem(trie) -> str | None:
+    """What is wrong with a stored trie (discovery.TrieState.to_json), if anything."""
+    if not isinstance(trie, dict):
+        return "trie must be an object"
+    prefixes = trie.get("prefixes")
+    if not isinstance(prefixes, list) or not prefixes or not all(isinstance(p, str) for p in prefixes):
+        return "trie.prefixes must be a list of strings"
+    for k in ("depth", "epoch"):
+        if not (is_int(trie.get(k)) and trie[k] >= 0):
+            return f"trie.{k} must be a whole number"
+    if any(len(p) != trie["depth"] for p in prefixes):
+        return "trie.prefixes must all be trie.depth characters long"
+    rates = trie.get("epoch_rounds", [])
+    if not isinstance(rates, list) or not all(is_number(g) and g >= 0 for g in rates):
+        return "trie.epoch_rounds must be a list of sampling rates"
+    return None
+
+
+def check(run_dir: Path, rec: dict) -> dict:
+    """`rec`, or FedkbError naming its round if it is malformed (edited by hand or damaged)."""
+    why = _problem(rec)
+    if why:
+        raise FedkbError(f"{path_of(run_dir)}: the record of round {rec['round']} is malformed ({why})")
+    return rec
 
 
 def _write_all(run_dir: Path, records: list[dict]) -> None:
@@ -81,19 +123,60 @@ def append(run_dir: Path, round: int, info: Mapping) -> dict:
     return rec
 
 
-def start(run_dir: Path, vocab, heldout: Mapping[str, int]) -> None:
-    """Write the round-0 record (the base vocabulary) if the file has none."""
-    if not read(run_dir):
+def start(run_dir: Path, vocab, heldout: Mapping[str, int], round: int = 1) -> None:
+    """Write the round-0 record (the base vocabulary) if the file has none.
+
+    `vocab` is the vocabulary round `round` starts from.  Past round 1 (a resumed run whose
+    vocab.jsonl was lost) that is not the base vocabulary: round 0 is then read from the run's
+    round-0 checkpoint (left out if it cannot be), and a record of round `round - 1`, marked
+    "rebuilt", lists the words the vocabulary gained since (the rounds and votes are lost).
+    """
+    if read(run_dir):
+        return
+    if round <= 1:
         _write_all(run_dir, [{"round": 0, "vocab_version": vocab.version, "vocab_size": len(vocab),
                               "added": [], "oov_rate": oov_rate(heldout, vocab)}])
+        return
+    base = base_vocabulary(run_dir)
+    if base is not None and tuple(vocab.words[: len(base)]) != base.words:
+        base = None  # not the vocabulary this one grew from
+    recs = []
+    if base is not None:
+        recs.append({"round": 0, "vocab_version": base.version, "vocab_size": len(base), "added": [],
+                     "oov_rate": oov_rate(heldout, base)})
+    if base is None or base.version != vocab.version:
+        gained = vocab.words[len(base):] if base is not None else ()
+        recs.append({"round": round - 1, "vocab_version": vocab.version, "vocab_size": len(vocab),
+                     "added": [{"word": w, "votes": None} for w in gained],
+                     "oov_rate": oov_rate(heldout, vocab), "rebuilt": True})
+    _write_all(run_dir, recs)
+
+
+def base_vocabulary(run_dir: Path):
+    """The vocabulary of the run's round-0 checkpoint (models.vocab.Vocabulary), or None if it
+    cannot be read.  Read without torch: the keyboard's process asks too."""
+    from models.vocab import Vocabulary
+
+    try:
+        obj = json.loads((runfolder.checkpoint_dir(run_dir, 0) / "model.json").read_text(encoding="utf-8"))
+        v = Vocabulary.from_json(obj["vocab"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, FedkbError):
+        return None
+    return v if all(isinstance(w, str) for w in v.words) else None
 
 
 def truncate(run_dir: Path, last_round: int) -> None:
-    """Keep only records of rounds <= last_round (the checkpoint a run resumes from)."""
+    """Keep only records of rounds <= last_round (the checkpoint a run resumes from).
+
+    The file is rewritten whenever it holds anything but whole records: a line cut short by a crash
+    (no newline at the end), or any line that does not parse, so no fragment is left for the next
+    record to follow on the same line or after."""
+    path = path_of(run_dir)
     recs = read(run_dir)
     keep = [r for r in recs if r["round"] <= last_round]
-    raw = path_of(run_dir).read_text(encoding="utf-8") if path_of(run_dir).exists() else ""
-    if len(keep) != len(recs) or raw.count("\n") != len(recs):
+    raw = path.read_bytes() if path.is_file() else b""
+    torn = bool(raw) and not raw.endswith(b"\n")
+    if len(keep) != len(recs) or torn or raw.count(b"\n") != len(recs):  # each record is exactly one line
         _write_all(run_dir, keep)
 
 
@@ -101,35 +184,65 @@ def resume(run_dir: Path, round: int, vocab, heldout: Mapping[str, int], cfg):
     """Before round `round`: base record written, later rounds dropped; the trie to continue from."""
     from federation.discovery import TrieState
 
-    start(run_dir, vocab, heldout)
+    start(run_dir, vocab, heldout, round)
     truncate(run_dir, round - 1)
-    last = read(run_dir)[-1]
-    if last.get("vocab_version", vocab.version) != vocab.version:
+    last = check(run_dir, read(run_dir)[-1])
+    if last["vocab_version"] != vocab.version:
         raise FedkbError(f"{path_of(run_dir)} ends at vocabulary version {last['vocab_version']} but the "
                          f"checkpoint has version {vocab.version}; the run folder is inconsistent")
     return TrieState.from_json(last["trie"]) if "trie" in last else TrieState()
 
 
 # -- queries ------------------------------------------------------------------------------------
+def committed_round(run_dir: Path) -> int | None:
+    """The run's last committed round (latest.json; with it unreadable, the last metrics line), or
+    None where the folder has neither (a history written outside a simulation run)."""
+    rnd = runfolder.latest_round(run_dir)
+    if rnd is None:
+        rnd = max((m["round"] for m in runfolder.read_metrics(run_dir)), default=None)
+    return rnd
+
+
 def timeline(run_dir: Path) -> list[dict]:
-    """One row per round: round, version, size, added words, OOV rate, epsilon of the trie run."""
+    """One row per committed round: round, version, size, added words, OOV rate, epsilon of the trie run.
+
+    A round's record is written before the round is committed; a run stopped (ctrl-c, kill) in
+    between leaves it until the round runs again, so records past the committed round are left out.
+    """
     if not Path(run_dir).is_dir():
         raise FedkbError(f"{run_dir} is not a run folder")
     recs = read(run_dir)
+    last = committed_round(run_dir)
+    if last is not None:
+        recs = [r for r in recs if r["round"] <= last]
     if not recs:
         raise FedkbError(f"{path_of(run_dir)} is missing or empty: was the run made with --discover?")
-    for rec in recs:  # the fields the queries read: a file edited by hand or damaged is an error, not a traceback
-        why = _problem(rec)
-        if why:
-            raise FedkbError(f"{path_of(run_dir)}: the record of round {rec['round']} is malformed ({why})")
+    for rec in recs:  # a file edited by hand or damaged is an error, not a traceback
+        check(run_dir, rec)
     return recs
 
 
+def normalize_word(word: str) -> str:
+    """A word asked about, as the devices count words (models.text.words): NFKC, straight
+    apostrophes, lower case."""
+    return normalize_text(word).lower()
+
+
 def when_added(run_dir: Path, word: str) -> dict | None:
-    """The record of the round that added `word` (lower-cased), or None if it never was."""
-    word = word.lower().strip()
+    """The record of the round that added `word` (normalized: `normalize_word`), or None if it never was."""
+    word = normalize_word(word)
     for rec in timeline(run_dir):
         for a in rec.get("added", []):
             if a["word"] == word:
                 return rec
     return None
+
+
+def in_base_vocabulary(run_dir: Path, word: str, base=None) -> bool:
+    """Whether `word` (normalized) was in the run's vocabulary from round 0: in `base`, or else in
+    its round-0 checkpoint's vocabulary (`base_vocabulary`)."""
+    from models.text import SPECIALS
+
+    base = base if base is not None else base_vocabulary(run_dir)
+    word = normalize_word(word)
+    return base is not None and word in base and word not in SPECIALS

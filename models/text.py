@@ -66,7 +66,10 @@ _WORD_END = (" ", "\n", "\t", ".", ",", "!", "?", ";", ":", '"', ")", "(")
 
 def split_partial(text: str) -> tuple[str, str]:
     """("context", "partial word"): the last word is partial if the text doesn't end in a separator."""
-    ends_word = not text or text.endswith(_WORD_END) or not (text[-1].isalnum() or text[-1] == "'")
+    # tested on the text as the words are read (NFKC, straight apostrophes), before spaces are trimmed:
+    # "q’" is the partial word "q'", as "q'" is
+    tail = unicodedata.normalize("NFKC", text[-8:]).translate(_APOSTROPHES) if text else ""
+    ends_word = not tail or tail.endswith(_WORD_END) or not (tail[-1].isalnum() or tail[-1] == "'")
     text = normalize_text(text)
     if ends_word or not text:
         return text, ""

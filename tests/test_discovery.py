@@ -165,3 +165,31 @@ def test_a_word_the_user_blocked_never_leaves_the_device_as_a_vote(tmp_path):
     d.write_simulated(["yeet yeet sus"], [])
     d.block_word("yeet")
     assert device_counts_for(d, BASE) == Counter({"sus": 1})
+
+
+def test_a_resampled_population_votes_once_per_real_person(tmp_path, tiny, fixture_users):
+    """With more simulated users than real ones, the copies of one person share one device folder:
+    they used to vote once each, so one person alone could pass theta (and the DP rate was per copy)."""
+    import gzip
+    import json
+
+    from federation import vocab_history as vh
+    from federation.config import ClientConfig, SimulationConfig
+    from federation.run import Simulation
+
+    users = tmp_path / "users.jsonl.gz"
+    with gzip.open(users, "wt", encoding="utf-8") as f:
+        for i, u in enumerate(fixture_users[:4]):  # 1 held out, 3 real users train
+            extra = ["zorblax zorblax"] * 5 if i == 0 else []
+            f.write(json.dumps({"id": u.id, "history": list(u.history) + extra, "future": list(u.future)}) + "\n")
+    sim = SimulationConfig(users=60, rounds=1, clients_per_round=20, eval_users=1, eval_every=1000, seed=3,
+                           client=ClientConfig(max_words=20))
+    s = Simulation(tmp_path / "run", sim, tiny[0], tiny[1], users, tmp_path / "dev",
+                   discover=make_discovery_step(DiscoveryConfig(theta=2), tmp_path / "run"))
+    assert s.population.size == 60 and len(s.population.real_ids) == 3
+    assert "u0000" in s.population.real_ids  # the one who types "zorblax" trains
+    s.run()
+    rec = vh.read(tmp_path / "run")[-1]
+    assert rec["round"] == 1 and rec["devices"] <= 3 and rec["voters"] <= 3
+    assert rec["sampling_rate"] == pytest.approx(rec["devices"] / 3, abs=1e-6)  # over real people
+    assert "z" not in rec["trie"]["prefixes"]  # one person's vote is below theta

@@ -76,6 +76,14 @@ def test_split_partial():
     assert split_partial("😀") == ("😀", "")
 
 
+def test_split_partial_reads_a_curly_apostrophe_as_the_words_do():
+    # the word-end test ran before normalization: "q’" gave next-word suggestions, not "q'z"
+    assert split_partial("i don\u2019") == ("i ", "don'")
+    assert split_partial("q\u2018") == ("", "q'")
+    assert split_partial("q\uff07") == ("", "q'")  # full-width apostrophe (NFKC)
+    assert split_partial("q\u2019 ") == ("q'", "")
+
+
 def test_suggestions_after_a_sentence_end_start_from_bos(tiny_loaded):
     ckpt, tok = tiny_loaded
     pred = Predictor(ckpt.model, ckpt.vocab, tok)

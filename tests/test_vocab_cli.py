@@ -131,3 +131,125 @@ def test_f7_in_the_keyboard_opens_the_latest_runs_timeline(tiny, tmp_path, run_d
             assert not isinstance(app.screen, screen_mod.VocabScreen)
 
     asyncio.run(go())
+
+
+# -- audit 2 ------------------------------------------------------------------------------------
+def test_vocab_word_is_plain_text_not_markup(run_dir, capsys):
+    assert main(["vocab", str(run_dir), "--word", "[/]"]) == 1  # a MarkupError traceback before
+    out = capsys.readouterr().out
+    assert "[/] was never added" in out
+    assert main(["vocab", str(run_dir), "--word", "[link=x]"]) == 1
+    assert "[link=x] was never added" in capsys.readouterr().out  # the word was swallowed as a tag
+
+
+def _with_base_checkpoint(run_dir):
+    from federation.runfolder import checkpoint_dir
+
+    checkpoint_dir(run_dir, 0).mkdir(parents=True)
+    base = Vocabulary(SPECIALS + ("the", "a"), 0, 4)
+    (checkpoint_dir(run_dir, 0) / "model.json").write_text(json.dumps({"vocab": base.to_json()}))
+
+
+def test_vocab_word_is_normalized_and_base_words_answer_round_0(tmp_path, capsys):
+    pop = [Counter({"q'z": 5}) for _ in range(5)]
+    step = make_discovery_step(DiscoveryConfig(theta=4, population=50), tmp_path)
+    vocab, gen = Vocabulary(SPECIALS + ("the", "a"), 0, 4), torch.Generator().manual_seed(0)
+    for r in range(1, 5):
+        vocab, _ = step(vocab, pop, r, gen)
+    assert "q'z" in vocab
+    _with_base_checkpoint(tmp_path)
+    for asked in ("q\u2019z", "Q'Z", "\uff51'\uff5a"):  # curly apostrophe, upper case, full-width (NFKC)
+        assert main(["vocab", str(tmp_path), "--word", asked, "--json"]) == 0, asked
+        assert json.loads(capsys.readouterr().out)["round"] == 4
+    assert main(["vocab", str(tmp_path), "--word", "The"]) == 0
+    assert "the is in the base vocabulary since round 0" in capsys.readouterr().out
+    assert main(["vocab", str(tmp_path), "--word", "the", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"word": "the", "added": False, "base_vocabulary": True,
+                                                   "round": 0, "vocab_version": 0}
+    assert main(["vocab", str(tmp_path), "--word", "<s>"]) == 1  # a special token is no word
+
+
+def test_vocab_screen_answers_plain_text_normalized_and_base_words(run_dir):
+    _with_base_checkpoint(run_dir)
+
+    async def go():
+        from textual.app import App
+        from textual.widgets import Input, Static
+
+        from keyboard.screens.vocab import VocabScreen
+
+        class Host(App):
+            def on_mount(self) -> None:
+                self.push_screen(VocabScreen(run_dir))
+
+        app = Host()
+        async with app.run_test() as pilot:
+            await pilot.pause()
+            screen = app.screen
+            answer = screen.query_one("#vocab-answer", Static)
+            screen.query_one(Input).focus()
+            await pilot.press(*"[/]", "enter")  # a MarkupError crashed the whole app before
+            await pilot.pause()
+            assert "[/] was never added" in str(answer.render())
+            screen.query_one(Input).value = ""
+            await pilot.press(*"\uff59\uff45\uff45\uff54", "enter")  # full-width "yeet"
+            await pilot.pause()
+            assert "yeet was added in round 5" in str(answer.render())
+            screen.query_one(Input).value = ""
+            await pilot.press(*"the", "enter")
+            await pilot.pause()
+            assert "in the base vocabulary since round 0" in str(answer.render())
+
+    asyncio.run(go())
+
+
+def test_vocab_screen_shows_no_oov_rate_that_was_not_measured(tmp_path):
+    """Without held-out users the OOV rate is null: the summary said "OOV 0.00% -> 0.00%"."""
+    step = make_discovery_step(DiscoveryConfig(theta=4, population=50), tmp_path)  # no held-out text
+    vocab, gen = Vocabulary(SPECIALS + ("the", "a"), 0, 4), torch.Generator().manual_seed(0)
+    for r in range(1, 3):
+        vocab, _ = step(vocab, [Counter({"yeet": 1})] * 5, r, gen)
+
+    async def go():
+        from textual.app import App
+        from textual.widgets import Static
+
+        from keyboard.screens.vocab import VocabScreen
+
+        class Host(App):
+            def on_mount(self) -> None:
+                self.push_screen(VocabScreen(tmp_path))
+
+        app = Host()
+        async with app.run_test() as pilot:
+            await pilot.pause()
+            summary = str(app.screen.query_one("#vocab-summary", Static).render())
+            assert "OOV - -> -" in summary and "0.00%" not in summary
+
+    asyncio.run(go())
+
+
+def test_vocab_screen_shows_only_committed_rounds(run_dir):
+    (run_dir / "latest.json").write_text(json.dumps({"round": 7}))  # rounds 8-14 never committed
+
+    async def go():
+        from textual.app import App
+        from textual.widgets import DataTable, Input, Static
+
+        from keyboard.screens.vocab import VocabScreen
+
+        class Host(App):
+            def on_mount(self) -> None:
+                self.push_screen(VocabScreen(run_dir))
+
+        app = Host()
+        async with app.run_test() as pilot:
+            await pilot.pause()
+            screen = app.screen
+            assert screen.query_one(DataTable).row_count == 2  # round 0 and round 5 (yeet); sus came in round 9
+            screen.query_one(Input).focus()
+            await pilot.press(*"sus", "enter")
+            await pilot.pause()
+            assert "sus was never added (rounds 0-7)" in str(screen.query_one("#vocab-answer", Static).render())
+
+    asyncio.run(go())

@@ -177,3 +177,156 @@ def test_a_resumed_run_discovers_as_its_config_json_recorded(tmp_path, tiny, fix
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["discovery_theta"] is None
     s = open_run("plain", make_discovery_step(DiscoveryConfig(theta=3), tmp_path / "plain"), True)
     assert s.discover is None and any("--discover (the run does not discover words)" in n for n in s.notes)
+
+
+# -- audit 2 ------------------------------------------------------------------------------------
+def _records_bytes(recs):
+    import json
+
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode()
+
+
+def test_a_torn_last_line_is_removed_before_its_round_is_written_again(tmp_path):
+    """A crash halfway through appending round r's line leaves a fragment without a newline; the
+    resumed round r must not be written after it (it used to be glued onto it, and lost)."""
+    vh.start(tmp_path, BASE, Counter())
+    for r in (1, 2):
+        vh.append(tmp_path, r, {"vocab_version": 0, "vocab_size": 4, "added": []})
+    clean = vh.path_of(tmp_path).read_bytes()
+    with open(vh.path_of(tmp_path), "ab") as f:
+        f.write(b'{"round": 3, "added": [{"word": "ye')  # torn: no newline
+    vh.truncate(tmp_path, 2)
+    assert vh.path_of(tmp_path).read_bytes() == clean
+    with open(vh.path_of(tmp_path), "ab") as f:
+        f.write(b'not json\n')  # a whole line that does not parse
+    vh.truncate(tmp_path, 2)
+    assert vh.path_of(tmp_path).read_bytes() == clean
+
+
+def test_a_round_torn_by_a_crash_runs_again_to_the_same_history(tmp_path):
+    pop = population()
+    ref = tmp_path / "ref"
+    run_rounds(ref, 1, 5, BASE, torch.Generator().manual_seed(7), pop)  # "yeet" is added in round 5
+    gen = torch.Generator().manual_seed(7)
+    vocab4 = run_rounds(tmp_path / "run", 1, 4, BASE, gen, pop)
+    state = gen.get_state()
+    line5 = vh.path_of(ref).read_bytes().splitlines(keepends=True)[-1]
+    assert b'"yeet"' in line5
+    with open(vh.path_of(tmp_path / "run"), "ab") as f:
+        f.write(line5[: len(line5) // 2])  # killed while appending round 5's line
+    gen2 = torch.Generator()
+    gen2.set_state(state)
+    run_rounds(tmp_path / "run", 5, 5, vocab4, gen2, pop)  # the resumed run: round 5 again
+    assert vh.path_of(tmp_path / "run").read_bytes() == vh.path_of(ref).read_bytes()
+    assert vh.when_added(tmp_path / "run", "yeet")["round"] == 5
+
+
+def _commit(run_dir, rnd):
+    import json
+
+    (run_dir / "latest.json").write_text(json.dumps({"round": rnd}))
+
+
+def test_queries_show_only_committed_rounds(tmp_path, capsys):
+    """A round's record is written before the round is committed: after ctrl-c or a kill in between,
+    `fedkb vocab` must not report a word no committed model has."""
+    import json
+
+    from keyboard.cli import main
+
+    run_rounds(tmp_path, 1, 5, BASE, torch.Generator().manual_seed(7), population())  # yeet: round 5
+    assert vh.when_added(tmp_path, "yeet")["round"] == 5  # no latest.json: a history outside a run
+    _commit(tmp_path, 4)  # round 5 was never committed
+    assert [r["round"] for r in vh.timeline(tmp_path)] == [0, 1, 2, 3, 4]
+    assert vh.when_added(tmp_path, "yeet") is None
+    assert main(["vocab", str(tmp_path), "--word", "yeet"]) == 1
+    assert "never added (rounds 0-4)" in capsys.readouterr().out
+    # latest.json unreadable: the last metrics line is the last committed round (as resume reads it)
+    (tmp_path / "latest.json").write_text("{garbage")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in range(4)))
+    assert vh.timeline(tmp_path)[-1]["round"] == 3
+    _commit(tmp_path, 5)
+    assert vh.when_added(tmp_path, "yeet")["round"] == 5
+
+
+def _damaged(tmp_path, edit):
+    import json
+
+    run_rounds(tmp_path, 1, 3, BASE, torch.Generator().manual_seed(7), population())
+    lines = vh.path_of(tmp_path).read_text().splitlines()
+    rec = json.loads(lines[-1])
+    edit(rec)
+    lines[-1] = json.dumps(rec)
+    vh.path_of(tmp_path).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda r: r["trie"].pop("depth"), "trie.depth"),
+    (lambda r: r.__setitem__("trie", [1, 2]), "trie must be an object"),
+    (lambda r: r["trie"].__setitem__("prefixes", 5), "trie.prefixes"),
+    (lambda r: r["trie"].__setitem__("epoch_rounds", ["x"]), "trie.epoch_rounds"),
+    (lambda r: r.update(dp=True, epsilon_run=None), "dp is true"),
+    (lambda r: r.__setitem__("dp", "yes"), "dp must be"),
+    (lambda r: r.__setitem__("theta", "4"), "theta"),
+    (lambda r: r.__setitem__("theta", 0), "theta"),
+])
+def test_a_damaged_record_is_a_clear_error_for_queries_and_resume(tmp_path, capsys, edit, why):
+    from keyboard.cli import main
+
+    _damaged(tmp_path, edit)
+    with pytest.raises(FedkbError, match=f"round 3 is malformed .*{why}"):
+        vh.timeline(tmp_path)
+    assert main(["vocab", str(tmp_path)]) == 2 and "round 3 is malformed" in capsys.readouterr().err
+    step = make_discovery_step(DiscoveryConfig(theta=4, population=15), tmp_path)
+    with pytest.raises(FedkbError, match=f"round 3 is malformed .*{why}"):  # a traceback before
+        step(BASE, population(), 4, torch.Generator().manual_seed(0))
+
+
+def test_a_lost_history_is_rebuilt_from_the_round_0_checkpoint(tmp_path, capsys):
+    """vocab.jsonl lost, the run resumed at round 7 with a grown vocabulary: round 0 is the base
+    vocabulary (it used to be written with the grown one), and the words gained are listed."""
+    import json
+
+    from keyboard.cli import main
+    from federation.runfolder import checkpoint_dir
+
+    checkpoint_dir(tmp_path, 0).mkdir(parents=True)
+    (checkpoint_dir(tmp_path, 0) / "model.json").write_text(json.dumps({"vocab": BASE.to_json()}))
+    grown = BASE.add(["yeet"])
+    step = make_discovery_step(DiscoveryConfig(theta=4, population=15), tmp_path, HELDOUT)
+    step(grown, population(), 7, torch.Generator().manual_seed(0))  # no "inconsistent" error
+    rows = vh.timeline(tmp_path)
+    assert rows[0] == {"round": 0, "vocab_version": 0, "vocab_size": 4, "added": [], "oov_rate": 50.0}
+    assert rows[1]["round"] == 6 and rows[1]["rebuilt"] and rows[1]["vocab_version"] == 1
+    assert vh.when_added(tmp_path, "yeet")["round"] == 6
+    assert main(["vocab", str(tmp_path), "--word", "yeet"]) == 0
+    assert "added by round 6" in capsys.readouterr().out
+    assert main(["vocab", str(tmp_path)]) == 0 and "yeet (?)" in capsys.readouterr().out
+
+
+def test_a_resume_takes_theta_from_config_json_and_names_only_flags_given(tmp_path, tiny, fixture_users):
+    """The threshold is config.json's, whatever the history says; and the "not taken" note names a
+    --theta only where one was given (a resume without it used to report `--theta 10`)."""
+    import json
+
+    from federation.config import ClientConfig, SimulationConfig
+    from federation.discovery import discovery_for_run
+    from federation.run import Simulation
+
+    users = _users_file(tmp_path, fixture_users)
+    sim = SimulationConfig(rounds=0, clients_per_round=4, eval_users=2, eval_every=1000, seed=3, client=ClientConfig(max_words=50))
+    run = tmp_path / "disc"
+
+    def open_run(discover, resume):
+        s = Simulation(run, sim, tiny[0], tiny[1], users, tmp_path / "disc-dev", resume=resume, discover=discover)
+        s.close()
+        return s
+
+    open_run(make_discovery_step(DiscoveryConfig(theta=4), run), False)
+    with open(vh.path_of(run), "a") as f:  # a history naming another threshold (edited, or left by a kill)
+        f.write(json.dumps({"round": 1, "vocab_version": 0, "vocab_size": 800, "added": [], "theta": 9}) + "\n")
+    for theta in (None, 4, 10):  # --resume; --resume --discover --theta 4; --resume --discover (--theta's default)
+        s = open_run(discovery_for_run(run, theta, resume=True), True)
+        assert s.discover.cfg.theta == 4 and not any("--theta" in n for n in s.notes), (theta, s.notes)
+    s = open_run(discovery_for_run(run, 7, resume=True), True)
+    assert s.discover.cfg.theta == 4 and any("--theta 7 (the run discovers with 4)" in n for n in s.notes)

@@ -3,7 +3,8 @@
 Reads `RUN/vocab.jsonl` (written by `fedkb simulate --discover`): prints the
 timeline (rounds that added words, with the votes each word got, the vocabulary
 version and size, the held-out OOV rate, the TrieHH privacy parameters), or with
-`--word WORD` answers "when was WORD added?" (exit status 1 if it never was).
+`--word WORD` answers "when was WORD added?" (exit status 1 if it never was; a word of the
+base vocabulary answers round 0).  Only committed rounds are shown.
 `--json` prints the same as JSON.
 """
 
@@ -36,15 +37,42 @@ def eps_text(rec: dict) -> str:
 
 
 def answer(run_dir: Path, word: str) -> dict:
+    """When `word` (normalized as the devices count words) entered the vocabulary: the round that
+    added it, or round 0 for a word of the base vocabulary; "added": False if it never did."""
     from federation import vocab_history as vh
 
     rec = vh.when_added(run_dir, word)
-    word = word.lower().strip()
+    word = vh.normalize_word(word)
     if rec is None:
+        base = vh.base_vocabulary(run_dir)  # the round-0 checkpoint's
+        if vh.in_base_vocabulary(run_dir, word, base):
+            return {"word": word, "added": False, "base_vocabulary": True, "round": 0, "vocab_version": base.version}
         return {"word": word, "added": False, "last_round": vh.timeline(run_dir)[-1]["round"]}
     votes = next(a["votes"] for a in rec["added"] if a["word"] == word)
-    return {"word": word, "added": True, "round": rec["round"], "vocab_version": rec["vocab_version"],
-            "votes": votes, "theta": rec.get("theta")}
+    out = {"word": word, "added": True, "round": rec["round"], "vocab_version": rec["vocab_version"],
+           "votes": votes, "theta": rec.get("theta")}
+    if rec.get("rebuilt"):
+        out["rebuilt"] = True  # vocab.jsonl was lost: added by this round, its round and votes unknown
+    return out
+
+
+def answer_text(ans: dict) -> str:
+    """`answer` in words (plain text: no markup)."""
+    w = ans["word"]
+    if ans.get("base_vocabulary"):
+        return f"{w} is in the base vocabulary since round 0"
+    if not ans["added"]:
+        return f"{w} was never added (rounds 0-{ans['last_round']})"
+    if ans.get("rebuilt"):
+        return (f"{w} was added by round {ans['round']} (vocabulary version {ans['vocab_version']}; "
+                f"vocab.jsonl was lost before, the round and votes are unknown)")
+    return (f"{w} was added in round {ans['round']} (vocabulary version {ans['vocab_version']}, "
+            f"{ans['votes']} users voted, theta {ans['theta']})")
+
+
+def added_text(rec: dict) -> str:
+    """A record's added words with their votes ("?" where a rebuilt record lost them)."""
+    return ", ".join(f"{a['word']} ({'?' if a['votes'] is None else a['votes']})" for a in rec.get("added", []))
 
 
 def summary(rows: list[dict]) -> dict:
@@ -68,7 +96,9 @@ def summary(rows: list[dict]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from federation import vocab_history as vh
 
@@ -78,26 +108,22 @@ def run(args: argparse.Namespace) -> int:
         ans = answer(args.run, args.word)
         if args.json:
             print(json.dumps(ans))
-        elif ans["added"]:
-            console.print(f"[bold]{ans['word']}[/] was added in round {ans['round']} "
-                          f"(vocabulary version {ans['vocab_version']}, {ans['votes']} users voted, theta {ans['theta']})",
-                          highlight=False)
         else:
-            console.print(f"[bold]{ans['word']}[/] was never added (rounds 0-{ans['last_round']})", highlight=False)
-        return 0 if ans["added"] else 1
+            text = answer_text(ans)  # plain Text, not markup: the word is the user's ("[/]" is a word asked about)
+            console.print(Text.assemble((ans["word"], "bold"), text[len(ans["word"]):]), highlight=False)
+        return 0 if ans["added"] or ans.get("base_vocabulary") else 1
     if args.json:
         print(json.dumps({"summary": summary(rows), "timeline": [public(r) for r in rows]}))
         return 0
-    table = Table(title=f"vocabulary of {args.run}", title_justify="left")
+    table = Table(title=escape(f"vocabulary of {args.run}"), title_justify="left")
     for col, just in (("round", "right"), ("version", "right"), ("size", "right"), ("OOV %", "right"),
                       ("epsilon", "right"), ("words added (votes)", "left")):
         table.add_column(col, justify=just)
     shown = [r for i, r in enumerate(rows) if args.all or r.get("added") or i in (0, len(rows) - 1)]
     for r in shown:
-        words = ", ".join(f"{a['word']} ({a['votes']})" for a in r.get("added", []))
         oov = r.get("oov_rate")
         table.add_row(str(r["round"]), str(r["vocab_version"]), str(r["vocab_size"]),
-                      "-" if oov is None else f"{oov:.2f}", eps_text(r), words)
+                      "-" if oov is None else f"{oov:.2f}", eps_text(r), Text(added_text(r)))
     console.print(table)
     s = summary(rows)
     console.print(f"{s['words_added']} words added in {s['rounds']} rounds; vocabulary {s['vocab_size'][0]} -> "

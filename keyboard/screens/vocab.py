@@ -9,16 +9,22 @@ vocabulary size and the OOV rate per round.  Reads `RUN/vocab.jsonl`
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.content import Content
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Input, Sparkline, Static
+from textual.widgets.data_table import RowDoesNotExist
 
 from federation import vocab_history as vh
+from keyboard.commands.vocab import added_text, answer_text
+from keyboard.commands.vocab import answer as vocab_answer
 from models.errors import FedkbError
 
 # where `fedkb simulate` puts runs by default (runs/ of the working directory or of the repository)
@@ -36,6 +42,11 @@ def _fmt_eps(rec: dict) -> str:
     if "epsilon_run" not in rec:
         return "-"
     return "none" if rec["epsilon_run"] is None else f"{rec['epsilon_run']:.2f}"
+
+
+def _fmt_oov(rec: dict) -> str:
+    """The held-out OOV rate, "-" where none was measured (a run without held-out users)."""
+    return "-" if rec.get("oov_rate") is None else f"{rec['oov_rate']:.2f}%"
 
 
 class VocabScreen(Screen):
@@ -87,17 +98,16 @@ class VocabScreen(Screen):
             summary.update("No run with a vocabulary history yet: run `fedkb simulate --discover`.")
         else:
             try:
-                self.rows = vh.timeline(self.run_dir)
+                self.rows = vh.timeline(self.run_dir)  # committed rounds only
             except FedkbError as e:
                 self.rows = []
-                summary.update(str(e))
+                summary.update(Content(str(e)))  # names a path: plain text, not markup
         if self.rows:
             first, last = self.rows[0], self.rows[-1]
             n_added = sum(len(r.get("added", [])) for r in self.rows)
-            summary.update(f"{self.run_dir}: {n_added} words added in {last['round']} rounds; "
-                           f"vocabulary {first['vocab_size']} -> {last['vocab_size']} words "
-                           f"(version {last['vocab_version']}); OOV {first.get('oov_rate') or 0:.2f}% -> "
-                           f"{last.get('oov_rate') or 0:.2f}%")
+            summary.update(Content(f"{self.run_dir}: {n_added} words added in {last['round']} rounds; "
+                                   f"vocabulary {first['vocab_size']} -> {last['vocab_size']} words "
+                                   f"(version {last['vocab_version']}); OOV {_fmt_oov(first)} -> {_fmt_oov(last)}"))
         sizes = [float(r["vocab_size"]) for r in self.rows]
         oovs = [float(r["oov_rate"]) for r in self.rows if r.get("oov_rate") is not None]
         self.query_one("#size-spark", Sparkline).data = sizes
@@ -111,7 +121,7 @@ class VocabScreen(Screen):
     def _fill(self, query: str) -> None:
         table = self.query_one(DataTable)
         table.clear()
-        query = query.strip().lower()
+        query = vh.normalize_word(query)
         for r in self.rows:
             added = r.get("added", [])
             if query:
@@ -122,7 +132,7 @@ class VocabScreen(Screen):
             oov = r.get("oov_rate")
             table.add_row(str(r["round"]), str(r["vocab_version"]), str(r["vocab_size"]),
                           "-" if oov is None else f"{oov:.2f}", _fmt_eps(r),
-                          ", ".join(f"{a['word']} ({a['votes']})" for a in added), key=str(r["round"]))
+                          Text(added_text(r)), key=str(r["round"]))  # words from a file: not markup
 
     # -- search -------------------------------------------------------------------------
     @on(Input.Changed, "#vocab-search")
@@ -131,17 +141,17 @@ class VocabScreen(Screen):
 
     @on(Input.Submitted, "#vocab-search")
     def _answer(self, event: Input.Submitted) -> None:
-        word = event.value.strip().lower()
         answer = self.query_one("#vocab-answer", Static)
-        if not word or not self.rows:
+        if not vh.normalize_word(event.value) or not self.rows or self.run_dir is None:
             answer.update("")
             return
-        rec = next((r for r in self.rows if any(a["word"] == word for a in r.get("added", []))), None)
-        if rec is None:
-            answer.update(f"'{word}' was never added (rounds 0-{self.rows[-1]['round']})")
+        try:
+            ans = vocab_answer(self.run_dir, event.value)
+        except FedkbError as e:  # the file changed since the table was read
+            answer.update(Content(str(e)))
             return
-        votes = next(a["votes"] for a in rec["added"] if a["word"] == word)
-        answer.update(f"'{word}' was added in round {rec['round']} (vocabulary version {rec['vocab_version']}, "
-                      f"{votes} users voted)")
-        table = self.query_one(DataTable)
-        table.move_cursor(row=table.get_row_index(str(rec["round"])))
+        answer.update(Content(answer_text(ans)))  # the word is the user's: plain text, never markup
+        if ans["added"] or ans.get("base_vocabulary"):
+            table = self.query_one(DataTable)
+            with contextlib.suppress(RowDoesNotExist):  # a round the table does not show
+                table.move_cursor(row=table.get_row_index(str(ans["round"])))
