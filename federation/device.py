@@ -173,8 +173,15 @@ class Device:
 
     # -- clearing ------------------------------------------------------------------------
     def clear(self) -> None:
-        """Delete everything learned and typed on this device."""
-        if self.path.exists():
+        """Delete everything learned and typed on this device.  A device folder that is a link (a
+        profile moved to another disk) keeps the link and loses what it points to's contents."""
+        if self.path.is_symlink():
+            for entry in self.path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        elif self.path.exists():
             shutil.rmtree(self.path)
 
 

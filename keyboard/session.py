@@ -350,10 +350,10 @@ class KeyboardSession:
         from models.checkpoint import save_tensors
 
         d = self.device.delta_dir
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the device's other files (federation/device.py)
         delta = {k: torch.from_numpy(personal[k] - g) for k, g in self.global_weights.items()}  # params.delta, on arrays
-        save_tensors(d / DELTA_FILE, delta, meta={"global": model_label(self.meta)})
-        atomic.write_json(d / DELTA_META, info)
+        save_tensors(d / DELTA_FILE, delta, meta={"global": model_label(self.meta)}, mode=atomic.PRIVATE)
+        atomic.write_json(d / DELTA_META, info, atomic.PRIVATE)
 
     # -- typing side effects -----------------------------------------------------------
     def finish_message(self, text: str) -> bool:

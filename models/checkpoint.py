@@ -38,12 +38,13 @@ class Checkpoint:
     meta: dict
 
 
-def save_tensors(path: Path, tensors: Params, meta: dict | None = None) -> None:
+def save_tensors(path: Path, tensors: Params, meta: dict | None = None, mode: int = 0o666) -> None:
     """Atomically write tensors (contiguous float copies) as safetensors; `meta` goes in the header as
-    strings, with the data's checksum (models/tensorfile.py)."""
+    strings, with the data's checksum (models/tensorfile.py); a new file gets `mode` less the umask
+    (atomic.PRIVATE for a device's personal delta)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     data = tensorfile.with_checksum(st_save(tensors, metadata={k: str(v) for k, v in (meta or {}).items()} or None))
-    atomic.write_bytes(Path(path), data)
+    atomic.write_bytes(Path(path), data, mode)
 
 
 def load_tensors(path: Path, reference: Params | None = None) -> Params:

@@ -156,3 +156,18 @@ def test_device_files_are_private(dev, tmp_path):
     assert {f.name: mode(f) for f in dev.root.rglob("*") if f.is_file()} == {
         "history.jsonl": 0o600, "words.json": 0o600, "future.jsonl": 0o600}
     assert mode(tmp_path / "shared.json") == 0o644
+
+
+def test_clearing_a_device_folder_that_is_a_link_empties_what_it_points_to(tmp_path):
+    """A profile moved to another disk and linked back: clearing keeps the link (rmtree refuses
+    links) and deletes everything in it."""
+    elsewhere = tmp_path / "other-disk" / "me"
+    Device(tmp_path / "other-disk", "me").append_message("i love my hat", VOCAB)
+    (elsewhere / "personal").mkdir()
+    (elsewhere / "personal" / "delta.json").write_text("{}")
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "me").symlink_to(elsewhere)
+    dev = Device(tmp_path / "devices", "me")
+    assert dev.history() == ["i love my hat"]
+    dev.clear()
+    assert dev.path.is_symlink() and list(elsewhere.iterdir()) == [] and dev.history() == []

@@ -181,6 +181,13 @@ async def test_learn_now_changes_the_personal_model(tiny, tmp_path):
         assert app.session.label == "base + personal delta"
         assert (app.session.device.delta_dir / DELTA_FILE).is_file()
         assert "before" in str(app.screen.query_one("#learn-result").render())
+        said = []
+        app.notify = lambda message, **kw: said.append(message)
+        await type_(pilot, "and ")
+        first = strip(app)[0]
+        await pilot.press("f4")  # forgotten: the personal model still holds it until it learns again
+        await pilot.pause()
+        assert said[-1].startswith(f"'{first}' will not be suggested again on this device; the personal model unlearns")
     # reopened: the delta is loaded from the device folder
     app2 = make_app(tiny, tmp_path, user_id="u0001")
     assert app2.session.label == "base + personal delta"

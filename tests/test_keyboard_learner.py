@@ -79,3 +79,21 @@ def test_stop_ends_the_process_and_no_delta_is_written(tiny, tmp_path):
     assert p._proc.poll() == 128 + 15  # SIGTERM became SystemExit (keyboard/jobs.py's exit_on_sigterm)
     assert not (s.device.delta_dir / DELTA_FILE).exists()
     assert not list(s.device.path.rglob("*.tmp"))  # no atomic write left a temporary file behind
+
+
+def test_the_personal_delta_is_private(tiny, tmp_path):
+    """The delta holds what the history taught: 0600 in a 0700 folder, as the device's other files."""
+    import os
+    import stat
+
+    from keyboard.session import DELTA_META
+
+    old = os.umask(0o022)
+    try:
+        s = _session(tiny, tmp_path)
+        s.learn()
+    finally:
+        os.umask(old)
+    d = s.device.delta_dir
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
+    assert (mode(d), mode(d / DELTA_FILE), mode(d / DELTA_META)) == (0o700, 0o600, 0o600)

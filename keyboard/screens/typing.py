@@ -161,7 +161,8 @@ class TypingScreen(Screen):
         self.typing.refresh()
         self.query_one(SuggestionStrip).show(self.typing.suggestions)
         if stored:
-            self.notify(f"'{word}' will not be suggested again on this device", timeout=3, markup=False)
+            later = "; the personal model unlearns it at the next Learn now" if self.app.session.has_delta else ""
+            self.notify(f"'{word}' will not be suggested again on this device{later}", timeout=3, markup=False)
         elif stored is not None:
             self.notify(f"incognito: '{word}' will not be suggested again in this session", timeout=3, markup=False)
 
