@@ -241,7 +241,8 @@ class DiscoveryStep:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.heldout = vocab_history.word_counts(heldout)
         self.trie = TrieState()
-        self.asked_theta: int | None = cfg.theta  # the threshold asked for (None: none given, on --resume)
+        self.asked_theta: int | None = cfg.theta  # the threshold asked for (None: no --theta given)
+        self.asked_discover = True  # discovery asked for (False: a resumed run's own, with no --discover given)
 
     def bind(self, simulation) -> "DiscoveryStep":
         """Take the population and held-out text from a federation.run.Simulation (which calls this).
@@ -301,15 +302,27 @@ def _config_records_theta(run_dir: Path) -> bool | None:
     return isinstance(stored, dict) and "discovery_theta" in stored
 
 
-def discovery_for_run(run_dir: Path, theta: int | None, resume: bool = False) -> DiscoveryStep | None:
-    """The discovery step of a run folder: with threshold `theta` (None: no discovery), or, on a
-    resumed run, the Simulation then takes the threshold its config.json recorded, and binds the
-    step to itself.  FedkbError for a threshold out of range."""
-    if theta is None and not (resume and vocab_history.path_of(run_dir).exists()):
+def discovery_for_run(run_dir: Path, theta: int | None, resume: bool = False,
+                      discover: bool | None = None) -> DiscoveryStep | None:
+    """The discovery step of a run folder, or None (no discovery).
+
+    `discover`: discovery asked for (`--discover`; None: where `theta` is given, as in the
+    keyboard's spec).  `theta`: the threshold asked for (`--theta`; None: none given), so a new
+    run discovers with `theta` or DiscoveryConfig().theta.  A resumed run discovers as its
+    config.json recorded (the Simulation takes that threshold, names a `--discover` or a
+    `--theta` given that it did not take, and binds the step to itself); it has a step where
+    discovery was asked for, where it has a history, and where a `--theta` is given and its
+    config.json records discovery.  FedkbError for a threshold out of range."""
+    if discover is None:
+        discover = theta is not None
+    run_dir = Path(run_dir)
+    if not discover and not (resume and (vocab_history.path_of(run_dir).exists()
+                                         or (theta is not None and _config_records_theta(run_dir)))):
         return None
     try:
         step = make_discovery_step(DiscoveryConfig() if theta is None else DiscoveryConfig(theta=theta), run_dir)
     except ValueError as e:
         raise FedkbError(str(e)) from None
-    step.asked_theta = theta  # None: the resumed run's own threshold, no --theta to report as not taken
+    step.asked_theta = theta  # None: no --theta to report as not taken
+    step.asked_discover = discover
     return step

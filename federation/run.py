@@ -167,12 +167,13 @@ def _stored_discovery(stored: dict, discover: Discover | None, run_dir: Path) ->
     if DISCOVERY_KEY not in stored or not (discover is None or isinstance(discover, DiscoveryStep)):
         return discover, []
     theta = stored[DISCOVERY_KEY]
-    # the threshold given (as for the other settings, a --theta left at its default was not asked for)
+    # what was given: a step from federation.discovery.discovery_for_run says whether --discover and
+    # which --theta (None: none typed); any other step asks for discovery at its own threshold
     asked = getattr(discover, "asked_theta", discover.cfg.theta) if discover is not None else None
-    if asked == DiscoveryConfig().theta:
-        asked = None
+    asked_discover = discover is not None and getattr(discover, "asked_discover", True)
     if theta is None:
-        return None, [] if discover is None else ["--discover (the run does not discover words)"]
+        given = (["--discover"] if asked_discover else []) + ([f"--theta {asked}"] if asked is not None else [])
+        return None, [f"{' '.join(given)} (the run does not discover words)"] if given else []
     step = discover if discover is not None else make_discovery_step(DiscoveryConfig(theta=theta), run_dir)
     step.cfg = replace(step.cfg, theta=theta)
     if asked is not None and asked != theta:

@@ -175,8 +175,8 @@ def test_a_resumed_run_discovers_as_its_config_json_recorded(tmp_path, tiny, fix
     assert s.discover.cfg.theta == 3 and any("--theta 7 (the run discovers with 3)" in n for n in s.notes)
     open_run("plain", None, False)
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["discovery_theta"] is None
-    s = open_run("plain", make_discovery_step(DiscoveryConfig(theta=3), tmp_path / "plain"), True)
-    assert s.discover is None and any("--discover (the run does not discover words)" in n for n in s.notes)
+    s = open_run("plain", make_discovery_step(DiscoveryConfig(theta=3), tmp_path / "plain"), True)  # --discover --theta 3
+    assert s.discover is None and any("--discover --theta 3 (the run does not discover words)" in n for n in s.notes)
 
 
 # -- audit 2 ------------------------------------------------------------------------------------
@@ -304,14 +304,16 @@ def test_a_lost_history_is_rebuilt_from_the_round_0_checkpoint(tmp_path, capsys)
     assert main(["vocab", str(tmp_path)]) == 0 and "yeet (?)" in capsys.readouterr().out
 
 
-def test_a_resume_takes_theta_from_config_json_and_names_only_flags_given(tmp_path, tiny, fixture_users):
+def test_a_resume_takes_theta_from_config_json_and_names_only_flags_given(tmp_path, tiny, fixture_users, capsys):
     """The threshold is config.json's, whatever the history says; and the "not taken" note names a
-    --theta only where one was given (a resume without it used to report `--theta 10`)."""
+    --theta only where one was given, whatever its value (a resume without it used to report
+    `--theta 10`, and `--theta 10` itself, --theta's default then, was never reported)."""
     import json
 
     from federation.config import ClientConfig, SimulationConfig
     from federation.discovery import discovery_for_run
     from federation.run import Simulation
+    from keyboard.cli import main
 
     users = _users_file(tmp_path, fixture_users)
     sim = SimulationConfig(rounds=0, clients_per_round=4, eval_users=2, eval_every=1000, seed=3, client=ClientConfig(max_words=50))
@@ -325,8 +327,48 @@ def test_a_resume_takes_theta_from_config_json_and_names_only_flags_given(tmp_pa
     open_run(make_discovery_step(DiscoveryConfig(theta=4), run), False)
     with open(vh.path_of(run), "a") as f:  # a history naming another threshold (edited, or left by a kill)
         f.write(json.dumps({"round": 1, "vocab_version": 0, "vocab_size": 800, "added": [], "theta": 9}) + "\n")
-    for theta in (None, 4, 10):  # --resume; --resume --discover --theta 4; --resume --discover (--theta's default)
-        s = open_run(discovery_for_run(run, theta, resume=True), True)
+    for theta, discover in ((None, False), (None, True), (4, True), (4, False)):  # --resume [--discover] [--theta 4]
+        s = open_run(discovery_for_run(run, theta, resume=True, discover=discover), True)
         assert s.discover.cfg.theta == 4 and not any("--theta" in n for n in s.notes), (theta, s.notes)
-    s = open_run(discovery_for_run(run, 7, resume=True), True)
-    assert s.discover.cfg.theta == 4 and any("--theta 7 (the run discovers with 4)" in n for n in s.notes)
+    for theta, discover in ((7, True), (10, True), (10, False)):  # 10: DiscoveryConfig().theta, --theta's default
+        s = open_run(discovery_for_run(run, theta, resume=True, discover=discover), True)
+        assert s.discover.cfg.theta == 4 and any(f"--theta {theta} (the run discovers with 4)" in n for n in s.notes)
+
+    # the command line: only a --theta typed is asked for
+    def simulate(*flags):
+        code = main(["simulate", "--out", str(run), "--users-file", str(users), "--model", str(tiny[0]),
+                     "--tokenizer", str(tiny[1]), "-k", "4", "--eval-users", "2", "--rounds", "0", "--quiet", *flags])
+        return code, " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+
+    capsys.readouterr()
+    for flags in (["--theta", "10"], ["--discover", "--theta", "10"]):
+        code, err = simulate("--resume", *flags)
+        assert code == 0 and "not taken: --theta 10 (the run discovers with 4)" in err, (flags, err)
+    for flags in ([], ["--discover"], ["--theta", "4"]):
+        code, err = simulate("--resume", *flags)
+        assert code == 0 and "not taken" not in err, (flags, err)
+    assert json.loads((run / "config.json").read_text())["discovery_theta"] == 4
+    # a new run with --discover and no --theta discovers with DiscoveryConfig().theta, as --help says
+    run = tmp_path / "fresh"
+    assert simulate("--discover")[0] == 0
+    assert json.loads((run / "config.json").read_text())["discovery_theta"] == DiscoveryConfig().theta == 10
+    assert "(default: 10)" in next(a.help for a in _simulate_parser()._actions if a.dest == "theta")
+    assert "not taken" not in simulate("--resume", "--discover")[1]
+    # --theta without --discover starts no discovery in a new run (as before)
+    run = tmp_path / "plain"
+    assert simulate("--theta", "7")[0] == 0
+    assert json.loads((run / "config.json").read_text())["discovery_theta"] is None
+    # and on a run that does not discover, --resume names what it was given
+    assert simulate("--resume", "--theta", "7")[1].count("not taken: --theta 7 (the run does not discover words)") == 1
+    assert "not taken: --discover (the run does not discover words)" in simulate("--resume", "--discover")[1]
+    assert "not taken" not in simulate("--resume")[1]
+
+
+def _simulate_parser():
+    import argparse
+
+    from keyboard.commands.simulate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser

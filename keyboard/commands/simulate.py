@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar, one line per round")
     parser.add_argument("--discover", action="store_true",
                         help="discover new words with TrieHH each round; history in RUN_DIR/vocab.jsonl (see `fedkb vocab`)")
-    parser.add_argument("--theta", type=int, default=10, help="TrieHH threshold: votes a word needs in a round (default: 10)")
+    # default None, not 10: a --theta typed on --resume is named when the run has another (federation.run);
+    # --discover without it discovers with DiscoveryConfig().theta
+    parser.add_argument("--theta", type=int, default=None, help="TrieHH threshold: votes a word needs in a round (default: 10)")
 
 
 def build_config(args: argparse.Namespace):
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     exit_on_sigterm()  # `kill`, or a closed terminal: the round under way is dropped cleanly, as on ctrl-c
     torch.set_num_threads(max(1, args.threads))
     sim = build_config(args)
-    discover = discovery_for_run(args.out, args.theta if getattr(args, "discover", False) else None, args.resume)
+    discover = discovery_for_run(args.out, args.theta, args.resume, discover=bool(getattr(args, "discover", False)))
     s = Simulation(args.out, sim, args.model, args.tokenizer, args.users_file, args.devices, resume=args.resume,
                    discover=discover)
     console = Console(stderr=True)
