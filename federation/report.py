@@ -180,15 +180,6 @@ def personalization_study(run_dir: Path, cfg: dict, sim: SimulationConfig, rnd: 
     if not rows:
         raise FedkbError("no user with enough future text for the personalization study")
 
-    def gains(a: str, b: str, key: str) -> list[float]:
-        return [r[b][key] - r[a][key] for r in rows]
-
-    def rel(a: str, b: str, key: str = "top1") -> list[float]:
-        return relative_changes([r[a][key] for r in rows], [r[b][key] for r in rows])
-
-    def median_or_none(xs: list[float]) -> float | None:
-        return statistics.median(xs) if xs else None
-
     def mean(key: str, model: str) -> float:
         return round(statistics.mean(r[model][key] for r in rows), 3)
 
@@ -197,27 +188,56 @@ def personalization_study(run_dir: Path, cfg: dict, sim: SimulationConfig, rnd: 
         "users": len(rows),
         "held_out_users": sum(r["held_out"] for r in rows),  # the rest took part in the federation (not on this text)
         "mean": {m: {k: mean(k, m) for k in ("top1", "ksr", "loss")} for m in ("base", "global", "personalized")},
-        "personalized_vs_global": {
-            "top1_gain_points": gains("global", "personalized", "top1"),
-            "median_top1_gain_points": statistics.median(gains("global", "personalized", "top1")),
-            "median_relative_top1_gain": median_or_none(rel("global", "personalized")),
-            "users_with_relative_top1_gain": len(rel("global", "personalized")),  # global top-1 above 0
-            "share_better_top1": sum(g > 0 for g in gains("global", "personalized", "top1")) / len(rows),
-            "share_worse_top1": sum(g < 0 for g in gains("global", "personalized", "top1")) / len(rows),
-            "median_relative_ksr_gain": median_or_none(rel("global", "personalized", "ksr")),
-            "share_better_ksr": sum(g > 0 for g in gains("global", "personalized", "ksr")) / len(rows),
-            "share_worse_ksr": sum(g < 0 for g in gains("global", "personalized", "ksr")) / len(rows),
-            # perplexity ratio personalized / global, per user: exp(loss difference)
-            "median_relative_perplexity_change": statistics.median(math.expm1(g) for g in gains("global", "personalized", "loss")),
-            "share_better_loss": sum(g < 0 for g in gains("global", "personalized", "loss")) / len(rows),
-            "share_worse_loss": sum(g > 0 for g in gains("global", "personalized", "loss")) / len(rows),
-        },
+        "personalized_vs_global": {"top1_gain_points": _gains(rows, "global", "personalized", "top1"),
+                                   **_personalized_vs_global(rows)},
+        # the same, for the held-out users and for the federation's clients (whose history, not this
+        # future text, trained the global model) apart
+        "by_group": {name: {"users": len(group), **_personalized_vs_global(group)}
+                     for name, group in (("held_out", [r for r in rows if r["held_out"]]),
+                                         ("clients", [r for r in rows if not r["held_out"]])) if group},
         "global_vs_base": {
-            "median_top1_gain_points": statistics.median(gains("base", "global", "top1")),
-            "share_worse_top1": sum(g < 0 for g in gains("base", "global", "top1")) / len(rows),
+            "median_top1_gain_points": statistics.median(_gains(rows, "base", "global", "top1")),
+            "share_worse_top1": sum(g < 0 for g in _gains(rows, "base", "global", "top1")) / len(rows),
         },
     }
     return out
+
+
+def _gains(rows: list[dict], a: str, b: str, key: str) -> list[float]:
+    return [r[b][key] - r[a][key] for r in rows]
+
+
+def _personalized_vs_global(rows: list[dict]) -> dict:
+    """The personalized model against the global one over `rows` (a study's users): shares of users
+    better and worse on top-1, KSR and loss, and the median relative changes."""
+
+    def gains(key: str) -> list[float]:
+        return _gains(rows, "global", "personalized", key)
+
+    def rel(key: str) -> list[float]:
+        return relative_changes([r["global"][key] for r in rows], [r["personalized"][key] for r in rows])
+
+    def median_or_none(xs: list[float]) -> float | None:
+        return statistics.median(xs) if xs else None
+
+    def share(xs: list[float], better) -> float:
+        return sum(map(better, xs)) / len(rows)
+
+    top1, ksr, loss = gains("top1"), gains("ksr"), gains("loss")
+    return {
+        "median_top1_gain_points": statistics.median(top1),
+        "median_relative_top1_gain": median_or_none(rel("top1")),
+        "users_with_relative_top1_gain": len(rel("top1")),  # global top-1 above 0
+        "share_better_top1": share(top1, lambda g: g > 0),
+        "share_worse_top1": share(top1, lambda g: g < 0),
+        "median_relative_ksr_gain": median_or_none(rel("ksr")),
+        "share_better_ksr": share(ksr, lambda g: g > 0),
+        "share_worse_ksr": share(ksr, lambda g: g < 0),
+        # perplexity ratio personalized / global, per user: exp(loss difference)
+        "median_relative_perplexity_change": statistics.median(math.expm1(g) for g in loss),
+        "share_better_loss": share(loss, lambda g: g < 0),
+        "share_worse_loss": share(loss, lambda g: g > 0),
+    }
 
 
 def plot_personalization(study: dict, out_dir: Path) -> Path:

@@ -298,6 +298,9 @@ def test_report_writes_plots_and_personalization_study(reference_run, tmp_path):
     assert p["held_out_users"] == sum(u in cfg["eval_users"] for u in studied)
     assert pv["share_better_loss"] + pv["share_worse_loss"] <= 1.0
     assert pv["users_with_relative_top1_gain"] <= len(pv["top1_gain_points"])
+    groups = p["by_group"]  # the held-out users and the clients apart, adding up to the whole
+    assert sum(g["users"] for g in groups.values()) == 4 and groups.get("held_out", {"users": 0})["users"] == p["held_out_users"]
+    assert sum(g["share_worse_top1"] * g["users"] for g in groups.values()) == pytest.approx(pv["share_worse_top1"] * 4)
 
 
 def test_relative_changes_leave_out_users_who_start_at_zero():
@@ -331,6 +334,20 @@ def test_the_printed_summary_says_what_it_lacks():
     assert _epsilon({"epsilon": None, "dp": True}) == "epsilon n/a (no round yet)"
     assert _epsilon({"epsilon": None, "dp": False}) == "epsilon n/a (no DP noise)"
     assert _epsilon({"epsilon": 1.5, "dp": True}) == "epsilon 1.5"
+
+
+def test_the_printed_study_names_the_held_out_users_and_the_clients_apart(reference_run, tmp_path, capsys):
+    from keyboard.cli import main
+
+    assert main(["report", str(reference_run), "--out", str(tmp_path / "rep"), "--users", "3"]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())["personalization"]
+    lines = capsys.readouterr().out.splitlines()
+    for name, label in (("held_out", "held-out users"), ("clients", "the federation's clients")):
+        said = [line for line in lines if line.startswith(f"  {label} (")]
+        assert len(said) == (name in rep["by_group"])
+        if said:
+            g = rep["by_group"][name]
+            assert said[0].startswith(f"  {label} ({g['users']}): top-1 {100 * g['share_better_top1']:.0f}% better")
 
 
 def test_an_os_error_is_one_line_with_its_path(reference_run, tmp_path, capsys):

@@ -58,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
               f"{100 * pv['share_better_loss']:.0f}% lower loss, {100 * pv['share_worse_loss']:.0f}% higher (median perplexity change "
               f"{100 * pv['median_relative_perplexity_change']:+.1f}%); KSR {100 * pv['share_better_ksr']:.0f}% better, "
               f"{100 * pv['share_worse_ksr']:.0f}% worse, median relative gain {_pct(pv['median_relative_ksr_gain'])}")
+        for name, label in (("held_out", "held-out users"), ("clients", "the federation's clients")):
+            if name in p["by_group"]:
+                g = p["by_group"][name]
+                print(f"  {label} ({g['users']}): top-1 {100 * g['share_better_top1']:.0f}% better, "
+                      f"{100 * g['share_worse_top1']:.0f}% worse, median relative gain {_pct(g['median_relative_top1_gain'])}; "
+                      f"loss {100 * g['share_better_loss']:.0f}% lower; KSR {100 * g['share_better_ksr']:.0f}% better")
     for f in rep["files"]:
         print(f"wrote {f}")
     return 0
