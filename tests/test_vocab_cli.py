@@ -51,13 +51,9 @@ def test_vocab_on_a_folder_without_history_is_one_clear_error(tmp_path, capsys):
     assert "--discover" in err and "Traceback" not in err
 
 
-def test_vocab_screen_shows_timeline_search_and_plots(run_dir):
-    asyncio.run(_screen_checks(run_dir))
-
-
-async def _screen_checks(run_dir):
+def _on_vocab_screen(run_dir, check) -> None:
+    """Run `await check(pilot, screen)` on the vocabulary screen (f7) of `run_dir`, in an app of its own."""
     from textual.app import App
-    from textual.widgets import DataTable, Input, Sparkline, Static
 
     from keyboard.screens.vocab import VocabScreen
 
@@ -65,30 +61,41 @@ async def _screen_checks(run_dir):
         def on_mount(self) -> None:
             self.push_screen(VocabScreen(run_dir))
 
-    app = Host()
-    async with app.run_test() as pilot:
-        await pilot.pause()
-        screen = app.screen
-        table = screen.query_one(DataTable)
-        assert table.row_count == 3  # round 0 + the two rounds that added words
-        assert list(screen.query_one("#size-spark", Sparkline).data) == [4.0] * 5 + [5.0] * 4 + [6.0] * 6
-        assert screen.query_one("#oov-spark", Sparkline).data[-1] == pytest.approx(100 / 6, abs=1e-3)
-        search = screen.query_one(Input)
-        search.focus()
-        await pilot.press("s", "u")
-        assert table.row_count == 1
-        await pilot.press("s", "enter")
-        await pilot.pause()
-        assert str(screen.query_one("#vocab-answer", Static).render()).startswith("sus was added in round 9")
-        # empty the search first (ctrl+a is not select-all in Textual 8: it went to the start, and
-        # "rizzsus" was asked about, which was never added either)
-        search.value = ""
-        await pilot.press(*"rizz")
-        assert search.value == "rizz"
-        await pilot.press("enter")
-        await pilot.pause()
-        assert str(screen.query_one("#vocab-answer", Static).render()) == "rizz was never added (rounds 0-14)"
-        assert table.row_count == 0
+    async def go():
+        async with Host().run_test() as pilot:
+            await pilot.pause()
+            await check(pilot, pilot.app.screen)
+
+    asyncio.run(go())
+
+
+def test_vocab_screen_shows_timeline_search_and_plots(run_dir):
+    _on_vocab_screen(run_dir, _screen_checks)
+
+
+async def _screen_checks(pilot, screen):
+    from textual.widgets import DataTable, Input, Sparkline, Static
+
+    table = screen.query_one(DataTable)
+    assert table.row_count == 3  # round 0 + the two rounds that added words
+    assert list(screen.query_one("#size-spark", Sparkline).data) == [4.0] * 5 + [5.0] * 4 + [6.0] * 6
+    assert screen.query_one("#oov-spark", Sparkline).data[-1] == pytest.approx(100 / 6, abs=1e-3)
+    search = screen.query_one(Input)
+    search.focus()
+    await pilot.press("s", "u")
+    assert table.row_count == 1
+    await pilot.press("s", "enter")
+    await pilot.pause()
+    assert str(screen.query_one("#vocab-answer", Static).render()).startswith("sus was added in round 9")
+    # empty the search first (ctrl+a is not select-all in Textual 8: it went to the start, and
+    # "rizzsus" was asked about, which was never added either)
+    search.value = ""
+    await pilot.press(*"rizz")
+    assert search.value == "rizz"
+    await pilot.press("enter")
+    await pilot.pause()
+    assert str(screen.query_one("#vocab-answer", Static).render()) == "rizz was never added (rounds 0-14)"
+    assert table.row_count == 0
 
 
 def test_bench_vocab_discovery_runs_on_the_fixtures(tiny, monkeypatch, capsys):
@@ -176,86 +183,54 @@ def test_vocab_word_is_normalized_and_base_words_answer_round_0(tmp_path, capsys
 
 
 def test_vocab_screen_answers_plain_text_normalized_and_base_words(run_dir):
+    from textual.widgets import Input, Static
+
     _with_base_checkpoint(run_dir)
 
-    async def go():
-        from textual.app import App
-        from textual.widgets import Input, Static
+    async def check(pilot, screen):
+        answer = screen.query_one("#vocab-answer", Static)
+        screen.query_one(Input).focus()
+        await pilot.press(*"[/]", "enter")  # a MarkupError crashed the whole app before
+        await pilot.pause()
+        assert "[/] was never added" in str(answer.render())
+        screen.query_one(Input).value = ""
+        await pilot.press(*"\uff59\uff45\uff45\uff54", "enter")  # full-width "yeet"
+        await pilot.pause()
+        assert "yeet was added in round 5" in str(answer.render())
+        screen.query_one(Input).value = ""
+        await pilot.press(*"the", "enter")
+        await pilot.pause()
+        assert "in the base vocabulary since round 0" in str(answer.render())
 
-        from keyboard.screens.vocab import VocabScreen
-
-        class Host(App):
-            def on_mount(self) -> None:
-                self.push_screen(VocabScreen(run_dir))
-
-        app = Host()
-        async with app.run_test() as pilot:
-            await pilot.pause()
-            screen = app.screen
-            answer = screen.query_one("#vocab-answer", Static)
-            screen.query_one(Input).focus()
-            await pilot.press(*"[/]", "enter")  # a MarkupError crashed the whole app before
-            await pilot.pause()
-            assert "[/] was never added" in str(answer.render())
-            screen.query_one(Input).value = ""
-            await pilot.press(*"\uff59\uff45\uff45\uff54", "enter")  # full-width "yeet"
-            await pilot.pause()
-            assert "yeet was added in round 5" in str(answer.render())
-            screen.query_one(Input).value = ""
-            await pilot.press(*"the", "enter")
-            await pilot.pause()
-            assert "in the base vocabulary since round 0" in str(answer.render())
-
-    asyncio.run(go())
+    _on_vocab_screen(run_dir, check)
 
 
 def test_vocab_screen_shows_no_oov_rate_that_was_not_measured(tmp_path):
     """Without held-out users the OOV rate is null: the summary said "OOV 0.00% -> 0.00%"."""
+    from textual.widgets import Static
+
     step = make_discovery_step(DiscoveryConfig(theta=4, population=50), tmp_path)  # no held-out text
     vocab, gen = Vocabulary(SPECIALS + ("the", "a"), 0, 4), torch.Generator().manual_seed(0)
     for r in range(1, 3):
         vocab, _ = step(vocab, [Counter({"yeet": 1})] * 5, r, gen)
 
-    async def go():
-        from textual.app import App
-        from textual.widgets import Static
+    async def check(pilot, screen):
+        summary = str(screen.query_one("#vocab-summary", Static).render())
+        assert "OOV - -> -" in summary and "0.00%" not in summary
 
-        from keyboard.screens.vocab import VocabScreen
-
-        class Host(App):
-            def on_mount(self) -> None:
-                self.push_screen(VocabScreen(tmp_path))
-
-        app = Host()
-        async with app.run_test() as pilot:
-            await pilot.pause()
-            summary = str(app.screen.query_one("#vocab-summary", Static).render())
-            assert "OOV - -> -" in summary and "0.00%" not in summary
-
-    asyncio.run(go())
+    _on_vocab_screen(tmp_path, check)
 
 
 def test_vocab_screen_shows_only_committed_rounds(run_dir):
+    from textual.widgets import DataTable, Input, Static
+
     (run_dir / "latest.json").write_text(json.dumps({"round": 7}))  # rounds 8-14 never committed
 
-    async def go():
-        from textual.app import App
-        from textual.widgets import DataTable, Input, Static
+    async def check(pilot, screen):
+        assert screen.query_one(DataTable).row_count == 2  # round 0 and round 5 (yeet); sus came in round 9
+        screen.query_one(Input).focus()
+        await pilot.press(*"sus", "enter")
+        await pilot.pause()
+        assert "sus was never added (rounds 0-7)" in str(screen.query_one("#vocab-answer", Static).render())
 
-        from keyboard.screens.vocab import VocabScreen
-
-        class Host(App):
-            def on_mount(self) -> None:
-                self.push_screen(VocabScreen(run_dir))
-
-        app = Host()
-        async with app.run_test() as pilot:
-            await pilot.pause()
-            screen = app.screen
-            assert screen.query_one(DataTable).row_count == 2  # round 0 and round 5 (yeet); sus came in round 9
-            screen.query_one(Input).focus()
-            await pilot.press(*"sus", "enter")
-            await pilot.pause()
-            assert "sus was never added (rounds 0-7)" in str(screen.query_one("#vocab-answer", Static).render())
-
-    asyncio.run(go())
+    _on_vocab_screen(run_dir, check)
