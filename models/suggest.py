@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 
-from models.text import BOS, MAX_CONTEXT_WORDS, SPECIALS, UNK, sentence_tokens, split_partial
+from models.text import BOS, MAX_CONTEXT_WORDS, SPECIALS, UNK, context_tokens, split_partial
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary, appended
 
@@ -139,9 +139,11 @@ class IncrementalPredictor:
             self.commit(w)
 
     def set_context(self, text: str) -> str:
-        """Replace the context with `text`'s finished words; returns the partial last word."""
+        """Replace the context with `text`'s finished words; returns the partial last word.
+        The context is the keyboard's (keyboard/typing.py): a sentence ended at the end of `text`
+        ("hello. ") is a sentence start."""
         context, partial = split_partial(text)
-        toks = sentence_tokens(context)[-MAX_CONTEXT_WORDS:]
+        toks = context_tokens(context)
         self._history = []
         self._start()
         if not toks or toks[0] != BOS:

@@ -37,11 +37,13 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(normalize_text(text))]
 
 
-def sentence_tokens(text: str) -> list[str]:
+def sentence_tokens(text: str, keep_end: bool = False) -> list[str]:
     """Lower-cased words of one message with BOS at each sentence start.
 
     "Hi there. How are you?" -> [<s>, hi, there, <s>, how, are, you]
     The message itself starts with BOS, so every message is an independent context.
+    A sentence end at the very end is dropped, unless `keep_end` (the text is the context
+    of a word still to come: `context_tokens`).
     """
     out = [BOS]
     for tok in _TOKEN.findall(normalize_text(text)):
@@ -50,9 +52,17 @@ def sentence_tokens(text: str) -> list[str]:
                 out.append(BOS)
         else:
             out.append(tok.lower())
-    if len(out) > 1 and out[-1] == BOS:
+    if len(out) > 1 and out[-1] == BOS and not keep_end:
         out.pop()
     return out
+
+
+def context_tokens(context: str) -> list[str]:
+    """The model's context for the word after `context` (finished text, split_partial's first part):
+    its tokens as sentence_tokens reads the whole message, so ending in BOS wherever a sentence
+    ended ("Hi! 👋 " as "Hi! "), at most the last MAX_CONTEXT_WORDS.  The next word starts a
+    sentence exactly when the last token is BOS (also at the message start, and after "👍 ")."""
+    return sentence_tokens(context, keep_end=True)[-MAX_CONTEXT_WORDS:]
 
 
 def is_word(token: str) -> bool:
@@ -62,6 +72,7 @@ def is_word(token: str) -> bool:
 
 MAX_CONTEXT_WORDS = 100  # only the last words of a huge paste are fed to the LSTM
 _WORD_END = (" ", "\n", "\t", ".", ",", "!", "?", ";", ":", '"', ")", "(")
+_RAW_APOSTROPHES = "'`\u2019\u2018\u02bc\uff07"  # what reads as "'" once normalised (NFKC, _APOSTROPHES)
 
 
 def split_partial(text: str) -> tuple[str, str]:
@@ -76,4 +87,29 @@ def split_partial(text: str) -> tuple[str, str]:
     i = len(text)
     while i > 0 and (text[i - 1].isalnum() or text[i - 1] == "'"):
         i -= 1
+    while i < len(text) and text[i] == "'":  # no word starts with "'": an opening quote ("she said 'hel")
+        i += 1
     return text[:i], text[i:].lower()
+
+
+def _in_partial(c: str) -> bool:
+    return c.isalnum() or c in _RAW_APOSTROPHES or unicodedata.category(c)[0] == "M"
+
+
+def partial_start(text: str, partial: str) -> int:
+    """Where split_partial(text)'s partial word `partial` starts in the raw `text` (len(text) if none):
+    the span to replace when a suggestion is accepted.  Read back with split_partial's rule on the raw
+    characters: letters, digits, apostrophes of any kind and combining marks ("cafe" + U+0301 + "s", "don’t"),
+    no leading apostrophe; checked against `partial` as normalised, moving on if NFKC joined or split
+    characters across the start."""
+    if not partial:
+        return len(text)
+    i = len(text)
+    while i > 0 and _in_partial(text[i - 1]):
+        i -= 1
+    while i < len(text) and text[i] in _RAW_APOSTROPHES:
+        i += 1
+    for j in range(i, min(i + 8, len(text))):
+        if normalize_text(text[j:]).lower() == partial:
+            return j
+    return i

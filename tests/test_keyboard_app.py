@@ -78,6 +78,82 @@ async def test_typing_shows_suggestions_and_tab_accepts(tiny, tmp_path):
 
 
 @sync
+async def test_the_strip_and_accept_follow_the_cursor(tiny, tmp_path):
+    """The strip was for the end of the text wherever the cursor was, and Tab rewrote the text's last
+    word and moved the cursor to the end (the word typed mid-text stayed half-typed)."""
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        inp = app.screen.query_one(Input)
+        await type_(pilot, "and the king wh")
+        assert all(w.lower().startswith("wh") for w in strip(app))
+        await pilot.press("home", *["right"] * 4)  # the cursor moved, the text as it was: the strip follows
+        await pilot.pause()
+        assert strip(app) == app.screen.typing.suggestions and app.screen.typing.cursor == 4
+        assert app.screen.typing.update("and ").suggestions == strip(app)  # what the text before it gives
+        app.screen.typing.update(text(app), 4)
+        await type_(pilot, "th")
+        assert text(app) == "and ththe king wh" and inp.cursor_position == 6
+        sugg = strip(app)
+        assert sugg and all(w.lower().startswith("th") for w in sugg)
+        await pilot.press("tab")
+        await pilot.pause()
+        assert text(app) == f"and {sugg[0]} the king wh" and inp.cursor_position == len(f"and {sugg[0]} ")
+        await pilot.press("end")
+        await pilot.pause()
+        assert all(w.lower().startswith("wh") for w in strip(app))
+
+
+@sync
+async def test_punctuation_after_an_accept_takes_its_space(tiny, tmp_path):
+    """"tomorrow ." : the space an accept added stayed before the punctuation typed next, and taking it back
+    first (a backspace) counted the word twice."""
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        inp = app.screen.query_one(Input)
+        await type_(pilot, "and th")
+        best = strip(app)[0]
+        await pilot.press("tab", "full_stop")
+        await pilot.pause()
+        assert text(app) == f"and {best}." and inp.cursor_position == len(text(app))
+        await type_(pilot, " so")
+        assert text(app) == f"and {best}. so"
+        s = app.screen.typing.stats
+        assert (s.words, s.accepted) == (2, 1)
+
+
+@sync
+async def test_accept_never_passes_the_message_limit(tiny, tmp_path):
+    """Tab set the input's value in code, past its max_length: a 10,002-character message, cut mid-word
+    when stored."""
+    from textual import events
+
+    from federation.device import MAX_MESSAGE_CHARS
+
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        inp = app.screen.query_one(Input)
+        notices = []
+        app.screen.notify = lambda message, **kw: notices.append(message)
+        before = ("ok " * MAX_MESSAGE_CHARS)[: MAX_MESSAGE_CHARS - 4].rstrip() + " th"  # 2 or 3 characters left
+        inp.post_message(events.Paste(before))
+        await pilot.pause()
+        assert text(app) == before and strip(app)
+        fits = {w: len(before) - 2 + len(w) + 1 <= MAX_MESSAGE_CHARS for w in strip(app)}
+        assert not all(fits.values())
+        for key, rank in (("f1", 1), ("f3", 2), ("tab", 0)):
+            if rank >= len(app.screen.typing.suggestions):
+                continue
+            word = app.screen.typing.suggestions[rank]
+            await pilot.press(key)
+            await pilot.pause()
+            if fits[word]:
+                assert text(app) == before[:-2] + word + " "
+                break
+            assert text(app) == before and notices[-1].startswith(f"message limited to {MAX_MESSAGE_CHARS:,}")
+        assert notices and len(text(app)) <= MAX_MESSAGE_CHARS
+
+
+@sync
 async def test_function_keys_accept_left_and_right(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
     async with app.run_test() as pilot:

@@ -45,3 +45,31 @@ def test_predict_imports_neither_textual_nor_federation(tiny):
             "'--tokenizer', sys.argv[2]]); print('textual' in sys.modules, 'federation' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(model), str(tok)], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "False False"
+
+
+def test_eval_names_top_k_by_its_k(tiny, tmp_path, capsys):
+    """`fedkb eval -k 5` printed top-5 accuracy as "top3" (and -k 1 top-1 twice)."""
+    model, tok = tiny
+    path = tmp_path / "text.txt"
+    path.write_text("how are you today\nI am fine thanks and you\n")
+    got = {}
+    for k in (1, 3, 5):
+        assert main(["eval", "--text", str(path), "-k", str(k), "--model", str(model), "--tokenizer", str(tok), "--json"]) == 0
+        got[k] = json.loads(capsys.readouterr().out)
+    assert "top3" not in got[1] and "top3" in got[3] and "top5" in got[5] and "top3" not in got[5]
+    assert got[1]["top1"] == got[3]["top1"] == got[5]["top1"] <= got[3]["top3"] <= got[5]["top5"]
+    assert main(["eval", "--text", str(path), "-k", "5", "--model", str(model), "--tokenizer", str(tok)]) == 0
+    out = capsys.readouterr().out
+    assert "top-5 accuracy" in out and "top-3" not in out
+
+
+def test_predict_after_an_opening_quote_and_a_sentence_end_with_a_symbol(tiny, capsys):
+    """A leading "'" was read as part of the word (nothing completes "'th"); "thanks! :) " was not a
+    sentence start."""
+    model, tok = tiny
+    assert main(["predict", "she said 'th", "--model", str(model), "--tokenizer", str(tok), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["partial"] == "th" and out["suggestions"] and all(w.lower().startswith("th") for w in out["suggestions"])
+    assert main(["predict", "thanks! :) ", "--model", str(model), "--tokenizer", str(tok)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(w[0].isupper() for w in lines)

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyboard.typing import TAIL_CHARS, TypingSession, at_sentence_start, cased
+from keyboard.typing import TAIL_CHARS, MessageFull, TypingSession, at_sentence_start, cased
 from models.predictor import Predictor
+from models.text import BOS, context_tokens, split_partial
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -140,3 +141,199 @@ def test_100kb_paste_never_crashes(predictor, chunk):
     t.update(paste + " x")
     t.accept(0)
     assert len(t.suggestions) <= 3
+
+
+# -- the cursor, the partial word's span, stats per word, auto-space, the length limit ---------------
+
+def test_suggestions_and_accept_follow_the_cursor(predictor, tiny_loaded):
+    """The strip was for the end of the text wherever the cursor was, and accept rewrote the text's last
+    word and jumped to the end: editing mid-text showed, and accepted, the wrong word."""
+    ckpt, tok = tiny_loaded
+    ref = Predictor(ckpt.model, ckpt.vocab, tok)
+    t = TypingSession(predictor)
+    t.update("and the king")
+    text = "and th the king"  # "th" typed after "and ", the cursor after it
+    u = t.update(text, 6)
+    assert u.partial == "th" and [w.lower() for w in u.suggestions] == ref.suggest_for("and th")
+    best = t.suggestions[0]
+    u = t.accept(0)
+    assert t.text == f"and {best} the king" and u.text == t.text  # the space there is kept, not doubled
+    assert t.cursor == u.cursor == len(f"and {best} ")
+    # inside a word: the word ending at the cursor is completed, what follows stays
+    t.update("and the qu king", 10)
+    assert t._partial == "qu" and [w.lower() for w in t.suggestions] == ref.suggest_for("and the qu")
+    w = t.suggestions[0]
+    t.accept(0)
+    assert t.text == f"and the {w} king" and t.cursor == len(f"and the {w} ")
+    # between words: next-word suggestions for the text before the cursor, inserted there with a space
+    t.update("and king", 4)
+    assert [s.lower() for s in t.suggestions] == ref.suggest_for("and ")
+    w = t.suggestions[0]
+    t.accept(0)
+    assert t.text == f"and {w} king" and t.cursor == len(f"and {w} ")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.sampled_from(["type", "type", "type", "move", "backspace", "accept"]),
+                                st.sampled_from(list("abcdefghilmnorstu")) | st.sampled_from([" ", ". ", ",", "’", "'", "e\u0301"]),
+                                st.floats(0, 1)), max_size=40))
+def test_edits_anywhere_suggest_as_a_fresh_session_at_the_cursor(predictor, tiny_loaded, steps):
+    """Typing, deleting, moving and accepting anywhere: the strip is always what a fresh session (and
+    the predictor's own set_context) gives for the text before the cursor; an accept puts the word
+    right before the cursor; the counters stay sane."""
+    ckpt, tok = tiny_loaded
+    ref = Predictor(ckpt.model, ckpt.vocab, tok)
+    t = TypingSession(predictor)
+    text, cursor = "", 0
+    for op, ch, where in steps:
+        if op == "accept" and t.suggestions:
+            word = t.suggestions[0]
+            u = t.accept(0)
+            text, cursor = u.text, u.cursor
+            assert text[:cursor].rstrip().endswith(word) and text.count(word) >= 1
+            continue
+        if op == "type":
+            text, cursor = text[:cursor] + ch + text[cursor:], cursor + len(ch)
+        elif op == "backspace" and cursor:
+            text, cursor = text[: cursor - 1] + text[cursor:], cursor - 1
+        elif op == "move":
+            cursor = round(where * len(text))
+        u = t.update(text, cursor)
+        text, cursor = u.text, u.cursor
+        assert [w.lower() for w in u.suggestions] == ref.suggest_for(text[:cursor])
+        assert u.suggestions == TypingSession(ref).update(text, cursor).suggestions
+        s = t.stats
+        assert min(s.words, s.accepted, s.keys_typed, s.keys_selected, s.keys_without) >= 0
+        assert s.keys_typed + s.keys_selected <= s.keys_without + s.words
+
+
+@pytest.mark.parametrize("typed, partial", [
+    ("I don\u2019", "don'"), ("I don\u2019t", "don't"), ("I don`", "don'"), ("I DON\u2019T", "don't"),
+    ("the cafe\u0301", "café"), ("the cafe\u0301s", "cafés"), ("she said \u2018cafe\u0301", "café")])
+def test_accept_replaces_a_partial_with_curly_apostrophes_or_combining_marks(predictor, typed, partial):
+    """The partial word's span in the raw text stopped at ’, ` or a combining mark: accept kept the typed
+    word and added the suggestion after it ("I don’ don't", "the cafécafés")."""
+    predictor.add_personal_words(["cafés", "café"])
+    t = TypingSession(predictor)
+    u = t.update(typed)
+    assert u.partial == partial
+    best = t.suggestions[0]
+    assert best.lower().startswith(partial)
+    u = t.accept(0)
+    head = typed[: len(typed) - len(typed.split()[-1])]
+    quote = "\u2018" if "\u2018" in typed else ""
+    assert u.text == f"{head}{quote}{best} " and u.cursor == len(u.text)
+    assert (best[0].isupper()) == (typed.split()[-1].lstrip("\u2018")[0].isupper() or best.startswith("I"))
+
+
+def test_a_leading_quote_is_not_part_of_the_word(predictor, tiny_loaded):
+    """No word starts with "'": after an opening single quote the strip was empty."""
+    ckpt, tok = tiny_loaded
+    ref = Predictor(ckpt.model, ckpt.vocab, tok)
+    t = TypingSession(predictor)
+    u = t.update("she said 'th")
+    assert u.partial == "th" and u.suggestions and [w.lower() for w in u.suggestions] == ref.suggest_for("she said th")
+    best = t.suggestions[0]
+    assert t.accept(0).text == f"she said '{best} "
+    u = t.update("she said '")
+    assert u.partial == "" and [w.lower() for w in u.suggestions] == ref.suggest_for("she said ")
+    assert t.accept(0).text == f"she said '{t.text.split(chr(39))[1].split()[0]} "  # no space after the opening quote
+    assert split_partial("'hel") == ("'", "hel") and split_partial("a ''") == ("a ''", "")
+
+
+@pytest.mark.parametrize("text", ["Hi! \U0001f44b ", "thanks! :) ", "haha. - ", 'music! "', "\U0001f44d ", "(", '"', "- "])
+def test_a_sentence_start_is_read_from_the_tokens(predictor, tiny_loaded, text):
+    """A sentence end followed by an emoji, emoticon, quote or dash, and a message starting with a symbol,
+    start a sentence as models/evaluate.py reads a message (BOS, capitals), for the keyboard and for the
+    predictor's set_context (`suggest_for`) alike."""
+    ckpt, tok = tiny_loaded
+    ref = Predictor(ckpt.model, ckpt.vocab, tok)
+    assert at_sentence_start(text)
+    u = TypingSession(predictor).update(text)
+    assert all(w[0].isupper() for w in u.suggestions)
+    ends = text.rstrip(" \U0001f44b:)-\"\U0001f44d(")  # the same text with its sentence end last
+    assert [w.lower() for w in u.suggestions] == ref.suggest_for(text) == ref.suggest_for(ends + " " if ends else "")
+    assert context_tokens(text)[-1] == BOS
+
+
+@pytest.mark.parametrize("text", ["hello. ", "thanks! ", "ok? ", "and so. the"])
+def test_suggest_for_starts_a_sentence_after_a_sentence_end(predictor, tiny_loaded, text):
+    """set_context dropped a sentence end at the end of the text: suggest_for("hello. ") continued "hello"."""
+    ckpt, tok = tiny_loaded
+    ref = Predictor(ckpt.model, ckpt.vocab, tok)
+    assert ref.suggest_for(text) == [w.lower() for w in TypingSession(predictor).update(text).suggestions]
+    ref.set_context(text)
+    assert ref._history[-1] == BOS  # the word after a sentence end is read as a sentence start
+
+
+def test_a_word_taken_back_and_finished_again_is_counted_once(predictor):
+    """Accept, backspace the space, type "!": the word was counted twice, the second time as typed out."""
+    t = TypingSession(predictor)
+    t.update("and th")
+    best = t.suggestions[0].lower()
+    t.accept(0)
+    before = (t.stats.words, t.stats.accepted, t.stats.keys_typed, t.stats.keys_selected, t.stats.keys_without)
+    assert before == (2, 1, 4 + 2, 1, 4 + len(best) + 1)
+    t.update(t.text[:-1])  # the space taken back: the word is the partial word again
+    assert t.stats.words == 1
+    t.update(t.text + "!")
+    assert (t.stats.words, t.stats.accepted, t.stats.keys_typed, t.stats.keys_selected, t.stats.keys_without) == before
+    # a typo fixed after its space: one word, counted as what it became
+    t = TypingSession(predictor)
+    for text in ["t", "te", "teh", "teh ", "teh", "te", "t", "th", "the", "the "]:
+        t.update(text)
+    assert (t.stats.words, t.stats.keys_typed, t.stats.keys_without) == (1, 4, 4)
+    # a word inserted mid-text, then Enter with the cursor there: every word of the message once
+    t = TypingSession(predictor)
+    for i in range(1, len("and the king ") + 1):
+        t.update("and the king "[:i])
+    t.update("and the king ", 4)
+    t.update("and so the king ", 7)
+    t.finish()
+    assert (t.stats.words, t.stats.keys_without) == (4, 4 + 3 + 4 + 5)
+    # the same word as the next one inserted before it: both counted
+    t = TypingSession(predictor)
+    t.update("the ")
+    t.update("the ", 0)
+    t.update("the the ", 4)
+    t.finish()
+    assert t.stats.words == 2
+
+
+def test_punctuation_after_an_accepted_word_takes_its_space(predictor):
+    """"see you tomorrow ." : the space the accept added stayed before the punctuation typed next."""
+    t = TypingSession(predictor)
+    t.update("and th")
+    best = t.suggestions[0]
+    t.accept(0)
+    u = t.update(t.text + ".")
+    assert u.edited and u.text == t.text == f"and {best}." and u.cursor == len(u.text)
+    assert t.stats.words == 2 and t.stats.accepted == 1
+    assert all(w[0].isupper() for w in u.suggestions)  # a sentence starts
+    # mid-text too, and only for the key right after the accept
+    t.update("and king", 4)
+    w = t.suggestions[0]
+    t.accept(0)
+    u = t.update(f"and {w} ,king", len(f"and {w} ,"))
+    assert u.edited and u.text == f"and {w},king" and u.cursor == len(f"and {w},")
+    t.update("and th")
+    t.accept(0)
+    t.update(t.text + "a")
+    assert not t.update(t.text + ".").edited and t.text.endswith(" a.")
+    t.accept(0)  # a space that was there already is not the accept's
+    assert not t.update(t.text + "x").edited
+
+
+def test_accept_never_passes_the_length_limit(predictor):
+    """The input's max_length applies to keys, not to a value set in code: an accept pushed a message
+    past 10,000 characters, which the device then cut mid-word."""
+    t = TypingSession(predictor, max_chars=12)
+    t.update("and the th")
+    assert any(len(f"and the {w} ") > 12 for w in t.suggestions)
+    long = next(i for i, w in enumerate(t.suggestions) if len(f"and the {w} ") > 12)
+    with pytest.raises(MessageFull):
+        t.accept(long)
+    assert t.text == "and the th" and t.stats.words == 2
+    short = TypingSession(predictor, max_chars=100)
+    short.update("and the th")
+    assert short.accept(0).text.startswith("and the ")

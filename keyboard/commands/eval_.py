@@ -4,6 +4,8 @@
 future text of the federated users.  Prints top-1 / top-3 next-word accuracy
 and the keystroke savings rate (KSR, as Presage defines it) from
 `models.evaluate.simulate_typing` — the same code path the keyboard uses.
+With `-k N` the typist sees N suggestions, and the second accuracy is top-N
+(`topN` in the JSON; with -k 1 there is only top-1).
 Text with no words at all (empty, only punctuation or emoji) is a user error.
 """
 
@@ -13,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-HELP = "simulate typing held-out text: top-1/top-3 accuracy and keystroke savings"
+HELP = "simulate typing held-out text: top-1/top-3 (top-k) accuracy and keystroke savings"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N users / messages (0 = all)")
     parser.add_argument("--model", type=Path, default=None, metavar="DIR", help="checkpoint directory (default: the shipped data/base)")
     parser.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="sentencepiece model (default: data/tokenizer.model)")
-    parser.add_argument("-k", type=int, default=3, help="number of suggestions (default: 3)")
+    parser.add_argument("-k", type=int, default=3, help="number of suggestions (default: 3); the accuracy is then top-k")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -83,11 +85,20 @@ def run(args: argparse.Namespace) -> int:
     pred = Predictor(ckpt.model, ckpt.vocab, tokenizer, k=args.k)
     result = {**simulate_typing(pred, messages, k=args.k), "k": args.k, **source,
               "model": ckpt.meta.get("kind", "?"), "round": ckpt.meta.get("round"), "vocab_version": ckpt.vocab.version}
+    result = _named_top_k(result, args.k)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
         _print_table(result)
     return 0
+
+
+def _named_top_k(result: dict, k: int) -> dict:
+    """simulate_typing's "top3" is "among the k suggestions": named top{k} for another k (none for k = 1,
+    where it is top1)."""
+    if k == 3:
+        return result
+    return {(f"top{k}" if key == "top3" else key): v for key, v in result.items() if not (k == 1 and key == "top3")}
 
 
 def _print_table(r: dict) -> None:
@@ -100,7 +111,8 @@ def _print_table(r: dict) -> None:
     t.add_row("messages", f"{r['messages']:,}")
     t.add_row("words", f"{r['words']:,}")
     t.add_row("top-1 accuracy", f"{r['top1']:.2f} %")
-    t.add_row("top-3 accuracy", f"{r['top3']:.2f} %")
+    if r["k"] > 1:
+        t.add_row(f"top-{r['k']} accuracy", f"{r['top' + str(r['k'])]:.2f} %")
     t.add_row("keystroke savings (KSR)", f"{r['ksr']:.2f} %")
     t.add_row("out-of-vocabulary words", f"{r['oov_rate']:.2f} %")
     Console().print(t)

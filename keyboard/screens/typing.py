@@ -14,7 +14,7 @@ from textual.worker import get_current_worker
 from federation.device import MAX_MESSAGE_CHARS
 from federation.memory import release_free_memory
 from keyboard.learner import LearnerProcess
-from keyboard.typing import TypingSession
+from keyboard.typing import MessageFull, TypingSession
 from keyboard.widgets.message_input import MessageInput
 from keyboard.widgets.stats import StatsBar
 from keyboard.widgets.suggestions import SLOT_RANK, SuggestionStrip
@@ -65,7 +65,7 @@ class TypingScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.typing = TypingSession(self.app.session.predictor)
+        self.typing = TypingSession(self.app.session.predictor, max_chars=MAX_MESSAGE_CHARS)
         self.query_one("#learn-progress").display = False
         self.query_one(Input).cursor_blink = self.app.cursor_blink
         self.query_one(Input).focus()
@@ -111,9 +111,13 @@ class TypingScreen(Screen):
             self.notify(f"{what} not saved on this device: {e}", severity="error", timeout=8, markup=False)
             return None
 
-    def typed(self, value: str) -> None:
-        """Every change of the text (MessageInput calls this directly: see its docstring)."""
-        update = self.typing.update(value)
+    def typed(self, value: str, cursor: int | None = None) -> None:
+        """Every change of the text or move of the cursor (MessageInput calls this directly: see its docstring)."""
+        if value is self.typing.text and cursor == self.typing.cursor:
+            return  # nothing new (the cursor reported after an accept)
+        update = self.typing.update(value, cursor)
+        if update.edited:  # punctuation took the place of the space an accept added
+            self.query_one(MessageInput).set_text(update.text, update.cursor)
         if update.new_words and self._device_write(lambda: self.app.session.add_personal_words(update.new_words),
                                                    "new personal words"):
             self.typing.resync()
@@ -136,13 +140,17 @@ class TypingScreen(Screen):
         self.show_stats()
 
     def action_accept(self, rank: int) -> None:
-        update = self.typing.accept(rank)
+        inp = self.query_one(MessageInput)
+        if inp.value != self.typing.text or inp.cursor_position != self.typing.cursor:
+            self.typed(inp.value, inp.cursor_position)  # a change still queued: accept at the text as it is
+        try:
+            update = self.typing.accept(rank)
+        except MessageFull as e:  # the input's max_length, which a value set in code would bypass
+            self.notify(str(e), severity="warning", markup=False)
+            return
         if update is None:
             return
-        inp = self.query_one(Input)
-        with inp.prevent(Input.Changed):
-            inp.value = self.typing.text
-        inp.cursor_position = len(inp.value)
+        inp.set_text(update.text, update.cursor)
         self.query_one(SuggestionStrip).show(self.typing.suggestions)
         self.show_stats()
 
