@@ -26,7 +26,7 @@ from pathlib import Path
 from models import atomic
 from models.errors import FedkbError
 from models.jsonvalues import is_int
-from models.text import _WORD, is_word, normalize_text, words  # _WORD: `words`' own pattern
+from models.text import is_word, normalize_text, without_word, words
 
 MAX_MESSAGE_CHARS = 10_000  # a longer paste is stored truncated
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -191,8 +191,7 @@ def _erased(messages: Iterable[str], word: str) -> list[str]:
     out = []
     for text in messages:
         if word in words(text):
-            text = normalize_text(_WORD.sub(lambda m: "" if m.group().lower() == word else m.group(),
-                                            normalize_text(text)))
+            text = without_word(text, word)
             if not words(text):
                 continue
         out.append(text)

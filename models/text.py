@@ -37,6 +37,11 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(normalize_text(text))]
 
 
+def without_word(text: str, word: str) -> str:
+    """`text` (normalized) with each occurrence of `word` (as `words` finds and lower-cases it) taken out."""
+    return normalize_text(_WORD.sub(lambda m: "" if m.group().lower() == word else m.group(), normalize_text(text)))
+
+
 def sentence_tokens(text: str, keep_end: bool = False) -> list[str]:
     """Lower-cased words of one message with BOS at each sentence start.
 
