@@ -90,7 +90,7 @@ class Aggregator:
 
     def result(self, alive: set[int], generator: torch.Generator,
                denominator: float | None = None) -> tuple[dict[str, Tensor] | None, float]:
-        """(mean update in the reference dtype, total weight); None if nothing arrived.
+        """(mean update in the reference dtype, total weight); None if nothing arrived (without DP).
 
         Noise is added once to the weighted sum (not to the weight).  The sum is divided by the
         total weight (FedAvg), or by `denominator` where one is given: DP-FedAvg's fixed q W
@@ -98,8 +98,23 @@ class Aggregator:
         start state is not trained by clients, so its entries of the mean are zero.
         """
         if self.count == 0:
-            return None, 0.0
+            return self.empty_result(generator, denominator)
         total = self.secagg.unmask(alive) if self.secagg is not None else self.total
+        return self._release(total, generator, denominator)
+
+    def empty_result(self, generator: torch.Generator,
+                     denominator: float | None = None) -> tuple[dict[str, Tensor] | None, float]:
+        """What a round with no sum releases (no update arrived, or secure aggregation aborted):
+        without DP, None (the model stays as it is); with DP (a `denominator`), noise / q W, as
+        every round of the mechanism the accountant composes adds noise, whoever took part."""
+        if denominator is None:
+            return None, 0.0
+        n = sum(v.numel() for v in self.reference.values()) + 1
+        return self._release(torch.zeros(n, dtype=torch.float64), generator, denominator)
+
+    def _release(self, total: Tensor, generator: torch.Generator,
+                 denominator: float | None) -> tuple[dict[str, Tensor] | None, float]:
+        """The noised mean of the flat sum `total` (weight as its last element), and the weight."""
         weight = float(total[-1])
         s = privacy.add_noise(total[:-1], self.dp, generator)
         divide_by = weight if denominator is None else denominator

@@ -102,6 +102,8 @@ class ServerConfig:
             raise ValueError(f"unknown server optimizer {self.optimizer!r}")
         if not self.lr > 0 or not self.tau >= 0:  # `not >` also refuses NaN
             raise ValueError("server learning rate must be > 0, tau >= 0")
+        if self.optimizer == "fedadam" and not self.tau > 0:  # v starts at tau^2: with 0, an entry no client moved is 0/0
+            raise ValueError(f"fedadam needs tau > 0 (got {self.tau}): its step m / (sqrt(v) + tau) is 0/0 where no client moved")
         if not all(0 <= b < 1 for b in (self.momentum, self.beta1, self.beta2)):
             raise ValueError("server momentum and betas must be in [0, 1)")
 
@@ -114,6 +116,9 @@ class PrivacyConfig:
     noise_multiplier: float = 0.0  # noise std = noise_multiplier * clip on the sum; 0 = no noise
     delta: float = 1e-5  # epsilon is reported at this delta
     weight_cap_words: int = 500  # with noise: client weight = min(words / cap, 1) so sensitivity is `clip`
+    # draw the noise from a generator seeded from OS entropy each round, saved nowhere (--secret-noise);
+    # False: from the run's seeded generator, so the noise can be replayed from the seed and checkpoints
+    secret_noise: bool = False
 
     def __post_init__(self):
         _require_finite(**{"noise multiplier (--dp)": self.noise_multiplier, "clip": self.clip})
@@ -121,6 +126,8 @@ class PrivacyConfig:
             raise ValueError("noise multiplier must be >= 0")
         if self.noise_multiplier > 0 and self.clip is None:
             raise ValueError("Gaussian noise needs a clip norm (--clip)")
+        if self.secret_noise and self.noise_multiplier == 0:
+            raise ValueError("--secret-noise needs Gaussian noise (--dp)")
         if self.clip is not None and not self.clip > 0:
             raise ValueError("clip must be > 0")
         if not 0 < self.delta < 1:

@@ -6,7 +6,8 @@ The paper's Algorithm 1 with its fixed-denominator estimator f~_f, composed arou
   * `clip`: each client's update is scaled to L2 norm <= C and its weight capped at 1
     (`client_weight`, w_k = min(n_k / w^, 1)), so adding or removing one user changes the
     weighted sum by at most C;
-  * `add_noise`: Gaussian noise N(0, (z C)^2) is added ONCE to the sum;
+  * `add_noise`: Gaussian noise N(0, (z C)^2) is added ONCE to the sum, every round, an empty
+    or aborted one included (federation/aggregate.py, `Aggregator.empty_result`);
   * the noised sum is divided by a fixed denominator (`fixed_denominator`), never by the round's
     actual total weight: that total depends on who took part, and dividing by it would let one
     user move the mean by up to 2C / total and reveal the total through the noise's scale.
@@ -14,11 +15,19 @@ Epsilon at delta comes from Google's `dp_accounting` RDP accountant (Mironov 201
 a Poisson-subsampled Gaussian mechanism at rate q with noise multiplier z, composed over
 rounds.  With z = 0 and no clip the first steps are the identity and the mean is divided by
 the total weight: plain FedAvg.
+
+Where the noise comes from (`noise_generator`): by default the run's seeded server generator,
+so a run is reproducible bit for bit, and so is its noise: whoever holds the seed (config.json)
+or a checkpoint's generator state can replay the noise and subtract it from the released
+models.  Epsilon is then what a deployment drawing secret noise would have, not a property of
+the run folder.  `secret_noise` draws it from a generator seeded from OS entropy each round,
+kept nowhere; a resumed run is then not bit for bit an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 
 import dp_accounting
 import torch
@@ -41,6 +50,15 @@ def client_weight(num_words: int, cfg: PrivacyConfig) -> float:
     if cfg.noise_multiplier > 0:
         return min(num_words / cfg.weight_cap_words, 1.0)
     return float(num_words)
+
+
+def noise_generator(cfg: PrivacyConfig, generator: torch.Generator) -> torch.Generator:
+    """The generator a round's noise is drawn from: the server's seeded `generator`, or with
+    `cfg.secret_noise` a fresh one seeded from OS entropy, never saved (the server generator is
+    then not advanced by the noise, so the run's sampling stays what its seed makes it)."""
+    if cfg.secret_noise:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    return generator
 
 
 def add_noise(total: Tensor, cfg: PrivacyConfig, generator: torch.Generator) -> Tensor:

@@ -126,7 +126,10 @@ def summarize(ms: list[dict], dp: bool = False) -> dict:
         "rejected": sum(m.get("rejected", 0) for m in rounds),
         "clipped": sum(m.get("clipped", 0) for m in rounds),
         "dropouts": sum(m.get("dropouts", 0) for m in rounds),
-        "aggregated": sum(m.get("aggregated", 0) for m in rounds),
+        # updates that reached the model: an aborted round applied none (runs from before session 28
+        # counted its masked updates as aggregated)
+        "aggregated": sum(m.get("aggregated", 0) for m in rounds if not m.get("secagg_aborted")),
+        "secagg_aborted_rounds": sum(1 for m in rounds if m.get("secagg_aborted")),
         "mean_round_s": round(statistics.mean(m["timings"]["round_s"] for m in rounds), 3) if rounds else None,
     }
 

@@ -5,7 +5,8 @@
     train     engine.run: each reporting device runs client_update from the global model
     clip/sum  Aggregator.add: validate, clip, weight, securely-aggregated running sum
     unmask    SecAggRound.unmask: masks of dropped / surplus devices removed via their shares
-    noise     privacy.add_noise on the sum, once, then a fixed denominator (DP-FedAvg)
+    noise     privacy.add_noise on the sum, once, then a fixed denominator (DP-FedAvg); with DP every
+              round releases noise, an empty or aborted one too (noise / q W)
     server    server_update(state, mean delta) with FedAvg / FedAvgM / FedAdam
     discover  optional hook (issue 5): discover(state, reporting_devices, round, generator)
               (one device per real person: copies in a resampled population report once)
@@ -14,7 +15,8 @@
     evaluate  the global model on the held-out evaluation users' future text
 
 All randomness comes from the server generator passed in (client seeds are drawn from
-it), so a round is a pure function of (state, generator state, config, data).
+it), so a round is a pure function of (state, generator state, config, data); with
+`privacy.secret_noise` the DP noise alone comes from OS entropy (privacy.noise_generator).
 """
 
 from __future__ import annotations
@@ -122,11 +124,13 @@ def run_round(
     engine.run(state.params, state.vocab, tasks, consume)
     t_agg = time.perf_counter()
     aborted = None
+    denominator = privacy.fixed_denominator(population.size, q, sim.dropout_min, sim.dropout_max) if dp else None
+    noise_gen = privacy.noise_generator(sim.privacy, generator)
     try:
-        denominator = privacy.fixed_denominator(population.size, q, sim.dropout_min, sim.dropout_max) if dp else None
-        mean, weight = agg.result(set(plan.reporting) | set(plan.surplus), generator, denominator)
-    except SecAggAborted as e:
-        mean, weight, aborted = None, 0.0, str(e)
+        mean, weight = agg.result(set(plan.reporting) | set(plan.surplus), noise_gen, denominator)
+    except SecAggAborted as e:  # nothing of the sum reaches the model; with DP the round still releases noise
+        mean, weight = agg.empty_result(noise_gen, denominator)
+        aborted = str(e)
     new_state = server_update(state, mean)
     if not P.all_finite(new_state.params):  # every update was finite: the server step overflowed
         raise FedkbError(f"round {rnd}: the server step made the global model non-finite (is the server learning rate "
@@ -151,7 +155,8 @@ def run_round(
         "dropout_rate": round(plan.dropout_rate, 4),
         "reporting": len(plan.reporting),
         "surplus": len(plan.surplus),
-        "aggregated": agg.count,
+        "aggregated": 0 if aborted else agg.count,  # updates that reached the model
+        "masked": agg.count if secagg is not None else None,  # updates in the masked sum, an aborted one's too
         "rejected": agg.rejected,
         "clipped": agg.clipped,
         "robust_clipped": agg.robust_clipped,

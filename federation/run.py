@@ -13,11 +13,12 @@ A round is committed by: checkpoint files (each atomic) -> metrics line -> lates
 because every random draw comes from the saved generator, a killed and resumed run ends
 with exactly the parameters of an uninterrupted one (with the parallel engine, when the sum is
 securely aggregated, the default: an integer sum; a plain float64 sum follows the order the
-workers finish in, README "Engines").  Any whole checkpoint is a state to
-continue from, so a damaged one (its files carry checksums, models/tensorfile.py) or an
-unreadable latest.json costs rounds, never the run: resume takes the newest checkpoint that
-loads, says what it skipped (`Simulation.notes`), and redoes the rounds after it, to the
-same result.  Device folders (users' text) live
+workers finish in, README "Engines"), except with `privacy.secret_noise`, whose DP noise comes
+from OS entropy and is saved nowhere (config.json records the setting, which --resume keeps).
+Any whole checkpoint is a state to continue from, so a damaged one (its files carry
+checksums, models/tensorfile.py) or an unreadable latest.json costs rounds, never the run:
+resume takes the newest checkpoint that loads, says what it skipped (`Simulation.notes`), and
+redoes the rounds after it, to the same result.  Device folders (users' text) live
 OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user text.
 """
 

@@ -14,7 +14,9 @@ With DP noise the round samples as DP-FedAvg's Algorithm 1 does (McMahan et al. 
 each device is selected independently with probability q = ceil(over_selection * K) / N
 (Poisson sampling, what the privacy accountant assumes), drops out as above, and every
 survivor is aggregated: no cap, since keeping only the first K would make one user's
-presence decide whether another is counted.
+presence decide whether another is counted.  (Secure aggregation can still abort a round
+whose cohort leaves a device too few live neighbours, which then depends on who else was
+sampled; such a round releases noise only. README, Known limits.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ convention delta = local - global, it already points downhill).
     fedavg : x <- x + lr * d                                   (McMahan et al. 2017)
     fedavgm: m <- beta m + d;  x <- x + lr * m                 (Hsu et al. 2019; Gboard: beta 0.9, lr 1)
     fedadam: m <- b1 m + (1-b1) d;  v <- b2 v + (1-b2) d^2;  x <- x + lr * m / (sqrt(v) + tau)
+             (Reddi et al. 2021, Algorithm 2, FedAdam: no bias correction, tau outside the sqrt,
+             m starting at 0 and v at tau^2, the paper's v_{-1} >= tau^2; tau > 0.  Until session 28
+             v started at 0, which made the first steps of small coordinates up to 2x the paper's.)
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ def init_state(params: dict[str, Tensor], vocab: Vocabulary, config: ServerConfi
     return ServerState(P.clone(params), vocab, 0, config, {})
 
 
-def _moment(state: ServerState, name: str, like: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The optimizer's moment `name`, zeros where it has none (a new run, or a key that runs
+def _moment(state: ServerState, name: str, like: dict[str, Tensor], start: float = 0.0) -> dict[str, Tensor]:
+    """The optimizer's moment `name`, `start` where it has none (a new run, or a key that runs
     saved before it existed lack, such as the start state)."""
-    return {**P.zeros_like(like), **state.opt_state.get(name, {})}
+    return {**{k: torch.full_like(v, start) for k, v in like.items()}, **state.opt_state.get(name, {})}
 
 
 def server_update(state: ServerState, aggregate: dict[str, Tensor] | None) -> ServerState:
@@ -51,7 +54,7 @@ def server_update(state: ServerState, aggregate: dict[str, Tensor] | None) -> Se
         return replace(state, params=P.add(state.params, m, cfg.lr), opt_state={"m": m}, round=state.round + 1)
     if cfg.optimizer == "fedadam":
         m_old = _moment(state, "m", aggregate)
-        v_old = _moment(state, "v", aggregate)
+        v_old = _moment(state, "v", aggregate, cfg.tau**2)  # v_{-1} = tau^2 (Algorithm 2)
         m = {k: cfg.beta1 * m_old[k] + (1 - cfg.beta1) * aggregate[k] for k in aggregate}
         v = {k: cfg.beta2 * v_old[k] + (1 - cfg.beta2) * aggregate[k] ** 2 for k in aggregate}
         step = {k: m[k] / (torch.sqrt(v[k]) + cfg.tau) for k in m}

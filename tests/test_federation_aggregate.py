@@ -12,7 +12,7 @@ from federation.client import client_update
 from federation.config import AggregationConfig, PrivacyConfig, ServerConfig, SimulationConfig
 from federation.engine_sequential import SequentialEngine
 from federation.rounds import client_seeds, run_round
-from federation.sampling import build_population, plan_round
+from federation.sampling import build_population, plan_round, sampling_rate
 from federation.secagg import SecAggRound
 from federation.server import init_state
 from models import params as P
@@ -241,3 +241,87 @@ def test_epsilon_does_not_log_the_accountants_fallback(caplog):
     fallback) and used to log a warning for each, every round, into `fedkb simulate`'s output."""
     e = privacy.epsilon(PrivacyConfig(clip=0.5, noise_multiplier=1.0), 26 / 401, 10)
     assert 0 < e < 10 and not [r for r in caplog.records if r.name == "absl"]
+
+
+def test_an_empty_dp_cohort_still_releases_noise():
+    """With DP every round adds noise (the mechanism the accountant composes), so a round with no
+    update releases noise / q W, never "model unchanged"; without DP it is None, as before."""
+    big = {"a": torch.zeros(20000), "b": torch.zeros(2, 2), "start_h": torch.zeros(3)}
+    cfg = PrivacyConfig(clip=0.5, noise_multiplier=2.0)
+    mean, weight = Aggregator(big, PLAIN, cfg).result(set(), torch.Generator().manual_seed(0), denominator=4.0)
+    assert weight == 0.0 and mean["start_h"].tolist() == [0.0, 0.0, 0.0]
+    assert float(mean["a"].std()) == pytest.approx(2.0 * 0.5 / 4.0, rel=0.03) and abs(float(mean["a"].mean())) < 0.01
+    assert Aggregator(big, PLAIN, PrivacyConfig()).result(set(), torch.Generator()) == (None, 0.0)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_an_aborted_round_counts_nothing_as_aggregated_and_with_dp_releases_noise(dp, setup, monkeypatch):
+    """Secure aggregation aborts: no update reaches the model, so `aggregated` is 0 (the masked ones are
+    counted apart); without DP the model is unchanged, with DP it moves by noise / q W."""
+    from federation.secagg import SecAggAborted
+
+    def abort(self, alive):
+        raise SecAggAborted("device 0: 0 live neighbours < threshold 1")
+
+    monkeypatch.setattr(SecAggRound, "unmask", abort)
+    ck, tok, pop, tok_path = setup
+    priv = PrivacyConfig(clip=0.5, noise_multiplier=1.0) if dp else PrivacyConfig()
+    sim = SimulationConfig(clients_per_round=3, privacy=priv)
+    state = init_state(ck.model.state_dict(), ck.vocab, sim.server)
+    with SequentialEngine(ck.model.cfg, tok_path, pop.root, sim.client) as eng:
+        new, m = run_round(state, pop, sim, eng, torch.Generator().manual_seed(2))
+    assert m["secagg_aborted"] and m["aggregated"] == 0 and m["masked"] == m["reporting"] > 0
+    moved = P.delta(new.params, state.params)
+    if not dp:
+        assert all(torch.equal(new.params[k], state.params[k]) for k in state.params)
+        return
+    den = privacy.fixed_denominator(pop.size, sampling_rate(pop.size, 3, sim.over_selection), sim.dropout_min, sim.dropout_max)
+    big = max((k for k in moved if k not in START_STATE_KEYS), key=lambda k: moved[k].numel())
+    assert moved[big].numel() > 5000
+    assert float(moved[big].std()) == pytest.approx(1.0 * 0.5 / den, rel=0.05)
+    assert all(not moved[k].any() for k in START_STATE_KEYS if k in moved)
+
+
+def _replay_noise(sim: SimulationConfig, pop, state, seed: int) -> torch.Tensor:
+    """What an observer holding the seed recomputes as a DP round's noise: the seeded generator's draws
+    replayed in the round's order (sampling, client seeds, then the noise; no secure aggregation)."""
+    g = torch.Generator().manual_seed(seed)
+    plan = plan_round(pop.size, sim.clients_per_round, sim.over_selection, sim.dropout_min, sim.dropout_max, g, poisson=True)
+    client_seeds(len(plan.reporting), g)
+    n = sum(v.numel() for v in state.params.values())
+    return sim.privacy.noise_multiplier * sim.privacy.clip * torch.randn(n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("secret", [False, True])
+def test_replaying_the_seeded_generator_recovers_the_sum_only_without_secret_noise(secret, setup, monkeypatch):
+    """By default the noise comes from the run's seeded generator: replaying it and subtracting the noise
+    from the released step gives back the un-noised sum (README says so). With secret_noise the noise
+    comes from OS entropy and the same replay is off by the whole noise; the server generator is not
+    advanced by it, so two runs of one seed sample the same devices."""
+    ck, tok, pop, tok_path = setup
+    sim = SimulationConfig(clients_per_round=3, aggregation=PLAIN,
+                           privacy=PrivacyConfig(clip=0.5, noise_multiplier=1.0, secret_noise=secret))
+    state = init_state(ck.model.state_dict(), ck.vocab, sim.server)
+    truth, add_noise = [], privacy.add_noise
+    monkeypatch.setattr(privacy, "add_noise", lambda total, cfg, g: truth.append(total.clone()) or add_noise(total, cfg, g))
+    runs = []
+    with SequentialEngine(ck.model.cfg, tok_path, pop.root, sim.client) as eng:
+        for _ in range(2):
+            gen = torch.Generator().manual_seed(4)
+            new, m = run_round(state, pop, sim, eng, gen)
+            runs.append((new, m, gen.get_state()))
+    (new, m, g_state), (new2, m2, g_state2) = runs
+    assert torch.equal(truth[0], truth[1])  # the same clients trained on the same data
+    keys = [k for k in sorted(state.params) if k not in START_STATE_KEYS]  # zeroed after the noise
+    den = privacy.fixed_denominator(pop.size, sampling_rate(pop.size, 3, sim.over_selection), sim.dropout_min, sim.dropout_max)
+    step = P.flatten({k: new.params[k].double() - state.params[k].double() for k in state.params}) * den
+    mask = torch.cat([torch.full((state.params[k].numel(),), k not in START_STATE_KEYS) for k in sorted(state.params)])
+    err = (step - _replay_noise(sim, pop, state, 4) - truth[0])[mask]
+    assert keys and float(truth[0][mask].norm()) > 0.1
+    same = all(torch.equal(new.params[k], new2.params[k]) for k in keys)
+    assert [m[k] for k in ("selected", "dropouts", "reporting")] == [m2[k] for k in ("selected", "dropouts", "reporting")]
+    assert torch.equal(g_state, g_state2)
+    if not secret:
+        assert float(err.abs().max()) < 1e-4 and same  # the noise is removed exactly, up to float32 rounding
+    else:
+        assert float(err.norm()) > 10 * float(truth[0][mask].norm()) and not same

@@ -528,3 +528,47 @@ def test_the_shakespeare_roles_are_a_population_too(tiny, tmp_path):
         assert tuple(Device(tmp_path / "run-devices", name).history()) == users[name].history
     metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2] and all(m["eval_words"] > 0 for m in metrics)
+
+
+def test_secret_noise_is_stored_kept_on_resume_and_changes_the_model_not_the_sampling(tiny, tmp_path, capsys):
+    """--secret-noise draws the DP noise from OS entropy, saved nowhere: config.json records the setting and
+    --resume keeps it; two runs of one seed select the same devices each round but release different models."""
+    from federation.config import SimulationConfig
+    from federation.run import Simulation
+    from keyboard.cli import main
+
+    dp = ("--dp", "1.0", "--clip", "0.5", "--eval-users", "0")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_cli(tiny, a, "--rounds", "1", *dp, "--secret-noise")[3:]) == 0
+    assert main(_cli(tiny, a, "--rounds", "2", *dp, "--resume")[3:]) == 0  # the flag left off: the run keeps it
+    assert "not taken" not in capsys.readouterr().err
+    assert main(_cli(tiny, b, "--rounds", "2", *dp, "--secret-noise")[3:]) == 0
+    assert json.loads((a / "config.json").read_text())["simulation"]["privacy"]["secret_noise"] is True
+    s = Simulation(a, SimulationConfig(rounds=2), resume=True)
+    s.close()
+    assert s.sim.privacy.secret_noise
+    counts = ("selected", "dropouts", "reporting")
+    assert [[m[k] for k in counts] for m in _strip(a)[1:]] == [[m[k] for k in counts] for m in _strip(b)[1:]]
+    for r in (1, 2):
+        final = f"checkpoints/round-{r:04d}/model.safetensors"
+        assert (a / final).read_bytes() != (b / final).read_bytes()
+    assert main(_cli(tiny, tmp_path / "c", "--rounds", "1", "--secret-noise")[3:]) == 2  # nothing to keep secret
+    assert "--secret-noise needs Gaussian noise (--dp)" in capsys.readouterr().err
+
+
+def test_the_summary_leaves_aborted_rounds_out_of_the_aggregated_updates():
+    """A round secure aggregation aborted applied none of its masked updates: report.json and the printed
+    lines count it apart (runs from before session 28 counted its updates as aggregated)."""
+    from federation.report import summarize
+    from keyboard.commands.report import _aborted
+    from keyboard.commands.simulate import _line
+
+    t, why = {"round_s": 1.0}, "device 3: 0 live neighbours"
+    ms = [{"round": 0}, {"round": 1, "aggregated": 4, "masked": 4, "selected": 6, "timings": t},
+          {"round": 2, "aggregated": 0, "masked": 5, "selected": 6, "secagg_aborted": why, "timings": t},
+          {"round": 3, "aggregated": 5, "selected": 6, "secagg_aborted": why, "timings": t}]  # a run from before session 28
+    s = summarize(ms)
+    assert s["aggregated"] == 4 and s["secagg_aborted_rounds"] == 2
+    assert _aborted(s) == ", 2 rounds aborted by secure aggregation (model unchanged)"
+    assert _aborted({**s, "dp": True}).endswith("(noise only)") and _aborted(summarize(ms[:2])) == ""
+    assert "0/6 aggregated, secure aggregation aborted (device 3: 0 live neighbours)" in _line(ms[2])

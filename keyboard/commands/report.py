@@ -35,6 +35,15 @@ def _epsilon(s: dict) -> str:
     return "epsilon n/a (no round yet)" if s.get("dp") else "epsilon n/a (no DP noise)"
 
 
+def _aborted(s: dict) -> str:
+    """The rounds secure aggregation aborted, whose updates never reached the model (none: "")."""
+    n = s.get("secagg_aborted_rounds", 0)
+    if not n:
+        return ""
+    what = "noise only" if s.get("dp") else "model unchanged"
+    return f", {n} round{'s' if n > 1 else ''} aborted by secure aggregation ({what})"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -47,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     rep = write_report(args.run, args.out, users=args.users, personalization=args.users > 0)
     s = rep["summary"]
     print(f"{s['rounds']} rounds: {_scores(s)}")
-    print(f"aggregated {s['aggregated']} updates, {s['rejected']} rejected, {s['clipped']} clipped, {s['dropouts']} dropouts; "
-          f"{_epsilon(s)}")
+    print(f"aggregated {s['aggregated']} updates, {s['rejected']} rejected, {s['clipped']} clipped, {s['dropouts']} dropouts"
+          f"{_aborted(s)}; {_epsilon(s)}")
     p = rep.get("personalization")
     if p:
         m, pv = p["mean"], p["personalized_vs_global"]

@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="parallel engine processes (default: 2)")
     parser.add_argument("--dp", type=float, default=0.0, metavar="NOISE_MULTIPLIER", help="Gaussian noise multiplier z (needs --clip) (default: 0)")
     parser.add_argument("--clip", type=float, default=None, help="L2 clip per client update (default: none)")
+    parser.add_argument("--secret-noise", action="store_true",
+                        help="draw the DP noise from OS entropy, saved nowhere, so the seed and checkpoints cannot replay it; "
+                             "a resumed run is then not bit for bit an uninterrupted one (default: the run's seeded "
+                             "generator: reproducible, and whoever holds the seed can remove the noise)")
     parser.add_argument("--delta", type=float, default=1e-5, help="report epsilon at this delta (default: 1e-5)")
     parser.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavg")
     parser.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: 1.0; fedadam 0.01)")
@@ -59,7 +63,8 @@ def build_config(args: argparse.Namespace):
             users=args.users, rounds=args.rounds, clients_per_round=args.clients_per_round, engine=args.engine,
             workers=args.workers, eval_users=args.eval_users, eval_every=args.eval_every, seed=args.seed, client=client,
             server=ServerConfig(optimizer=args.server_opt, lr=server_lr),
-            privacy=PrivacyConfig(clip=args.clip, noise_multiplier=args.dp, delta=args.delta),
+            privacy=PrivacyConfig(clip=args.clip, noise_multiplier=args.dp, delta=args.delta,
+                                  secret_noise=args.secret_noise),
             aggregation=AggregationConfig(secure_aggregation=not args.no_secagg),
         )
     except ValueError as e:
@@ -73,6 +78,8 @@ def _line(m: dict) -> str:
         if m.get(key) is not None:
             parts.append(fmt.format(m[key]))
     parts.append(f"{m.get('aggregated', 0)}/{m.get('selected', 0)} aggregated")
+    if m.get("secagg_aborted"):
+        parts.append(f"secure aggregation aborted ({m['secagg_aborted']})")
     if m.get("rejected"):
         parts.append(f"{m['rejected']} rejected")
     added = [a["word"] for a in (m.get("discovery") or {}).get("added", [])]
