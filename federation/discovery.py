@@ -34,6 +34,7 @@ at most one vote per trie level, which is all the privacy analysis uses.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
@@ -41,9 +42,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from federation import vocab_history
+from federation import runfolder, vocab_history
 from models.errors import FedkbError
-from models.jsonvalues import is_int
 from models.text import is_word, words
 from models.vocab import Vocabulary
 
@@ -249,24 +249,15 @@ class DiscoveryStep:
 
         The sampling rate counts real people: a resampled population (more simulated users than
         real ones) holds copies of the same person, and federation.rounds lets each person vote at
-        most once a round, so the rate is over the real users that can be sampled.  On a resumed
-        run the threshold is the one the run's config.json recorded (set by federation.run); a run
-        from before config.json recorded it continues with the threshold its history names.
+        most once a round, so the rate is over the real users that can be sampled.  (On a resumed
+        run federation.run has set the threshold: the one its config.json, or for a run from before
+        config.json recorded it its history, names.)
         """
         population = simulation.population
-        theta = self.cfg.theta
-        if self.run_dir is not None and _config_records_theta(self.run_dir) is False:  # a run from before
-            theta = next((self._stored_theta(r) for r in vocab_history.read(self.run_dir) if "theta" in r), theta)
-        self.cfg = replace(self.cfg, population=min(population.size, len(population.real_ids)), theta=theta)
+        self.cfg = replace(self.cfg, population=min(population.size, len(population.real_ids)))
         evaluator = getattr(simulation, "evaluator", None)
         self.heldout = vocab_history.word_counts(evaluator.messages if evaluator is not None else ())
         return self
-
-    def _stored_theta(self, rec: dict) -> int:
-        if not (is_int(rec["theta"]) and rec["theta"] >= 1):
-            raise FedkbError(f"{vocab_history.path_of(self.run_dir)}: the record of round {rec['round']} is "
-                             f"malformed (theta must be a whole number >= 1)")
-        return rec["theta"]
 
     def __call__(self, state, reporting_devices, round: int, generator) -> tuple[Vocabulary, dict]:
         vocab = state if isinstance(state, Vocabulary) else state.vocab
@@ -289,17 +280,13 @@ def make_discovery_step(cfg: DiscoveryConfig, run_dir: Path | None = None,
 
 
 def _config_records_theta(run_dir: Path) -> bool | None:
-    """Whether the run's config.json records the discovery threshold (federation.run.DISCOVERY_KEY);
+    """Whether the run's config.json records the discovery threshold (runfolder.DISCOVERY_KEY);
     None where there is no config.json to read (a new run)."""
-    import json
-
-    from federation.runfolder import CONFIG
-
     try:
-        stored = json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
+        stored = json.loads((Path(run_dir) / runfolder.CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return isinstance(stored, dict) and "discovery_theta" in stored
+    return isinstance(stored, dict) and runfolder.DISCOVERY_KEY in stored
 
 
 def discovery_for_run(run_dir: Path, theta: int | None, resume: bool = False,

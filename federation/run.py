@@ -39,11 +39,12 @@ try:
 except ImportError:  # not POSIX (Windows): runs go unlocked
     fcntl = None
 
+from federation import vocab_history
 from federation.config import SimulationConfig
 from federation.discovery import DiscoveryConfig, DiscoveryStep, make_discovery_step
 from federation.engine_parallel import make_engine
 from federation.rounds import Discover, Evaluator, run_round
-from federation.runfolder import CONFIG, LATEST, LOCK, METRICS, checkpoint_dir, latest_round, read_metrics
+from federation.runfolder import CONFIG, DISCOVERY_KEY, LATEST, LOCK, METRICS, checkpoint_dir, latest_round, read_metrics
 from federation.sampling import Population, build_population, devices_to_select, eval_users
 from federation.server import ServerState, init_state
 from models import atomic
@@ -54,7 +55,6 @@ from models.jsonvalues import is_int
 from models.lm import WordLM
 from models.tokenizer import Tokenizer
 
-DISCOVERY_KEY = "discovery_theta"  # config.json: the TrieHH threshold the run discovers words with, or null
 
 
 def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
@@ -165,13 +165,17 @@ def _stored_discovery(stored: dict, discover: Discover | None, run_dir: Path) ->
     """On resume, word discovery as the run's config.json recorded it (a run continues with the
     settings it started with, whatever a kill left in vocab.jsonl), and what was asked and not
     taken.  Runs from before the setting was recorded keep the step they were given."""
-    if DISCOVERY_KEY not in stored or not (discover is None or isinstance(discover, DiscoveryStep)):
+    if not (discover is None or isinstance(discover, DiscoveryStep)):
+        return discover, []
+    if DISCOVERY_KEY not in stored:  # a run from before: the threshold its history names, if any
+        theta = vocab_history.recorded_theta(run_dir) if discover is not None else None
+        if theta is not None:
+            discover.cfg = replace(discover.cfg, theta=theta)
         return discover, []
     theta = stored[DISCOVERY_KEY]
-    # what was given: a step from federation.discovery.discovery_for_run says whether --discover and
-    # which --theta (None: none typed); any other step asks for discovery at its own threshold
-    asked = getattr(discover, "asked_theta", discover.cfg.theta) if discover is not None else None
-    asked_discover = discover is not None and getattr(discover, "asked_discover", True)
+    # what was given: the step says whether --discover and which --theta (None: none typed)
+    asked = discover.asked_theta if discover is not None else None
+    asked_discover = discover is not None and discover.asked_discover
     if theta is None:
         given = (["--discover"] if asked_discover else []) + ([f"--theta {asked}"] if asked is not None else [])
         return None, [f"{' '.join(given)} (the run does not discover words)"] if given else []

@@ -16,6 +16,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 LATEST = "latest.json"
 LOCK = ".lock"
+DISCOVERY_KEY = "discovery_theta"  # config.json: the TrieHH threshold the run discovers words with, or null
 
 
 def checkpoint_dir(run_dir: Path, rnd: int) -> Path:

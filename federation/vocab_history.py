@@ -74,8 +74,8 @@ def _problem(rec: dict) -> str | None:
     for k in ("devices", "voters", "depth", "epoch"):
         if k in rec and not (is_int(rec[k]) and rec[k] >= 0):
             return f"{k} must be a whole number"
-    if "theta" in rec and not (is_int(rec["theta"]) and rec["theta"] >= 1):
-        return "theta must be a whole number >= 1"
+    if "theta" in rec and _theta_problem(rec):
+        return _theta_problem(rec)
     if "dp" in rec:
         if not isinstance(rec["dp"], bool):
             return "dp must be true or false"
@@ -83,6 +83,22 @@ def _problem(rec: dict) -> str | None:
             return "dp is true but epsilon_run or delta_run is not a number"
     if "trie" in rec:
         return _trie_problem(rec["trie"])
+    return None
+
+
+def _theta_problem(rec: dict) -> str | None:
+    return None if is_int(rec["theta"]) and rec["theta"] >= 1 else "theta must be a whole number >= 1"
+
+
+def recorded_theta(run_dir: Path) -> int | None:
+    """The threshold the first record naming one names (a run from before config.json recorded it),
+    or None; FedkbError naming the round where it is malformed."""
+    for rec in read(run_dir):
+        if "theta" in rec:
+            if _theta_problem(rec):
+                raise FedkbError(f"{path_of(run_dir)}: the record of round {rec['round']} is malformed "
+                                 f"({_theta_problem(rec)})")
+            return rec["theta"]
     return None
 
 

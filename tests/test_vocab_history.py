@@ -372,3 +372,35 @@ def _simulate_parser():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     return parser
+
+def test_a_run_from_before_config_json_recorded_theta_resumes_with_its_historys(tmp_path, tiny, fixture_users):
+    """config.json without discovery_theta (an older run): the threshold is the first one the history
+    names, and a malformed one is an error naming its round."""
+    import json
+
+    import pytest
+
+    from federation.config import ClientConfig, SimulationConfig
+    from federation.discovery import discovery_for_run
+    from federation.run import Simulation
+    from models.errors import FedkbError
+
+    users = _users_file(tmp_path, fixture_users)
+    sim = SimulationConfig(rounds=0, clients_per_round=4, eval_users=2, eval_every=1000, seed=3, client=ClientConfig(max_words=50))
+    run = tmp_path / "old"
+
+    def open_run(discover, resume):
+        s = Simulation(run, sim, tiny[0], tiny[1], users, tmp_path / "old-dev", resume=resume, discover=discover)
+        s.close()
+        return s
+
+    open_run(make_discovery_step(DiscoveryConfig(theta=4), run), False)
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["discovery_theta"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    base = {"round": 0, "vocab_version": 0, "vocab_size": 800, "added": []}
+    vh.path_of(run).write_text("".join(json.dumps(r) + "\n" for r in (base, {**base, "round": 1, "theta": 9})))
+    assert open_run(discovery_for_run(run, None, resume=True), True).discover.cfg.theta == 9
+    vh.path_of(run).write_text("".join(json.dumps(r) + "\n" for r in (base, {**base, "round": 1, "theta": "nine"})))
+    with pytest.raises(FedkbError, match="round 1 is malformed .theta must be a whole number >= 1."):
+        open_run(discovery_for_run(run, None, resume=True), True)
