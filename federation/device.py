@@ -108,7 +108,7 @@ class Device:
         """Lay out a simulated user's folder (history + held-out future), atomically per file."""
         self._make_folder()
         for file, texts in ((self.history_file, history), (self.future_file, future)):
-            atomic.write_text(file, _jsonl(texts), atomic.PRIVATE)
+            atomic.write_text(file, atomic.jsonl_text(texts), atomic.PRIVATE)
 
     def _make_folder(self) -> None:
         """The devices folder and this device's, each made 0700 if it does not exist."""
@@ -167,7 +167,7 @@ class Device:
         state["oov_counts"] = {w: n for w, n in state["oov_counts"].items() if w != word}
         files = {self.words_file: atomic.json_bytes(state)}
         if self.history_file.exists():
-            files[self.history_file] = _jsonl(_erased(self.history(), word)).encode("utf-8")
+            files[self.history_file] = atomic.jsonl_text(_erased(self.history(), word)).encode("utf-8")
         self._make_folder()
         atomic.write_files(files, atomic.PRIVATE)
 
@@ -196,11 +196,6 @@ def _erased(messages: Iterable[str], word: str) -> list[str]:
                 continue
         out.append(text)
     return out
-
-
-def _jsonl(texts: Iterable[str]) -> str:
-    """Messages as a history/future file holds them: one JSON string per line."""
-    return "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts)
 
 
 def _read_jsonl(path: Path) -> list[str]:

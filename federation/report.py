@@ -186,21 +186,21 @@ def personalization_study(run_dir: Path, cfg: dict, sim: SimulationConfig, rnd: 
     def mean(key: str, model: str) -> float:
         return round(statistics.mean(r[model][key] for r in rows), 3)
 
+    base_to_global = _gains(rows, "base", "global", "top1")
     out = {
         "round": rnd,
         "users": len(rows),
         "held_out_users": sum(r["held_out"] for r in rows),  # the rest took part in the federation (not on this text)
         "mean": {m: {k: mean(k, m) for k in ("top1", "ksr", "loss")} for m in ("base", "global", "personalized")},
-        "personalized_vs_global": {"top1_gain_points": _gains(rows, "global", "personalized", "top1"),
-                                   **_personalized_vs_global(rows)},
+        "personalized_vs_global": _personalized_vs_global(rows, with_points=True),
         # the same, for the held-out users and for the federation's clients (whose history, not this
         # future text, trained the global model) apart
         "by_group": {name: {"users": len(group), **_personalized_vs_global(group)}
                      for name, group in (("held_out", [r for r in rows if r["held_out"]]),
                                          ("clients", [r for r in rows if not r["held_out"]])) if group},
         "global_vs_base": {
-            "median_top1_gain_points": statistics.median(_gains(rows, "base", "global", "top1")),
-            "share_worse_top1": sum(g < 0 for g in _gains(rows, "base", "global", "top1")) / len(rows),
+            "median_top1_gain_points": statistics.median(base_to_global),
+            "share_worse_top1": sum(g < 0 for g in base_to_global) / len(rows),
         },
     }
     return out
@@ -210,9 +210,10 @@ def _gains(rows: list[dict], a: str, b: str, key: str) -> list[float]:
     return [r[b][key] - r[a][key] for r in rows]
 
 
-def _personalized_vs_global(rows: list[dict]) -> dict:
+def _personalized_vs_global(rows: list[dict], with_points: bool = False) -> dict:
     """The personalized model against the global one over `rows` (a study's users): shares of users
-    better and worse on top-1, KSR and loss, and the median relative changes."""
+    better and worse on top-1, KSR and loss, and the median relative changes; `with_points`: each
+    user's top-1 gain first (`top1_gain_points`)."""
 
     def gains(key: str) -> list[float]:
         return _gains(rows, "global", "personalized", key)
@@ -226,11 +227,12 @@ def _personalized_vs_global(rows: list[dict]) -> dict:
     def share(xs: list[float], better) -> float:
         return sum(map(better, xs)) / len(rows)
 
-    top1, ksr, loss = gains("top1"), gains("ksr"), gains("loss")
+    top1, ksr, loss, rel_top1 = gains("top1"), gains("ksr"), gains("loss"), rel("top1")
     return {
+        **({"top1_gain_points": top1} if with_points else {}),
         "median_top1_gain_points": statistics.median(top1),
-        "median_relative_top1_gain": median_or_none(rel("top1")),
-        "users_with_relative_top1_gain": len(rel("top1")),  # global top-1 above 0
+        "median_relative_top1_gain": median_or_none(rel_top1),
+        "users_with_relative_top1_gain": len(rel_top1),  # global top-1 above 0
         "share_better_top1": share(top1, lambda g: g > 0),
         "share_worse_top1": share(top1, lambda g: g < 0),
         "median_relative_ksr_gain": median_or_none(rel("ksr")),

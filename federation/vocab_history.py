@@ -129,7 +129,7 @@ def check(run_dir: Path, rec: dict) -> dict:
 
 
 def _write_all(run_dir: Path, records: list[dict]) -> None:
-    atomic.write_text(path_of(run_dir), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic.write_text(path_of(run_dir), atomic.jsonl_text(records))
 
 
 def append(run_dir: Path, round: int, info: Mapping) -> dict:
@@ -175,10 +175,9 @@ def base_vocabulary(run_dir: Path):
 
     try:
         obj = json.loads((runfolder.checkpoint_dir(run_dir, 0) / "model.json").read_text(encoding="utf-8"))
-        v = Vocabulary.from_json(obj["vocab"])
+        return Vocabulary.from_json(obj["vocab"])  # its words all checked (FedkbError otherwise)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, FedkbError):
         return None
-    return v if all(isinstance(w, str) for w in v.words) else None
 
 
 def truncate(run_dir: Path, last_round: int) -> None:
@@ -244,21 +243,21 @@ def normalize_word(word: str) -> str:
     return normalize_text(word).lower()
 
 
-def when_added(run_dir: Path, word: str) -> dict | None:
-    """The record of the round that added `word` (normalized: `normalize_word`), or None if it never was."""
+def when_added(run_dir: Path, word: str, rows: list[dict] | None = None) -> dict | None:
+    """The record of the round that added `word` (normalized: `normalize_word`), or None if it never
+    was; `rows`: the run's `timeline`, where the caller has read it already."""
     word = normalize_word(word)
-    for rec in timeline(run_dir):
+    for rec in timeline(run_dir) if rows is None else rows:
         for a in rec.get("added", []):
             if a["word"] == word:
                 return rec
     return None
 
 
-def in_base_vocabulary(run_dir: Path, word: str, base=None) -> bool:
-    """Whether `word` (normalized) was in the run's vocabulary from round 0: in `base`, or else in
-    its round-0 checkpoint's vocabulary (`base_vocabulary`)."""
+def in_base_vocabulary(word: str, base) -> bool:
+    """Whether `word` (normalized) was in the run's vocabulary from round 0: in `base`, its round-0
+    checkpoint's vocabulary (`base_vocabulary`; None where that cannot be read)."""
     from models.text import SPECIALS
 
-    base = base if base is not None else base_vocabulary(run_dir)
     word = normalize_word(word)
     return base is not None and word in base and word not in SPECIALS

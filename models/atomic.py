@@ -34,6 +34,11 @@ def write_json(path: Path, obj, mode: int = 0o666) -> None:
     write_bytes(path, json_bytes(obj), mode)
 
 
+def jsonl_text(values) -> str:
+    """What a JSONL file holds for `values`: one JSON value a line (`read_jsonl` reads it back)."""
+    return "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in values)
+
+
 def json_bytes(obj) -> bytes:
     """What `write_json` writes."""
     return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")

@@ -41,13 +41,14 @@ def answer(run_dir: Path, word: str) -> dict:
     added it, or round 0 for a word of the base vocabulary; "added": False if it never did."""
     from federation import vocab_history as vh
 
-    rec = vh.when_added(run_dir, word)
+    rows = vh.timeline(run_dir)
+    rec = vh.when_added(run_dir, word, rows)
     word = vh.normalize_word(word)
     if rec is None:
         base = vh.base_vocabulary(run_dir)  # the round-0 checkpoint's
-        if vh.in_base_vocabulary(run_dir, word, base):
+        if vh.in_base_vocabulary(word, base):
             return {"word": word, "added": False, "base_vocabulary": True, "round": 0, "vocab_version": base.version}
-        return {"word": word, "added": False, "last_round": vh.timeline(run_dir)[-1]["round"]}
+        return {"word": word, "added": False, "last_round": rows[-1]["round"]}
     votes = next(a["votes"] for a in rec["added"] if a["word"] == word)
     out = {"word": word, "added": True, "round": rec["round"], "vocab_version": rec["vocab_version"],
            "votes": votes, "theta": rec.get("theta")}
