@@ -78,7 +78,7 @@ class Device:
         if not text:
             return
         state = self._counted(text, vocab)
-        self._make_folder()
+        self.make_folder()
         size = atomic.append_line(self.history_file, json.dumps(text, ensure_ascii=False), atomic.PRIVATE)
         if state is not None:
             try:
@@ -106,11 +106,11 @@ class Device:
 
     def write_simulated(self, history: Iterable[str], future: Iterable[str]) -> None:
         """Lay out a simulated user's folder (history + held-out future), atomically per file."""
-        self._make_folder()
+        self.make_folder()
         for file, texts in ((self.history_file, history), (self.future_file, future)):
             atomic.write_text(file, atomic.jsonl_text(texts), atomic.PRIVATE)
 
-    def _make_folder(self) -> None:
+    def make_folder(self) -> None:
         """The devices folder and this device's, each made 0700 if it does not exist."""
         Path(self.root).mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path.mkdir(mode=0o700, exist_ok=True)
@@ -133,7 +133,7 @@ class Device:
         return state
 
     def _write_words(self, state: dict) -> None:
-        self._make_folder()
+        self.make_folder()
         atomic.write_json(self.words_file, state, atomic.PRIVATE)
 
     def personal_words(self) -> list[str]:
@@ -168,7 +168,7 @@ class Device:
         files = {self.words_file: atomic.json_bytes(state)}
         if self.history_file.exists():
             files[self.history_file] = atomic.jsonl_text(_erased(self.history(), word)).encode("utf-8")
-        self._make_folder()
+        self.make_folder()
         atomic.write_files(files, atomic.PRIVATE)
 
     # -- clearing ------------------------------------------------------------------------

@@ -222,13 +222,13 @@ class KeyboardSession:
         """This device's forgotten words: those of its words file and those forgotten in this session only."""
         return set(blocked) | self._forgotten.get(self.user_id, set())
 
-    def _device_words(self, ready: ReadyModel | None = None, read: tuple[list[str], list[str]] | None = None) -> None:
+    def _device_words(self, ready: ReadyModel, read: tuple[list[str], list[str]]) -> None:
         """The device's blocked and personal words (`read`: as `_read_words` just read them) on the
         predictor (its caches are rebuilt by the `apply_params` that follows); the vocabulary `ready`
         made where its personal words are still the device's."""
-        words, blocked = read or self._read_words()
+        words, blocked = read
         self.predictor.blocked = self._blocked(blocked)
-        same = ready is not None and ready.base_vocab is self.vocab and ready.personal_words == words
+        same = ready.base_vocab is self.vocab and ready.personal_words == words
         self.predictor.vocab = ready.vocab if same else self.vocab.add(words)
         self.predictor.base_vocab = self.vocab
 
@@ -350,7 +350,8 @@ class KeyboardSession:
         from models.checkpoint import save_tensors
 
         d = self.device.delta_dir
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the device's other files (federation/device.py)
+        self.device.make_folder()  # private, as the device's other files
+        d.mkdir(mode=0o700, exist_ok=True)
         delta = {k: torch.from_numpy(personal[k] - g) for k, g in self.global_weights.items()}  # params.delta, on arrays
         save_tensors(d / DELTA_FILE, delta, meta={"global": model_label(self.meta)}, mode=atomic.PRIVATE)
         atomic.write_json(d / DELTA_META, info, atomic.PRIVATE)
@@ -403,10 +404,7 @@ class KeyboardSession:
                 self.apply_params(personal)
             raise
         self._forgotten.pop(self.user_id, None)
-        self.predictor.blocked = set()
-        self.predictor.vocab = self.predictor.base_vocab = self.vocab
-        self.delta_error = None
-        self.apply_params(None)
+        self._commit(_Profile(self.user, self.device, [], self.vocab, None, None))  # no words, no delta
 
     # -- evaluation and learning -------------------------------------------------------
     def eval_texts(self) -> tuple[list[str], str]:

@@ -85,6 +85,14 @@ def _tail(text: str, end: int | None = None) -> str:
     return tail[cut + 1 :] if 0 <= cut < len(tail) - 1 else tail
 
 
+def _context(text: str, cursor: int) -> tuple[str, str, list[str], bool]:
+    """What the suggestions at `cursor` go with: (the tail of the text before it, the partial word,
+    the context's tokens as context_tokens reads them but uncut, whether the tail left text out)."""
+    tail = _tail(text, cursor)
+    context, partial = split_partial(tail)
+    return tail, partial, sentence_tokens(context, keep_end=True), len(tail) < cursor
+
+
 def _needs_space(before: str) -> bool:
     """Whether a word inserted after `before` (no partial word there) needs a space first."""
     if not before or before[-1].isspace() or before[-1] in _OPENERS:
@@ -165,11 +173,8 @@ class TypingSession:
             text, cursor, edited = self._into_auto_space(text, cursor)
             self._auto_space = None
         self.text, self.cursor = text, cursor
-        tail = _tail(text, cursor)
-        context, partial = split_partial(tail)
-        full = sentence_tokens(context, keep_end=True)  # context_tokens, with its length
+        tail, partial, full, cut = _context(text, cursor)
         tokens = full[-MAX_CONTEXT_WORDS:]
-        cut = len(tail) < cursor
         new_words: list[str] = []
         if tokens != self._tokens:
             added = _appended(self._tokens, tokens)
@@ -308,10 +313,9 @@ class TypingSession:
 
     def resync(self) -> None:
         """The predictor changed (new model, vocabulary): rebuild the context from the text and suggest."""
-        tail = _tail(self.text, self.cursor)
-        full = sentence_tokens(split_partial(tail)[0], keep_end=True)
+        _, _, full, cut = _context(self.text, self.cursor)
         self._tokens = full[-MAX_CONTEXT_WORDS:]
-        self._ntokens, self._cut = len(full), len(tail) < self.cursor
+        self._ntokens, self._cut = len(full), cut
         self._rebuild(self._tokens)
         self._suggest()
 
