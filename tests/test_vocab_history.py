@@ -304,25 +304,34 @@ def test_a_lost_history_is_rebuilt_from_the_round_0_checkpoint(tmp_path, capsys)
     assert main(["vocab", str(tmp_path)]) == 0 and "yeet (?)" in capsys.readouterr().out
 
 
+def _zero_round_runs(tmp_path, tiny, fixture_users, run):
+    """open_run(discover, resume): a Simulation of `run` opened (rounds=0) and closed, on the fixture users."""
+    from federation.config import ClientConfig, SimulationConfig
+    from federation.run import Simulation
+
+    users = _users_file(tmp_path, fixture_users)
+    sim = SimulationConfig(rounds=0, clients_per_round=4, eval_users=2, eval_every=1000, seed=3, client=ClientConfig(max_words=50))
+
+    def open_run(discover, resume):
+        s = Simulation(run, sim, tiny[0], tiny[1], users, tmp_path / f"{run.name}-dev", resume=resume, discover=discover)
+        s.close()
+        return s
+
+    return open_run
+
+
 def test_a_resume_takes_theta_from_config_json_and_names_only_flags_given(tmp_path, tiny, fixture_users, capsys):
     """The threshold is config.json's, whatever the history says; and the "not taken" note names a
     --theta only where one was given, whatever its value (a resume without it used to report
     `--theta 10`, and `--theta 10` itself, --theta's default then, was never reported)."""
     import json
 
-    from federation.config import ClientConfig, SimulationConfig
     from federation.discovery import discovery_for_run
-    from federation.run import Simulation
     from keyboard.cli import main
 
     users = _users_file(tmp_path, fixture_users)
-    sim = SimulationConfig(rounds=0, clients_per_round=4, eval_users=2, eval_every=1000, seed=3, client=ClientConfig(max_words=50))
     run = tmp_path / "disc"
-
-    def open_run(discover, resume):
-        s = Simulation(run, sim, tiny[0], tiny[1], users, tmp_path / "disc-dev", resume=resume, discover=discover)
-        s.close()
-        return s
+    open_run = _zero_round_runs(tmp_path, tiny, fixture_users, run)
 
     open_run(make_discovery_step(DiscoveryConfig(theta=4), run), False)
     with open(vh.path_of(run), "a") as f:  # a history naming another threshold (edited, or left by a kill)
@@ -380,19 +389,11 @@ def test_a_run_from_before_config_json_recorded_theta_resumes_with_its_historys(
 
     import pytest
 
-    from federation.config import ClientConfig, SimulationConfig
     from federation.discovery import discovery_for_run
-    from federation.run import Simulation
     from models.errors import FedkbError
 
-    users = _users_file(tmp_path, fixture_users)
-    sim = SimulationConfig(rounds=0, clients_per_round=4, eval_users=2, eval_every=1000, seed=3, client=ClientConfig(max_words=50))
     run = tmp_path / "old"
-
-    def open_run(discover, resume):
-        s = Simulation(run, sim, tiny[0], tiny[1], users, tmp_path / "old-dev", resume=resume, discover=discover)
-        s.close()
-        return s
+    open_run = _zero_round_runs(tmp_path, tiny, fixture_users, run)
 
     open_run(make_discovery_step(DiscoveryConfig(theta=4), run), False)
     cfg = json.loads((run / "config.json").read_text())
