@@ -4,13 +4,17 @@ Each command module defines `HELP` (one line), `add_arguments(parser)` and
 `run(args) -> int`.  Modules are imported only when their command runs, so
 `fedkb predict` never pays for importing Textual, and `fedkb --help` is instant.
 User errors raise `FedkbError`: printed as one clear line, exit status 2, no traceback; so is an
-`OSError` (disk full, permission denied, a folder that cannot be made), with its path.
+`OSError` (disk full, permission denied, a folder that cannot be made), with its path.  A reader
+that closes stdout early (`fedkb predict ... | head -1`) ends the command silently.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
+import select
 import sys
 from pathlib import Path
 
@@ -69,14 +73,55 @@ def toml_defaults(path: Path, command: str, parser: argparse.ArgumentParser) -> 
         raise FedkbError(f"{path} is not valid TOML: {e}") from None
     table = {k: v for k, v in data.items() if not isinstance(v, dict)}
     table.update(data.get(command, {}))
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     out = {}
     for key, value in table.items():
         dest = key.replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
+        if dest not in actions or dest in ("help", "config"):
             raise FedkbError(f"{path}: unknown option {key!r} for `fedkb {command}`")
-        out[dest] = value
+        out[dest] = _option_value(path, key, value, actions[dest])
     return out
+
+
+_KINDS = {int: "a whole number", float: "a number", Path: "a path"}
+
+
+def _option_value(path: Path, key: str, value, action: argparse.Action):
+    """A TOML value checked and converted as the option's flag would be (argparse does neither for
+    defaults): true/false for a flag; else a string or number (never a bool) through the option's
+    type and choices.  FedkbError naming the file and the key."""
+    def bad(expected: str) -> FedkbError:
+        try:
+            shown = json.dumps(value, ensure_ascii=False)
+        except (TypeError, ValueError):
+            shown = str(value)
+        return FedkbError(f"{path}: {key} = {shown}: expected {expected}")
+
+    if action.nargs == 0:  # --json, --users: a flag
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    convert = action.type or str
+    expected = _KINDS.get(convert, "a string")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise bad(expected)
+    try:
+        converted = convert(str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise bad(expected) from None
+    if action.choices is not None and converted not in action.choices:
+        raise bad("one of " + ", ".join(map(str, action.choices)))
+    return converted
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll, no real stdout (a test's capture)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,11 +147,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except FedkbError as e:
         print(f"fedkb {name}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's answer (disk full, permission denied, no such folder): one line too
+        if isinstance(e, BrokenPipeError) and _stdout_closed():  # `| head -1` read what it wanted: silence
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            return 141  # as for a tool that SIGPIPE ended
         where = f": {e.filename}" if e.filename else ""
         print(f"fedkb {name}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2

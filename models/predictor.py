@@ -57,7 +57,7 @@ class Predictor(IncrementalPredictor):
         ids = torch.tensor(word_ids, dtype=torch.long)
         logits, _ = self.model(ids[None, :-1], self._emb, self._bias)
         scores = torch.log_softmax(logits[0], dim=-1) + self._mask  # (T-1, V): scores for word_ids[1:]
-        return scores, torch.topk(scores, k, dim=-1).indices.tolist()
+        return scores, torch.topk(scores, min(k, scores.size(-1)), dim=-1).indices.tolist()  # k > V: all of them
 
     def _top(self, scores: torch.Tensor, k: int, cand: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
         top = torch.topk(scores, k)

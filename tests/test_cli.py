@@ -1,6 +1,7 @@
 """The CLI dispatcher: TOML config defaults, clear errors."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,48 @@ def test_pretrain_refuses_bad_settings_in_one_line(flags, tmp_path, capsys):
     assert main(["pretrain", "--out", str(out), "--work", str(tmp_path / "work"), *flags]) == 2  # a torch traceback before
     err = capsys.readouterr().err
     assert err.startswith("fedkb pretrain: error: ") and "must be" in err and not out.exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("k = 3.5", "k = 3.5: expected a whole number"),  # each a TypeError deep in the command before
+    ("k = true", "k = true: expected a whole number"),
+    ("k = [1]", "k = [1]: expected a whole number"),
+    ("limit = 1.5", "limit = 1.5: expected a whole number"),
+    ("model = true", "model = true: expected a path"),
+    ("json = \"no\"", 'json = "no": expected true or false'),  # counted as true before
+    ("json = 1", "json = 1: expected true or false"),
+    ("[eval]\nk = \"many\"", 'k = "many": expected a whole number'),
+])
+def test_config_values_are_checked_like_flags(line, message, tmp_path, capsys):
+    f = tmp_path / "c.toml"
+    f.write_text(line + "\n")
+    assert main(["eval", "--text", str(tmp_path / "t.txt"), "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedkb eval: error: {f}: {message}\n"
+
+
+def test_config_values_are_converted_and_choices_checked(tmp_path):
+    from keyboard.commands import pretrain
+
+    p = argparse.ArgumentParser()
+    pretrain.add_arguments(p)
+    f = tmp_path / "c.toml"
+    f.write_text('lr = 1\nepochs = "2.5"\nbatch-size = "8"\nout = "runs/x"\ndevice = "cuda"\n')
+    got = toml_defaults(f, "pretrain", p)
+    assert got == {"lr": 1.0, "epochs": 2.5, "batch_size": 8, "out": Path("runs/x"), "device": "cuda"}
+    assert type(got["lr"]) is float
+    f.write_text('device = "tpu"\n')
+    with pytest.raises(FedkbError, match=r'device = "tpu": expected one of cpu, cuda'):
+        toml_defaults(f, "pretrain", p)
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch, capsys):
+    """Only a closed stdout (`| head -1`) ends a command silently; another pipe's end is reported."""
+    from keyboard.commands import predict
+
+    def run(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(predict, "run", run)
+    assert main(["predict", "hi"]) == 2
+    assert capsys.readouterr().err == "fedkb predict: error: Broken pipe\n"

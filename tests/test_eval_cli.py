@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -137,3 +138,71 @@ def test_whole_process_bad_model_has_no_traceback(tiny, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stdout == "" and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "safetensors" in p.stderr
+
+
+def test_more_suggestions_than_words_shows_them_all(capsys, tiny, tmp_path):
+    """-k above the vocabulary size was a torch traceback ("selected index k out of range") after the model loaded."""
+    code, out, err = _eval(capsys, tiny, "--text", _text(tmp_path, "how are you today zzqxv\n"), "-k", "20000")
+    r = json.loads(out)
+    assert code == 0 and err == "" and r["k"] == 20000
+    assert r["top20000"] == pytest.approx(100 - r["oov_rate"], abs=0.002)  # every known word is among them
+
+
+def test_the_table_shows_the_path_as_it_is_and_the_keys(capsys, tiny, tmp_path, monkeypatch):
+    """The --text path was read as Rich markup: "[red]x.txt" showed as "x.txt" in red, "[/]" was a MarkupError."""
+    monkeypatch.chdir(tmp_path)  # a short title, on one line
+    (tmp_path / "we[").mkdir()
+    model_dir, tok = tiny
+    for name in ("[red]x.txt", "we[/]ird.txt"):
+        Path(name).write_text("how are you\n")
+        assert main(["eval", "--text", name, "--model", str(model_dir), "--tokenizer", str(tok)]) == 0
+        out = capsys.readouterr().out
+        assert f"({name})" in out
+    for row in ("keys typed", "keys to select", "keys without prediction"):  # the README's keys_*
+        assert row in out
+    assert "12" in out.split("keys without prediction")[1].split("\n")[0]  # 3 + 1, 3 + 1, 3 + 1
+
+
+@contextlib.contextmanager
+def _memory_cap(extra: int = 1 << 30):
+    """At most `extra` more bytes of address space: a regression fails with a MemoryError, not by
+    taking all the machine's memory."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+    cap = used + extra if hard == resource.RLIM_INFINITY else min(used + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_device_or_a_line_too_long_is_refused(capsys, tiny, tmp_path):
+    """--text /dev/zero was read until memory ran out (a MemoryError, or the OOM killer)."""
+    with _memory_cap():
+        code, out, err = _eval(capsys, tiny, "--text", "/dev/zero")
+    assert code == 2 and out == "" and err == "fedkb eval: error: /dev/zero is not a regular file (a device or a pipe); " \
+                                              "save the text to a file first\n"
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.write(b"hello there\n")
+        f.truncate(17 << 20)  # one line of 17 MiB (zeros; sparse on disk)
+    code, out, err = _eval(capsys, tiny, "--text", str(huge))
+    assert code == 2 and out == "" and err == f"fedkb eval: error: {huge}: line 2 is longer than 16 MiB; one message a line\n"
+
+
+def test_a_bad_byte_is_named_where_it_is(capsys, tiny, tmp_path):
+    code, _, err = _eval(capsys, tiny, "--text", _text(tmp_path, b"hello there\n\r\nhow \xffare\n"))
+    assert code == 2 and err.endswith("is not UTF-8 text (byte 18)\n")
+
+
+def test_a_reader_that_stops_early_ends_eval_silently(tiny, tmp_path):
+    """`fedkb eval ... | head -1` printed "fedkb eval: error: Broken pipe" (or Python's "Exception ignored")."""
+    p = subprocess.Popen([sys.executable, "-m", "keyboard.cli", "eval", "--text", _text(tmp_path, "how are you\n"),
+                          "--model", str(tiny[0]), "--tokenizer", str(tiny[1]), "--json"],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""

@@ -73,3 +73,13 @@ def test_predict_after_an_opening_quote_and_a_sentence_end_with_a_symbol(tiny, c
     assert main(["predict", "thanks! :) ", "--model", str(model), "--tokenizer", str(tok)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(w[0].isupper() for w in lines)
+
+
+def test_a_reader_that_stops_early_ends_predict_silently(tiny):
+    """`fedkb predict ... | head -1` printed "fedkb predict: error: Broken pipe" (or Python's "Exception ignored")."""
+    model, tok = tiny
+    p = subprocess.Popen([sys.executable, "-m", "keyboard.cli", "predict", "how are ", "-k", "500", "--model", str(model),
+                          "--tokenizer", str(tok)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""

