@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from models import atomic, tensorfile
+from models import atomic, params, tensorfile
 from models.errors import FedkbError
 from models.lm import LMConfig, WordLM
 # the format and its reader live there, torch-free; default_paths is re-exported for callers of this module
@@ -41,10 +41,17 @@ class Checkpoint:
 def save_tensors(path: Path, tensors: Params, meta: dict | None = None, mode: int = 0o666) -> None:
     """Atomically write tensors (contiguous float copies) as safetensors; `meta` goes in the header as
     strings, with the data's checksum (models/tensorfile.py); a new file gets `mode` less the umask
-    (atomic.PRIVATE for a device's personal delta)."""
+    (atomic.PRIVATE for a device's personal delta).  NaN or infinite values are refused (FedkbError),
+    as every reader would refuse the file."""
+    atomic.write_bytes(Path(path), _tensor_bytes(path, tensors, meta), mode)
+
+
+def _tensor_bytes(path: Path, tensors: Params, meta: dict | None) -> bytes:
+    """What `save_tensors` writes at `path`."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    data = tensorfile.with_checksum(st_save(tensors, metadata={k: str(v) for k, v in (meta or {}).items()} or None))
-    atomic.write_bytes(Path(path), data, mode)
+    if not params.all_finite(tensors):
+        raise FedkbError(f"not writing {path}: it would hold NaN or infinite values")
+    return tensorfile.with_checksum(st_save(tensors, metadata={k: str(v) for k, v in (meta or {}).items()} or None))
 
 
 def load_tensors(path: Path, reference: Params | None = None) -> Params:
@@ -58,16 +65,20 @@ def load_tensors(path: Path, reference: Params | None = None) -> Params:
 
 
 def save_checkpoint(directory: Path, model: WordLM, vocab: Vocabulary, tokenizer: Tokenizer, meta: dict | None = None) -> None:
-    """Weights first, then the JSON (each atomic): a reader never sees new JSON with old weights."""
+    """Write the weights and the JSON together (atomic.write_files: both temporary files first, then
+    the two renames), so an interrupted save leaves the folder's old pair, not new weights under the
+    old vocabulary."""
     directory = Path(directory)
-    save_tensors(directory / WEIGHTS, model.state_dict())
-    atomic.write_json(directory / META, {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": model.cfg.to_json(),
-        "vocab": vocab.to_json(),
-        "tokenizer_sha256": tokenizer.sha256,
-        "meta": meta or {},
+    atomic.write_files({
+        directory / WEIGHTS: _tensor_bytes(directory / WEIGHTS, model.state_dict(), None),
+        directory / META: atomic.json_bytes({
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": model.cfg.to_json(),
+            "vocab": vocab.to_json(),
+            "tokenizer_sha256": tokenizer.sha256,
+            "meta": meta or {},
+        }),
     })
 
 

@@ -37,6 +37,9 @@ warnings.filterwarnings("ignore", message="LSTM with projections is not supporte
 
 
 
+MAX_BASE_VOCAB = 1_000_000  # residual rows: 384 MB at embed_dim 96 (3x that with Adam's moments); more is a typo
+
+
 @dataclass(frozen=True)
 class LMConfig:
     num_pieces: int = 4000  # sentencepiece vocabulary size
@@ -47,6 +50,8 @@ class LMConfig:
 
     def __post_init__(self):
         shapes(asdict(self))  # ValueError for sizes that are not whole numbers >= 1
+        if self.base_vocab > MAX_BASE_VOCAB:  # its residual table alone would be base_vocab x embed_dim floats
+            raise ValueError(f"base_vocab must be at most {MAX_BASE_VOCAB:,} words (base_vocab={self.base_vocab})")
         if not (is_number(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"model dropout must be in [0, 1) (dropout={self.dropout!r})")
 

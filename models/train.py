@@ -38,6 +38,8 @@ class TrainConfig:
     def __post_init__(self):
         if not self.epochs > 0 or not self.lr >= 0 or not self.clip_grad > 0:  # `not >` refuses NaN too
             raise ValueError("epochs and gradient clip must be > 0, learning rate >= 0")
+        if not (math.isfinite(self.epochs) and math.isfinite(self.lr)):  # inf: an OverflowError, or a model of NaNs
+            raise ValueError(f"epochs and learning rate must be finite numbers (epochs={self.epochs}, lr={self.lr})")
         if self.batch_size < 1 or self.bptt < 1 or self.sampled_softmax < 0:
             raise ValueError("batch size and bptt must be >= 1, sampled softmax >= 0")
         if self.optimizer not in ("adam", "sgd"):

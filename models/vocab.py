@@ -120,5 +120,5 @@ def build_vocab(token_lists: Iterable[Iterable[str]], size: int, min_count: int 
     for toks in token_lists:
         counts.update(t for t in toks if t not in SPECIALS and is_word(t))
     ranked = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
-    words = SPECIALS + tuple(ranked[: size - len(SPECIALS)])
+    words = SPECIALS + tuple(ranked[: max(0, size - len(SPECIALS))])  # not [:-1] for a size below the specials'
     return Vocabulary(words, version=0, base_size=len(words))

@@ -41,9 +41,15 @@ def _copy(tiny, tmp_path) -> Path:
 
 
 def _set_tensor(d: Path, key: str, fn) -> None:
+    """Edit one tensor of the weights file, written as save_tensors would (checksum included) but
+    unchecked: save_tensors itself refuses NaN."""
+    from safetensors.torch import save
+
+    from models import tensorfile
+
     t = load_tensors(d / "model.safetensors")
     t[key] = fn(t[key])
-    save_tensors(d / "model.safetensors", t)
+    (d / "model.safetensors").write_bytes(tensorfile.with_checksum(save(t)))
 
 
 def _flip_data_byte(path: Path, at: float = 0.5) -> None:
@@ -239,3 +245,37 @@ def test_seeded_fit_is_bit_for_bit_reproducible(tiny):
     assert l1 != l3
     (m1, t1), (m2, t2) = run(0, sampled=5), run(0, sampled=5)
     assert m1 == m2 and all(torch.equal(t1[k], t2[k]) for k in t1)
+
+
+def test_an_interrupted_save_leaves_the_old_pair(tiny_loaded, tmp_path, monkeypatch):
+    """Weights were replaced before the JSON was written: cut short between the two, the folder
+    held new weights under the old vocabulary, and loaded without a word."""
+    from models import atomic
+
+    ckpt, tok = tiny_loaded
+    d = tmp_path / "c"
+    save_checkpoint(d, ckpt.model, ckpt.vocab, tok, meta={"round": 1})
+    before = {f: (d / f).read_bytes() for f in ("model.safetensors", "model.json")}
+    real = atomic._temporary
+
+    def ctrl_c_at_the_json(path, data, mode):
+        if path.name == "model.json":
+            raise KeyboardInterrupt
+        return real(path, data, mode)
+
+    monkeypatch.setattr(atomic, "_temporary", ctrl_c_at_the_json)
+    with torch.no_grad():
+        ckpt.model.residual.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(d, ckpt.model, ckpt.vocab.add(["newword"]), tok, meta={"round": 2})
+    assert {f: (d / f).read_bytes() for f in before} == before and sorted(p.name for p in d.iterdir()) == sorted(before)
+
+
+def test_save_tensors_refuses_what_every_reader_would_refuse(tmp_path):
+    """NaN was written without complaint; only the next read said the file was broken."""
+    save_tensors(tmp_path / "t.safetensors", {"a": torch.ones(3)})
+    before = (tmp_path / "t.safetensors").read_bytes()
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FedkbError, match=r"not writing .*t.safetensors: it would hold NaN or infinite values"):
+            save_tensors(tmp_path / "t.safetensors", {"a": torch.tensor([1.0, bad])})
+    assert (tmp_path / "t.safetensors").read_bytes() == before

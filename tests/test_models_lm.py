@@ -3,6 +3,7 @@ a new word is predictable at once, and the incremental keyboard path equals the 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +93,12 @@ def test_suggestions_after_a_sentence_end_start_from_bos(tiny_loaded):
     first = pred.suggest()
     pred.commit(BOS)  # a second BOS in a row is a no-op
     assert pred.suggest() == first
+
+
+def test_a_residual_table_too_large_to_allocate_is_refused():
+    """--vocab-size 1000000000 asked torch for 384 GB and ended in its allocation error."""
+    from models.lm import MAX_BASE_VOCAB, LMConfig
+
+    assert LMConfig(base_vocab=MAX_BASE_VOCAB).base_vocab == MAX_BASE_VOCAB
+    with pytest.raises(ValueError, match="base_vocab must be at most 1,000,000 words"):
+        LMConfig(base_vocab=MAX_BASE_VOCAB + 1)

@@ -62,6 +62,8 @@ def pretraining_lines(sotu_words: int, data_dir: Path | None = None) -> list[str
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from models.checkpoint import default_paths
@@ -75,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.init is not None and args.init.resolve() == args.out.resolve():
         raise FedkbError(f"--init and --out are the same directory ({args.out}); write the continued model elsewhere")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for flag, value in (("--threads", args.threads), ("--limit-lines", args.limit_lines), ("--sotu-words", args.sotu_words)):
+        if value < 0:
+            raise FedkbError(f"{flag} must be >= 0, not {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise FedkbError("--device cuda: this torch sees no CUDA GPU (train with --device cpu)")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
@@ -90,20 +93,26 @@ def run(args: argparse.Namespace) -> int:
             dropout=args.dropout,
         )
     except ValueError as e:
-        raise FedkbError(f"{e} (--vocab-size, --epochs, --lr, --batch-size, --sampled-softmax)") from None
+        raise FedkbError(f"{e} (--vocab-size, --epochs, --lr, --batch-size, --sampled-softmax, --seed)") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     _, tok_path = default_paths()
     tokenizer = Tokenizer(tok_path)
     lines = pretraining_lines(args.sotu_words)
     if args.limit_lines:
         lines = lines[: args.limit_lines]
+    console = Console(stderr=True)
     with Progress(TextColumn("pretraining"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                  TimeElapsedColumn(), TimeRemainingColumn()) as progress:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("train", total=None, loss=float("nan"))
 
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, loss=loss)
 
+        def on_note(note: str) -> None:
+            progress.console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False, soft_wrap=True)
+
         pretrain(lines, tokenizer, args.out, args.work, cfg, on_step=on_step, init=args.init, device=args.device,
-                 start_lines=pretraining_lines(0))
+                 start_lines=pretraining_lines(0), on_note=on_note)
     print(f"wrote {args.out}")
     return 0

@@ -2,7 +2,7 @@
 
 Averages the model's LSTM state at message starts over the first words of the
 pretraining split's chat text (models/start_state.py) and rewrites the checkpoint
-in place (weights, then JSON, each atomic).  `fedkb pretrain` does this itself;
+in place (weights and JSON replaced together, models/atomic.write_files).  `fedkb pretrain` does this itself;
 this command brings a model trained before it did up to date (the shipped base v2
 was one).  Only the start state changes: every trained weight stays bit for bit.
 """
