@@ -177,6 +177,9 @@ class SimulationConfig:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
     def __post_init__(self):
+        for f in fields(self):  # a value from a TOML file or a caller, of the wrong type, would only fail on resume
+            if not _fits(getattr(self, f.name), f.type):
+                raise ValueError(f"{f.name} = {getattr(self, f.name)!r} is not of type {f.type}")
         _require_finite(over_selection=self.over_selection)
         if self.users < 0 or self.clients_per_round < 1 or self.rounds < 0:
             raise ValueError("--users must be >= 0, --clients-per-round >= 1, --rounds >= 0")

@@ -57,8 +57,10 @@ class DiscoveryConfig:
     population: int = 0  # users who could be sampled (for the sampling rate); 0 = unknown
 
     def __post_init__(self):
-        if self.theta < 1 or self.max_word_len < 1 or self.population < 0:
-            raise ValueError("--theta and max_word_len must be >= 1 (theta <= 3: no privacy guarantee, epsilon inf)")
+        if self.theta < 1:
+            raise ValueError(f"--theta (the TrieHH threshold) must be >= 1, not {self.theta} (theta <= 3: no privacy guarantee)")
+        if self.max_word_len < 1 or self.population < 0:
+            raise ValueError("DiscoveryConfig: max_word_len must be >= 1 and population >= 0")
 
 
 @dataclass(frozen=True)

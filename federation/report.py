@@ -21,7 +21,7 @@ import torch
 from federation.client import local_finetune
 from federation.config import ClientConfig, SimulationConfig, personalization_config
 from federation.device import Device
-from federation.run import read_config
+from federation.run import read_config, refuse_a_file
 from federation.runfolder import METRICS, checkpoint_dir, latest_round, numbered_metrics
 from models import atomic
 from models.checkpoint import load_checkpoint
@@ -267,8 +267,21 @@ def plot_personalization(study: dict, out_dir: Path) -> Path:
     return path
 
 
+def _study_inputs(run_dir: Path, cfg: dict) -> None:
+    """FedkbError naming what the personalization study reads and cannot find: the run's model,
+    tokenizer or device folders moved or gone (checked before anything is written)."""
+    redo = f"`fedkb simulate --out {run_dir} --resume"
+    for key, what, fix in (("model", "model folder", f"{redo} --model DIR` records its new place"),
+                           ("tokenizer", "tokenizer", f"{redo} --tokenizer FILE` records its new place"),
+                           ("devices", "device folders", f"{redo}` makes them again from the run's users file")):
+        if not Path(cfg[key]).exists():
+            raise FedkbError(f"the run's {what} {cfg[key]} {'are' if key == 'devices' else 'is'} gone (moved?): {fix}, "
+                             f"or --users 0 skips the personalization study")
+
+
 def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, personalization: bool = True) -> dict:
-    """The plots, the study and report.json (strict JSON) of a run; its files are checked before anything is written."""
+    """The plots, the study and report.json (strict JSON) of a run; its files are checked, and the study
+    (which can fail) is made, before anything is written."""
     run_dir = Path(run_dir)
     cfg, sim = read_config(run_dir)  # "not a simulation run folder" where it has none, a one-line error where it is damaged
     rnd = latest_round(run_dir)
@@ -280,10 +293,13 @@ def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, pe
     if not ms:
         raise FedkbError(f"{run_dir}: no metrics line of a committed round")
     out_dir = Path(out_dir or run_dir / "report")
-    files = plot_run(ms, out_dir)
+    refuse_a_file(out_dir, "a report folder", "--out")
     rep = {"summary": summarize(ms, dp=sim.privacy.noise_multiplier > 0)}
     if personalization and users > 0:
+        _study_inputs(run_dir, cfg)
         rep["personalization"] = personalization_study(run_dir, cfg, sim, rnd, users)
+    files = plot_run(ms, out_dir)
+    if "personalization" in rep:
         files.append(plot_personalization(rep["personalization"], out_dir))
     rep["files"] = [str(f) for f in files]
     atomic.write_text(out_dir / "report.json", json.dumps(rep, indent=1, ensure_ascii=False, allow_nan=False) + "\n")

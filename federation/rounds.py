@@ -21,6 +21,7 @@ it), so a round is a pure function of (state, generator state, config, data); wi
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -133,8 +134,8 @@ def run_round(
         aborted = str(e)
     new_state = server_update(state, mean)
     if not P.all_finite(new_state.params):  # every update was finite: the server step overflowed
-        raise FedkbError(f"round {rnd}: the server step made the global model non-finite (is the server learning rate "
-                         f"too large?); nothing of this round is committed, round {state.round} is the run's last")
+        raise FedkbError(f"round {rnd}: the server step made the global model non-finite (is --server-lr too large?); "
+                         f"nothing of this round is committed, round {state.round} is the run's last")
     t_server = time.perf_counter()
 
     discovery = None
@@ -175,6 +176,13 @@ def run_round(
     t_eval = time.perf_counter()
     if evaluator is not None and (rnd % sim.eval_every == 0 or rnd == sim.rounds):
         m.update(evaluator(new_state.params, new_state.vocab))
+    # finite weights can still score an infinite or NaN loss (a server step far too large, the weights ~1e36):
+    # such a model is diverged too, and its figures are not JSON
+    diverged = [k for k in ("loss", "eval_loss") if m.get(k) is not None and not math.isfinite(m[k])]
+    if diverged:
+        what = " and ".join({"loss": "the clients' training loss", "eval_loss": "the held-out loss"}[k] for k in diverged)
+        raise FedkbError(f"round {rnd}: {what} of the global model is not finite, it diverged (is --server-lr too "
+                         f"large?); nothing of this round is committed, round {state.round} is the run's last")
     t_end = time.perf_counter()
     m["timings"] = {
         "round_s": round(t_end - t0, 3),

@@ -1,6 +1,7 @@
 """A simulation run folder: resumable, append-only, free of user text.
 
-    RUN/config.json                     the SimulationConfig + model / tokenizer / users paths
+    RUN/config.json                     the SimulationConfig + model / tokenizer / users paths, and
+                                        fingerprints (SHA-256) of the model, the tokenizer and the users
     RUN/metrics.jsonl                   one JSON line per round, appended (then fsynced)
     RUN/checkpoints/round-NNNN/         model.safetensors + model.json (save_checkpoint: records the
                                         vocabulary and its version), server.safetensors (server
@@ -19,16 +20,19 @@ Any whole checkpoint is a state to continue from, so a damaged one (its files ca
 checksums, models/tensorfile.py) or an unreadable latest.json costs rounds, never the run:
 resume takes the newest checkpoint that loads, says what it skipped (`Simulation.notes`), and
 redoes the rounds after it, to the same result.  Device folders (users' text) live
-OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user text.
+OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user text: a run
+folder never lies inside, holds, or is another run's folder or device folders (`refuse_mixing`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,6 +64,8 @@ from models.tokenizer import Tokenizer
 def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
     """A run's config.json and the SimulationConfig in it; FedkbError if it is missing or damaged."""
     path = Path(run_dir) / CONFIG
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise FedkbError(f"{run_dir} is a file, not a simulation run folder")
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(stored, dict):
@@ -72,6 +78,9 @@ def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
             raise TypeError("users_file is not a path")
         if not isinstance(stored.get("eval_users", []), list) or not all(isinstance(u, str) for u in stored.get("eval_users", [])):
             raise TypeError("eval_users is not a list of user ids")
+        for key in FINGERPRINTS.values():  # absent in runs from before they were recorded
+            if not isinstance(stored.get(key, ""), str):
+                raise TypeError(f"{key} is not a SHA-256")
         theta = stored.get(DISCOVERY_KEY)
         if theta is not None and not (is_int(theta) and theta >= 1):
             raise TypeError(f"{DISCOVERY_KEY} is not a threshold (a whole number >= 1) or null")
@@ -111,6 +120,98 @@ def refuse_a_file(path: Path, what: str, flag: str) -> None:
     if not f.is_dir():
         why = f"{f} is a file, not {what}" if f == path else f"{path} cannot be {what} ({f} is a file)"
         raise FedkbError(f"{why}: choose another {flag}")
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether `folder` is a run folder: a committed round, or the config.json and metrics.jsonl a
+    new run writes first."""
+    return holds_run(folder) or ((folder / CONFIG).is_file() and (folder / METRICS).is_file())
+
+
+def _is_device(folder: Path) -> bool:
+    """Whether `folder` is a device folder (federation/device.py): it holds a user's text."""
+    return (folder / "history.jsonl").is_file() or (folder / "future.jsonl").is_file()
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+    except OSError:  # missing, or not readable: nothing found there
+        return []
+
+
+def _below(folder: Path, depth: int = 3):
+    """The folders at most `depth` levels below `folder` (links not followed)."""
+    level = [folder]
+    for _ in range(depth):
+        level = [c for d in level for c in _children(d)]
+        yield from level
+
+
+def refuse_mixing(run_dir: Path, devices_root: Path, resume: bool) -> None:
+    """FedkbError where the run folder would be, hold or lie inside another run's folder or device
+    folders, or the device folders would lie inside a run folder: a run folder then holds users'
+    text (the paths resolved; the run's own device folders are checked apart)."""
+    how = "move one of them away to resume the run" if resume else "choose another --out"
+    for p in run_dir.parents:
+        if _is_run(p):
+            raise FedkbError(f"{run_dir} lies inside the run folder {p}: {how}")
+        if _is_device(p) or any(_is_device(c) for c in _children(p)):
+            raise FedkbError(f"{run_dir} lies inside device folders ({p}, users' text): {how}")
+    for d in _below(run_dir):
+        if _is_device(d):
+            raise FedkbError(f"{run_dir} holds device folders ({d}, users' text): {how}")
+        if _is_run(d):
+            raise FedkbError(f"{run_dir} holds the run folder {d}: {how}")
+    for p in devices_root.parents:
+        if _is_run(p):
+            which = "the run's device folders" if resume else "the device folders"
+            raise FedkbError(f"{which} {devices_root} lie inside the run folder {p}: "
+                             f"{'move one of them away to resume the run' if resume else 'choose another --devices'}")
+
+
+# config.json's fingerprints of what a run started from (absent in runs from before they were recorded)
+FINGERPRINTS = {"model": "model_sha256", "tokenizer": "tokenizer_sha256", "users_file": "users_sha256"}
+
+
+def model_sha256(params: dict[str, torch.Tensor], vocab) -> str:
+    """A fingerprint of a model: its weights and its vocabulary (the file's bytes may differ for the same model)."""
+    h = hashlib.sha256()
+    for k in sorted(params):
+        h.update(k.encode())
+        h.update(params[k].detach().to(torch.float32).contiguous().numpy().tobytes())
+    h.update(json.dumps(vocab.to_json(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def users_sha256(users: list[UserData]) -> str:
+    """A fingerprint of a population: each user's id, history and future text, in order."""
+    h = hashlib.sha256()
+    for u in users:
+        h.update(json.dumps([u.id, list(u.history), list(u.future)], ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _round0(run_dir: Path, tokenizer: Tokenizer | None = None):
+    """The run's round-0 checkpoint (the model it started from), or None if it cannot be read; without a
+    tokenizer: the SHA-256 of the tokenizer it was saved with, from its model.json."""
+    try:
+        if tokenizer is None:
+            return json.loads((checkpoint_dir(run_dir, 0) / "model.json").read_text(encoding="utf-8"))["tokenizer_sha256"]
+        return load_checkpoint(checkpoint_dir(run_dir, 0), tokenizer)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, FedkbError):
+        return None
+
+
+def _rounds_text(rounds: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    spans: list[list[int]] = []
+    for r in rounds:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def remove_temporaries(run_dir: Path) -> None:
@@ -154,11 +255,14 @@ def _flat(obj: dict, prefix: str = "") -> dict:
     return out
 
 
-def _ignored_on_resume(asked: SimulationConfig, stored: SimulationConfig) -> list[str]:
-    """A resumed run keeps its stored settings but the round count: the settings asked for (not left at
-    their defaults) that differ from the stored ones, in words."""
+def _ignored_on_resume(asked: SimulationConfig, stored: SimulationConfig, given: Collection[str] | None = None) -> list[str]:
+    """A resumed run keeps its stored settings but the round count: the settings given that differ from
+    the stored ones, in words.  `given`: the settings (flattened: "privacy.noise_multiplier") whose
+    flags were given, a flag typed with its default value included; None: those of `asked` that are
+    not at their defaults."""
     a, s, d = (_flat(c.to_json()) for c in (asked, stored, SimulationConfig()))
-    return [f"{k} {a[k]!r} (the run has {s[k]!r})" for k in a if k != "rounds" and a[k] != s[k] and a[k] != d[k]]
+    named = (lambda k: k in given) if given is not None else (lambda k: a[k] != d[k])
+    return [f"{k} {a[k]!r} (the run has {s[k]!r})" for k in a if k != "rounds" and a[k] != s[k] and named(k)]
 
 
 def _stored_discovery(stored: dict, discover: Discover | None, run_dir: Path) -> tuple[Discover | None, list[str]]:
@@ -203,7 +307,10 @@ class Simulation:
 
     def __init__(self, run_dir: Path, sim: SimulationConfig | None = None, model_dir: Path | None = None,
                  tokenizer_path: Path | None = None, users_file: Path | None = None, devices_root: Path | None = None,
-                 resume: bool = False, discover: Discover | None = None):
+                 resume: bool = False, discover: Discover | None = None, asked: Collection[str] | None = None):
+        """`asked`: the settings of `sim` whose flags were given (flattened: "privacy.noise_multiplier"; see
+        `_ignored_on_resume`); None: all of them, so a resumed run takes `sim.rounds` as its new total.
+        With `asked` lacking "rounds", a resumed run keeps its stored total."""
         from models.checkpoint import default_paths
 
         self.run_dir = Path(run_dir)
@@ -212,20 +319,32 @@ class Simulation:
         if not resume and holds_run(self.run_dir):
             raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
         notes: list[str] = []  # becomes self.notes
+        stored: dict | None = None  # a resumed run's config.json
+        moved: dict[str, Path] = {}  # a path given for a stored one that is gone: taken if its fingerprint matches
         if resume and cfg_path.exists():
             stored, base = read_config(self.run_dir)
-            ignored = _ignored_on_resume(sim, base) if sim is not None else []
-            sim = replace(base, rounds=sim.rounds) if sim is not None else base  # only the round count may change
+            ignored = _ignored_on_resume(sim, base, asked) if sim is not None else []
+            keep_total = sim is None or (asked is not None and "rounds" not in asked)
+            sim = replace(base, rounds=base.rounds if keep_total else sim.rounds)  # only the round count may change
             given = {"model": model_dir, "tokenizer": tokenizer_path, "users_file": users_file, "devices": devices_root}
-            ignored += [f"{k} {str(v)!r} (the run has {stored.get(k)!r})" for k, v in given.items()
-                        if v is not None and str(Path(v).resolve()) != stored.get(k)]
+            for k, v in given.items():
+                if v is None or str(Path(v).resolve()) == stored.get(k):
+                    continue
+                if k in FINGERPRINTS and stored.get(k) and not Path(stored[k]).exists():
+                    moved[k] = Path(v).resolve()
+                else:
+                    ignored.append(f"{k} {str(v)!r} (the run has {stored.get(k)!r})")
             discover, not_taken = _stored_discovery(stored, discover, self.run_dir)
             ignored += not_taken
             if ignored:
                 notes.append(f"--resume keeps the run's stored settings but --rounds; not taken: {', '.join(ignored)}")
-            model_dir = Path(stored["model"])
-            tokenizer_path = Path(stored["tokenizer"])
-            users_file = Path(stored["users_file"]) if stored.get("users_file") else None
+            for k, flag in (("model", "--model"), ("tokenizer", "--tokenizer"), ("users_file", "--users-file")):
+                if stored.get(k) and k not in moved and not Path(stored[k]).exists():
+                    raise FedkbError(f"the run's {k.replace('_', ' ')} {stored[k]} is gone (moved?): pass {flag} with its "
+                                     f"new place")
+            model_dir = moved.get("model") or Path(stored["model"])
+            tokenizer_path = moved.get("tokenizer") or Path(stored["tokenizer"])
+            users_file = moved.get("users_file") or (Path(stored["users_file"]) if stored.get("users_file") else None)
             devices_root = Path(stored["devices"])
         elif resume:
             raise FedkbError(f"nothing to resume in {self.run_dir} ({CONFIG} missing)")
@@ -242,21 +361,36 @@ class Simulation:
             raise FedkbError(f"the run folder must not live inside the device folders ({self.devices_root})")
         refuse_a_file(self.devices_root, "a folder of device folders", "--devices")
         if holds_run(self.devices_root) or (self.devices_root / CONFIG).exists():
-            raise FedkbError(f"{self.devices_root} holds a run, not device folders: choose another --devices")
+            raise FedkbError(f"the run's device folders {self.devices_root} hold a run now: move one of them away to "
+                             f"resume the run" if resume else
+                             f"{self.devices_root} holds a run, not device folders: choose another --devices")
+        refuse_mixing(run_dir, self.devices_root, resume)
         self.discover = discover
         self.tokenizer = Tokenizer(self.tokenizer_path)
+        self.fingerprints = {"tokenizer": self.tokenizer.sha256}
+        self._same_as_stored("tokenizer", stored, moved)
         base = load_checkpoint(self.model_dir, self.tokenizer)
         self.model_cfg = base.model.cfg
+        self.fingerprints["model"] = model_sha256(base.model.state_dict(), base.vocab)
+        self._same_as_stored("model", stored, moved)
 
         users = load_users(self.users_file)
         train, held = split_users(users, self.sim)
-        build_population(self.devices_root, users)  # every user's device folder (held-out ones too)
-        self.population = build_population(self.devices_root, train, self.sim.users if self.sim.users else len(train))
         self.eval_ids = [u.id for u in held]
+        size = self.sim.users if self.sim.users else len(train)
+        self.fingerprints["users_file"] = users_sha256(users)
+        if stored is not None:
+            self._check_population(stored, size)
+        build_population(self.devices_root, users)  # every user's device folder (held-out ones too)
+        self.population = build_population(self.devices_root, train, size)
         msgs = [m for u in held for m in u.future[: self.sim.eval_messages]]
         self.evaluator = Evaluator(WordLM(self.model_cfg), self.tokenizer, msgs) if msgs and self.sim.eval_users else None
         if isinstance(self.discover, DiscoveryStep):
             self.discover.bind(self)
+        for k, new in moved.items():
+            notes.append(f"the run's {k.replace('_', ' ')} {stored[k]} is gone; {new}, the same {k.replace('_', ' ')}, "
+                         f"is the run's now (config.json names it)")
+        self._stored, self._moved = stored, moved
 
         self.generator = torch.Generator().manual_seed(self.sim.seed)
         # what the run could not do as asked (settings larger than the users allow, a folder that cannot be
@@ -273,6 +407,36 @@ class Simulation:
             self.close()
             raise
 
+    def _same_as_stored(self, what: str, stored: dict | None, moved: dict[str, Path]) -> None:
+        """FedkbError where a resumed run was given a new place for its model or tokenizer (`moved`: the
+        stored one is gone) that does not hold the one it started from: the fingerprint config.json
+        recorded, or (a run from before it was recorded) its round-0 checkpoint's."""
+        if what not in moved:
+            return
+        ref = stored.get(FINGERPRINTS[what])
+        if ref is None:
+            r0 = _round0(self.run_dir, self.tokenizer if what == "model" else None)
+            ref = model_sha256(r0.model.state_dict(), r0.vocab) if what == "model" and r0 is not None else r0
+        if ref != self.fingerprints[what]:
+            why = "its fingerprint differs" if ref else "its round-0 checkpoint, to compare with, is unreadable"
+            raise FedkbError(f"--{what} {moved[what]} is not the {what} this run started from ({why}); the run's "
+                             f"{stored[what]} is gone")
+
+    def _check_population(self, stored: dict, size: int) -> None:
+        """FedkbError where the users file no longer holds the population a resumed run started with
+        (its fingerprint; for runs from before it was recorded, the held-out users and the size)."""
+        why = None
+        if stored.get(FINGERPRINTS["users_file"]) not in (None, self.fingerprints["users_file"]):
+            why = "its users or their text differ"
+        elif "eval_users" in stored and stored["eval_users"] != self.eval_ids:
+            why = "the held-out users differ"
+        elif is_int(stored.get("population")) and stored["population"] != size:
+            why = f"{size} training users, the run has {stored['population']}"
+        if why:
+            name = self.users_file or "data/users.jsonl.gz (the default)"
+            raise FedkbError(f"the users file {name} does not hold this run's population ({why}): restore the run's "
+                             f"users file, or start a new run")
+
     def _start(self, base, resume: bool, cfg_path: Path) -> None:
         """A new run's round 0, or the state of the run being resumed."""
         held = holds_run(self.run_dir)  # again, under the lock: another process may just have started one
@@ -285,6 +449,7 @@ class Simulation:
                 "users_file": str(self.users_file) if self.users_file else None, "devices": str(self.devices_root),
                 "eval_users": self.eval_ids, "population": self.population.size,
                 DISCOVERY_KEY: self.discover.cfg.theta if isinstance(self.discover, DiscoveryStep) else None,
+                **{FINGERPRINTS[k]: v for k, v in self.fingerprints.items()},
             })
             (self.run_dir / METRICS).write_text("")
             m0 = {"round": 0, "kind": "base"}
@@ -293,9 +458,29 @@ class Simulation:
             self._commit(m0)
         else:
             self._resume()
+            self._update_config(cfg_path)
+
+    def _update_config(self, cfg_path: Path) -> None:
+        """A resumed run's config.json, rewritten (atomically) where it changed: a new total of rounds
+        (not one below the rounds already run), a model, tokenizer or users file found at a new place."""
+        stored = self._stored
+        if stored is None:  # resumed without a config.json to read: nothing to update
+            return
+        new = {**stored, **{k: str(v) for k, v in self._moved.items()}}
+        if self.sim.rounds >= self.state.round and isinstance(stored.get("simulation"), dict):
+            new["simulation"] = {**stored["simulation"], "rounds": self.sim.rounds}
+        if new != stored:
+            atomic.write_json(cfg_path, new)
+            self._stored = new
 
     # -- persistence ------------------------------------------------------------------------
     def _commit(self, metrics: dict | None) -> None:
+        try:  # before anything is written: metrics.jsonl is strict JSON (run_round refuses a diverged round)
+            line = json.dumps(metrics, allow_nan=False) if metrics is not None else None
+        except ValueError:
+            bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+            raise FedkbError(f"round {self.state.round}: {', '.join(bad) or 'a figure'} is not a finite number; "
+                             f"nothing of this round is committed") from None
         s = self.state
         d = checkpoint_dir(self.run_dir, s.round)
         model = WordLM(self.model_cfg)
@@ -305,8 +490,8 @@ class Simulation:
         opt = {f"{name}.{k}": v for name, p in s.opt_state.items() for k, v in p.items()}
         save_tensors(d / "server.safetensors", opt or {"_empty": torch.zeros(1)})
         save_tensors(d / "rng.safetensors", {"server": self.generator.get_state()})
-        if metrics is not None:
-            atomic.append_line(self.run_dir / METRICS, json.dumps(metrics))
+        if line is not None:
+            atomic.append_line(self.run_dir / METRICS, line)
         self._write_latest(s.round)
         self._prune(s.round)
 
@@ -346,11 +531,12 @@ class Simulation:
             except FedkbError as e:
                 skipped.append(f"round {r}: {e}")
                 continue
+            self._keep_damaged_metrics(r, lines)
             # drop the lines of rounds never committed (or to run again)
             atomic.write_text(self.run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in lines if m["round"] <= r))
             self.notes += [f"skipped the checkpoint of {why}" for why in skipped]
             if r != latest:
-                last = latest if latest is not None else max(logged, default=r)
+                last = min(latest if latest is not None else max(logged, default=r), self.sim.rounds)
                 rounds = f"round {last} runs" if last == r + 1 else f"rounds {r + 1}-{last} run"
                 again = f"; {rounds} again (same seed, same result)" if last > r else ""
                 self.notes.append(f"resuming from round {r}{again}")
@@ -358,6 +544,38 @@ class Simulation:
             return
         why = f": {'; '.join(skipped)}" if skipped else ""
         raise FedkbError(f"no checkpoint in {self.run_dir} can be resumed from{why}; delete the folder to start over")
+
+    def _keep_damaged_metrics(self, rnd: int, lines: list[dict]) -> None:
+        """Before resume rewrites metrics.jsonl from the lines it can read: keep the others in
+        metrics.jsonl.damaged, and note the committed rounds (up to `rnd`) that have no line."""
+        path = self.run_dir / METRICS
+        try:
+            raw = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            raw = []
+        unread = []
+        for line in raw:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None
+            if not (isinstance(obj, dict) and is_int(obj.get("round"))):
+                unread.append(line)
+        notes = []
+        if unread:
+            damaged = path.with_name(METRICS + ".damaged")
+            old = damaged.read_text(encoding="utf-8", errors="replace") if damaged.is_file() else ""
+            atomic.write_text(damaged, old + "".join(line + "\n" for line in unread))
+            notes.append(f"{len(unread)} unreadable line{'s' if len(unread) > 1 else ''} of {METRICS} kept in {damaged.name}")
+        logged = {m["round"] for m in lines}
+        missing = [n for n in range(rnd + 1) if n not in logged]
+        if missing:
+            notes.append(f"{METRICS} has no readable line of round{'s' if len(missing) > 1 else ''} {_rounds_text(missing)}: "
+                         f"{'their figures are' if len(missing) > 1 else 'its figures are'} lost, `fedkb report` leaves "
+                         f"{'them' if len(missing) > 1 else 'it'} out")
+        self.notes += ["; ".join(notes)] if notes else []
 
     def _load(self, rnd: int) -> None:
         d = checkpoint_dir(self.run_dir, rnd)

@@ -16,6 +16,7 @@ uninterrupted one.  No user text is stored: only words that >= theta users typed
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -69,8 +70,8 @@ def _problem(rec: dict) -> str | None:
             and (is_int(a.get("votes")) or (rebuilt and a.get("votes") is None)) for a in added):
         return "added must be a list of {word, votes}"
     for k in ("oov_rate", "sampling_rate", "epsilon_run", "delta_run", "epsilon_full_run"):
-        if rec.get(k) is not None and not is_number(rec[k]):
-            return f"{k} must be a number"
+        if rec.get(k) is not None and not (is_number(rec[k]) and (isinstance(rec[k], int) or math.isfinite(rec[k]))):
+            return f"{k} must be a finite number"
     for k in ("devices", "voters", "depth", "epoch"):
         if k in rec and not (is_int(rec[k]) and rec[k] >= 0):
             return f"{k} must be a whole number"

@@ -355,9 +355,9 @@ def test_an_os_error_is_one_line_with_its_path(reference_run, tmp_path, capsys):
 
     (tmp_path / "f").write_text("a file where the report's folder would go")
     assert main(["report", str(reference_run), "--out", str(tmp_path / "f" / "rep"), "--users", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("fedkb report: error: Not a directory: ") and str(tmp_path / "f") in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    err = capsys.readouterr().err  # "Not a directory: ..." before
+    assert err == (f"fedkb report: error: {tmp_path / 'f' / 'rep'} cannot be a report folder ({tmp_path / 'f'} is a file): "
+                   f"choose another --out\n")
 
 
 def test_settings_larger_than_the_users_allow_are_said(tiny, tmp_path, capsys):
@@ -572,3 +572,246 @@ def test_the_summary_leaves_aborted_rounds_out_of_the_aggregated_updates():
     assert _aborted(s) == ", 2 rounds aborted by secure aggregation (model unchanged)"
     assert _aborted({**s, "dp": True}).endswith("(noise only)") and _aborted(summarize(ms[:2])) == ""
     assert "0/6 aggregated, secure aggregation aborted (device 3: 0 live neighbours)" in _line(ms[2])
+
+
+# -- audit 4 ------------------------------------------------------------------------------------
+def _config(run: Path, **changes) -> dict:
+    """config.json of `run`, with `changes` written into it (a key set to None is removed)."""
+    cfg = {**json.loads((run / "config.json").read_text()), **changes}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (run / "config.json").write_text(json.dumps(cfg))
+    return cfg
+
+
+def test_a_run_folder_never_is_holds_or_lies_inside_another_runs_folders(reference_run, tiny, tmp_path, capsys):
+    """--out naming another run's device folders (or a folder inside them, or inside a run), or
+    --devices inside a run, wrote users' text into a run folder; refused before anything is written."""
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    devices = tmp_path / "run-devices"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, extra, said in (
+            (devices, [], f"{devices} holds device folders ("),
+            (devices / "u0003", [], f"{devices / 'u0003'} lies inside device folders ({devices}, users' text): choose another --out"),
+            (devices / "u0003" / "x", [], f"{devices / 'u0003' / 'x'} lies inside device folders ({devices / 'u0003'}"),
+            (run / "inner", [], f"{run / 'inner'} lies inside the run folder {run}: choose another --out"),
+            (tmp_path, [], f"{tmp_path} holds "),
+            (tmp_path / "new", ["--devices", str(run / "devs")],
+             f"the device folders {run / 'devs'} lie inside the run folder {run}: choose another --devices")):
+        assert main(_cli(tiny, out, "--rounds", "1", *extra)[3:]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.splitlines()) == 1, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0  # the run itself resumes
+
+
+def test_resume_continues_to_the_stored_total_unless_rounds_is_given(reference_run, tiny, tmp_path, capsys):
+    """`--resume` without --rounds took argparse's 10, not the run's total: a 30-round run stopped at round
+    12 ran nothing and said it was done.  Now the stored total, and a --rounds given is the new one."""
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    cmd = _cli(tiny, run, "--resume")[3:]
+    _config(run, simulation={**_config(run)["simulation"], "rounds": 5})  # started with --rounds 5, stopped at 4
+    assert main(cmd) == 0 and _latest(run) == 5
+    assert "resuming" in capsys.readouterr().err
+    assert main(cmd) == 0 and _latest(run) == 5  # complete: said so, nothing run
+    assert f"{run} already has 5 rounds; pass --rounds M (more than 5) to continue it" in " ".join(
+        capsys.readouterr().err.split())
+    assert main(cmd + ["--rounds", "6"]) == 0 and _latest(run) == 6
+    assert json.loads((run / "config.json").read_text())["simulation"]["rounds"] == 6  # the new total, kept
+    assert main(cmd + ["--rounds", "3"]) == 0 and _latest(run) == 6  # never below the rounds run
+    assert json.loads((run / "config.json").read_text())["simulation"]["rounds"] == 6
+
+
+def test_resume_names_a_flag_typed_with_its_default_value(reference_run, tiny, tmp_path, capsys):
+    """`-k 20 --seed 0 --eval-users 20` typed on a run with 4, 3 and 3 are argparse's defaults: they were
+    dropped without a word (so was `--dp 0` on a DP run, whose noise went on)."""
+    import argparse
+
+    from keyboard.cli import main
+    from keyboard.commands.simulate import add_arguments, given_settings
+
+    run = _copy_run(reference_run, tmp_path)
+    model, tok = tiny
+    assert main(["simulate", "--quiet", "--out", str(run), "--resume", "-k", "20", "--seed", "0", "--eval-users", "20",
+                 "--dp", "0", "--engine", "sequential", "--model", str(model), "--tokenizer", str(tok)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("not taken: clients_per_round 20 (the run has 4), eval_users 20 (the run has 3), seed 0 (the run has 3)"
+            in err), err
+    assert "engine" not in err and "noise_multiplier" not in err  # typed, and what the run has: nothing to say
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert given_settings(p.parse_args([])) == set()
+    assert given_settings(p.parse_args(["--dp", "0", "--rounds", "3", "--no-secagg"])) == {
+        "privacy.noise_multiplier", "rounds", "aggregation.secure_aggregation"}
+
+
+def _gz_users(path: Path, users: list[dict]) -> Path:
+    import gzip
+
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(u) + "\n" for u in users)
+    return path
+
+
+def test_resume_refuses_a_users_file_that_changed(reference_run, tiny, tmp_path, capsys):
+    """A users file re-prepared, edited or replaced between a run and its resume changed the held-out
+    users (some then trained) and the population without a word."""
+    import gzip
+
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    users = [json.loads(line) for line in gzip.open(USERS, "rt")]
+    same = _gz_users(tmp_path / "same.jsonl.gz", users)
+    _config(run, users_file=str(same))
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0  # the same users at another path: fine
+    capsys.readouterr()
+    edited = [{**users[0], "history": users[0]["history"][:-1]}] + users[1:]
+    for changed, stored_key, why in ((users[5:], True, "its users or their text differ"),
+                                     (edited, True, "its users or their text differ"),
+                                     (users[5:], False, "the held-out users differ")):  # a run from before the fingerprint
+        _gz_users(same, changed)
+        if not stored_key:
+            _config(run, users_sha256=None)
+        assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 2
+        assert f"the users file {same} does not hold this run's population ({why})" in capsys.readouterr().err
+    assert _latest(run) == 4 and _strip(run) == _strip(reference_run)
+
+
+def test_a_run_whose_model_and_tokenizer_moved_resumes_with_their_new_places(reference_run, tiny, tmp_path, capsys):
+    """A moved checkout broke every run: the stored paths always won, --model/--tokenizer were "not taken",
+    and the error said to run `fedkb prepare`.  A new place holding the same files is taken now."""
+    import torch
+
+    from keyboard.cli import main
+    from models.checkpoint import load_model, save_checkpoint
+
+    run = _copy_run(reference_run, tmp_path)
+    model, tok = tiny
+    gone_model, gone_tok = tmp_path / "gone" / "model", tmp_path / "gone" / "tokenizer.model"
+    cfg = _config(run, model=str(gone_model), tokenizer=str(gone_tok))
+    bare = ["simulate", "--quiet", "--out", str(run), "--resume"]
+    assert main(bare) == 2
+    assert capsys.readouterr().err == (f"fedkb simulate: error: the run's model {gone_model} is gone (moved?): pass "
+                                       f"--model with its new place\n")
+    assert main(["report", str(run), "--users", "2", "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's model folder {gone_model} is gone (moved?): `fedkb simulate --out {run} --resume --model DIR`" in err
+    assert "--users 0 skips" in err and not (tmp_path / "rep").exists()
+    other = tmp_path / "other"  # another model (one weight changed) under the same tokenizer
+    ck, tokenizer = load_model(model, tok)
+    with torch.no_grad():
+        next(iter(ck.model.parameters())).add_(0.01)
+    save_checkpoint(other, ck.model, ck.vocab, tokenizer)
+    assert main(bare + ["--model", str(other), "--tokenizer", str(tok)]) == 2
+    assert f"--model {other} is not the model this run started from (its fingerprint differs)" in capsys.readouterr().err
+    for fingerprints in (True, False):  # a run from before they were recorded: compared with its round-0 checkpoint
+        if not fingerprints:
+            _config(run, model=str(gone_model), tokenizer=str(gone_tok), model_sha256=None, tokenizer_sha256=None)
+        assert main(bare + ["--model", str(model), "--tokenizer", str(tok)]) == 0
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"the run's model {gone_model} is gone; {model.resolve()}, the same model, is the run's now" in err
+        assert "not taken" not in err
+        now = json.loads((run / "config.json").read_text())
+        assert (now["model"], now["tokenizer"]) == (str(model.resolve()), str(tok.resolve()))
+        dropped = () if fingerprints else ("model_sha256", "tokenizer_sha256")
+        assert {k: v for k, v in now.items() if k not in ("model", "tokenizer")} == {
+            k: v for k, v in cfg.items() if k not in ("model", "tokenizer", *dropped)}
+    assert main(bare) == 0 and _latest(run) == 4 and _strip(run) == _strip(reference_run)
+
+
+def test_a_diverged_round_is_not_committed_and_names_the_server_lr(tiny, tmp_path, capsys):
+    """A finite --server-lr far too large keeps the weights finite (~1e36) but their losses are not: the
+    round was committed, metrics.jsonl got Infinity/NaN (not JSON), and `fedkb report` called it edited."""
+    from keyboard.cli import main
+
+    run = tmp_path / "run"
+    assert main(_cli(tiny, run, "--rounds", "2", "--server-lr", "1e20")[3:]) == 2
+    err = capsys.readouterr().err
+    assert "round 1: the held-out loss of the global model is not finite, it diverged (is --server-lr too large?)" in err
+    assert "nothing of this round is committed, round 0 is the run's last" in err
+    assert _latest(run) == 0 and not (run / "checkpoints" / "round-0001").exists()
+    text = (run / "metrics.jsonl").read_text()
+    assert [json.loads(line, parse_constant=pytest.fail)["round"] for line in text.splitlines()] == [0]
+
+
+def test_the_closing_summary_survives_an_edited_metrics_line(reference_run, tiny, tmp_path, capsys):
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    _edit_line(run, 0, top1=None)  # a TypeError traceback (exit 1) after the rounds before
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    assert capsys.readouterr().out.endswith(f"done: 4 rounds; run folder {run}\n")
+
+
+def test_a_report_whose_study_cannot_run_writes_nothing(reference_run, tmp_path, capsys):
+    """The PNGs were written before the personalization study failed, beside the last report.json."""
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    shutil.move(tmp_path / "run-devices", tmp_path / "moved")
+    assert main(["report", str(run), "--users", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (f"the run's device folders {tmp_path / 'run-devices'} are gone (moved?): `fedkb simulate --out {run} "
+            f"--resume` makes them again from the run's users file, or --users 0 skips the personalization study") in err
+    assert not (run / "report").exists()
+    shutil.move(tmp_path / "moved", tmp_path / "run-devices")
+    assert main(["report", str(run), "--users", "0"]) == 0
+    pngs = {f: f.stat().st_mtime_ns for f in (run / "report").glob("*.png")}
+    (run / "checkpoints" / "round-0004" / "model.json").unlink()  # the study's global model: the study fails
+    assert main(["report", str(run), "--users", "2"]) == 2
+    assert {f: f.stat().st_mtime_ns for f in (run / "report").glob("*.png")} == pngs  # the old report, untouched
+
+
+@pytest.mark.parametrize("flags, said", [(["--theta", "5"], "--theta needs --discover (it is the threshold of word discovery on a new run)"),
+                                         (["--theta", "0"], "--theta needs --discover (it is the threshold of word discovery on a new run)"),
+                                         (["--threads", "0"], "--threads must be >= 1 (got 0)"),
+                                         (["--threads", "-5"], "--threads must be >= 1 (got -5)")])
+def test_simulate_refuses_flags_it_would_ignore(flags, said, tiny, tmp_path, capsys):
+    """--theta without --discover ran without discovery, and --threads 0 ran with one thread, in silence."""
+    from keyboard.cli import main
+
+    assert main(_cli(tiny, tmp_path / "run", "--rounds", "1", *flags)[3:]) == 2
+    assert capsys.readouterr().err == f"fedkb simulate: error: {said}\n" and not (tmp_path / "run").exists()
+
+
+def test_resume_keeps_unreadable_metrics_lines_and_says_which_rounds_they_cost(reference_run, tiny, tmp_path, capsys):
+    """A damaged line of a committed round, or a lost metrics.jsonl, was dropped for good without a word."""
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], lines[1][:50]] + lines[2:]) + "\n")
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("1 unreadable line of metrics.jsonl kept in metrics.jsonl.damaged; metrics.jsonl has no readable line of "
+            "round 1: its figures are lost, `fedkb report` leaves it out") in err
+    assert (run / "metrics.jsonl.damaged").read_text() == lines[1][:50] + "\n"
+    assert [m["round"] for m in _strip(run)] == [0, 2, 3, 4]
+    (run / "metrics.jsonl").unlink()
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    assert "has no readable line of rounds 0-4" in " ".join(capsys.readouterr().err.split())
+    assert (run / "metrics.jsonl.damaged").read_text() == lines[1][:50] + "\n"  # kept, not overwritten
+
+
+def test_the_printed_report_names_report_json_and_rounds_epsilon(reference_run, tmp_path, capsys):
+    from keyboard.cli import main
+    from keyboard.commands.report import _epsilon
+
+    assert main(["report", str(reference_run), "--out", str(tmp_path / "rep"), "--users", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("4 rounds: ") and out.endswith(f"wrote {tmp_path / 'rep' / 'report.json'}\n")
+    assert _epsilon({"epsilon": 14.252577498839509, "dp": True}) == "epsilon 14.3"
+
+
+def test_report_on_a_file_or_into_a_file_is_one_line_naming_it(reference_run, tmp_path, capsys):
+    from keyboard.cli import main
+
+    (tmp_path / "f").write_text("a file")
+    assert main(["report", str(tmp_path / "f"), "--users", "0"]) == 2
+    assert capsys.readouterr().err == f"fedkb report: error: {tmp_path / 'f'} is a file, not a simulation run folder\n"
+    assert main(["report", str(reference_run), "--out", str(tmp_path / "f"), "--users", "0"]) == 2
+    assert capsys.readouterr().err == f"fedkb report: error: {tmp_path / 'f'} is a file, not a report folder: choose another --out\n"

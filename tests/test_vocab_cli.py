@@ -23,6 +23,7 @@ def run_dir(tmp_path):
     vocab, gen = Vocabulary(SPECIALS + ("the", "a"), 0, 4), torch.Generator().manual_seed(0)
     for r in range(1, 15):
         vocab, _ = step(vocab, pop, r, gen)
+    _with_base_checkpoint(tmp_path)  # a run's round 0: "never added" needs the base vocabulary to answer
     return tmp_path
 
 
@@ -158,7 +159,7 @@ def test_vocab_word_is_plain_text_not_markup(run_dir, capsys):
 def _with_base_checkpoint(run_dir):
     from federation.runfolder import checkpoint_dir
 
-    checkpoint_dir(run_dir, 0).mkdir(parents=True)
+    checkpoint_dir(run_dir, 0).mkdir(parents=True, exist_ok=True)
     base = Vocabulary(SPECIALS + ("the", "a"), 0, 4)
     (checkpoint_dir(run_dir, 0) / "model.json").write_text(json.dumps({"vocab": base.to_json()}))
 
@@ -234,3 +235,35 @@ def test_vocab_screen_shows_only_committed_rounds(run_dir):
         assert "sus was never added (rounds 0-7)" in str(screen.query_one("#vocab-answer", Static).render())
 
     _on_vocab_screen(run_dir, check)
+
+
+# -- audit 4 ------------------------------------------------------------------------------------
+def test_vocab_without_a_readable_base_vocabulary_does_not_guess(run_dir, capsys):
+    """With the round-0 checkpoint unreadable, a word never added may still be a base word: an error
+    naming the checkpoint, not "the was never added" (exit 1)."""
+    from federation.runfolder import checkpoint_dir
+
+    f = checkpoint_dir(run_dir, 0) / "model.json"
+    for damage in (lambda: f.write_text('{"vocab": '), f.unlink):
+        damage()
+        assert main(["vocab", str(run_dir), "--word", "the"]) == 2
+        err = capsys.readouterr().err
+        assert f"{f} is missing or unreadable: the base vocabulary is unknown" in err and "Traceback" not in err
+    assert main(["vocab", str(run_dir), "--word", "yeet"]) == 0  # an added word is still answered
+    assert "yeet was added in round 5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("word", ["", "   "])
+def test_vocab_refuses_an_empty_word(word, run_dir, capsys):
+    assert main(["vocab", str(run_dir), "--word", word]) == 2  # " was never added" before
+    assert capsys.readouterr().err == "fedkb vocab: error: --word needs a word (it is empty)\n"
+
+
+def test_vocab_json_is_strict_a_nan_in_the_history_is_named(run_dir, capsys):
+    """A NaN figure in vocab.jsonl passed the record checks, and --json printed it (not JSON)."""
+    lines = (run_dir / "vocab.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    lines[1] = json.dumps({**rec, "oov_rate": float("nan")})
+    (run_dir / "vocab.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["vocab", str(run_dir), "--json"]) == 2
+    assert "the record of round 1 is malformed (oov_rate must be a finite number)" in capsys.readouterr().err

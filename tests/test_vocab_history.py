@@ -224,7 +224,11 @@ def test_a_round_torn_by_a_crash_runs_again_to_the_same_history(tmp_path):
 def _commit(run_dir, rnd):
     import json
 
+    from federation.runfolder import checkpoint_dir
+
     (run_dir / "latest.json").write_text(json.dumps({"round": rnd}))
+    checkpoint_dir(run_dir, 0).mkdir(parents=True, exist_ok=True)  # a run's round 0: its base vocabulary
+    (checkpoint_dir(run_dir, 0) / "model.json").write_text(json.dumps({"vocab": BASE.to_json()}))
 
 
 def test_queries_show_only_committed_rounds(tmp_path, capsys):
@@ -363,9 +367,11 @@ def test_a_resume_takes_theta_from_config_json_and_names_only_flags_given(tmp_pa
     assert json.loads((run / "config.json").read_text())["discovery_theta"] == DiscoveryConfig().theta == 10
     assert "(default: 10)" in next(a.help for a in _simulate_parser()._actions if a.dest == "theta")
     assert "not taken" not in simulate("--resume", "--discover")[1]
-    # --theta without --discover starts no discovery in a new run (as before)
+    # --theta without --discover is refused in a new run (it started no discovery, in silence)
     run = tmp_path / "plain"
-    assert simulate("--theta", "7")[0] == 0
+    code, err = simulate("--theta", "7")
+    assert code == 2 and "--theta needs --discover" in err and not run.exists()
+    assert simulate()[0] == 0
     assert json.loads((run / "config.json").read_text())["discovery_theta"] is None
     # and on a run that does not discover, --resume names what it was given
     assert simulate("--resume", "--theta", "7")[1].count("not taken: --theta 7 (the run does not discover words)") == 1

@@ -31,7 +31,7 @@ def _scores(s: dict) -> str:
 
 def _epsilon(s: dict) -> str:
     if s["epsilon"] is not None:
-        return f"epsilon {s['epsilon']}"
+        return f"epsilon {s['epsilon']:.3g}"
     return "epsilon n/a (no round yet)" if s.get("dp") else "epsilon n/a (no DP noise)"
 
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     rep = write_report(args.run, args.out, users=args.users, personalization=args.users > 0)
     s = rep["summary"]
-    print(f"{s['rounds']} rounds: {_scores(s)}")
+    print(f"{s['rounds']} round{'' if s['rounds'] == 1 else 's'}: {_scores(s)}")
     print(f"aggregated {s['aggregated']} updates, {s['rejected']} rejected, {s['clipped']} clipped, {s['dropouts']} dropouts"
           f"{_aborted(s)}; {_epsilon(s)}")
     p = rep.get("personalization")
@@ -75,4 +75,5 @@ def run(args: argparse.Namespace) -> int:
                       f"loss {100 * g['share_better_loss']:.0f}% lower; KSR {100 * g['share_better_ksr']:.0f}% better")
     for f in rep["files"]:
         print(f"wrote {f}")
+    print(f"wrote {Path(args.out or args.run / 'report') / 'report.json'}")
     return 0

@@ -10,20 +10,33 @@ from models.errors import FedkbError
 HELP = "run rounds of federated learning over the simulated users"
 
 
+# the flags that set a SimulationConfig field (flattened as SimulationConfig.to_json nests it): each
+# defaults to None (a store_true flag to False), so --resume can tell a flag typed, or set in
+# --config, from one left out, and names only those it does not take (federation/run.py)
+SETTINGS = {
+    "users": "users", "rounds": "rounds", "clients_per_round": "clients_per_round", "engine": "engine",
+    "workers": "workers", "dp": "privacy.noise_multiplier", "clip": "privacy.clip", "secret_noise": "privacy.secret_noise",
+    "delta": "privacy.delta", "server_opt": "server.optimizer", "server_lr": "server.lr", "client_lr": "client.lr",
+    "client_epochs": "client.epochs", "client_batch": "client.batch_size", "client_dropout": "client.dropout",
+    "no_secagg": "aggregation.secure_aggregation", "eval_users": "eval_users", "eval_every": "eval_every", "seed": "seed",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--users", type=int, default=0, help="population size; 0 = all training users; more = resampled (default: 0)")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds to run (with --resume: the new total) (default: 10)")
-    parser.add_argument("--clients-per-round", "-k", type=int, default=20, help="K reports aggregated per round (default: 20)")
-    parser.add_argument("--engine", choices=("sequential", "parallel"), default="sequential")
-    parser.add_argument("--workers", type=int, default=2, help="parallel engine processes (default: 2)")
-    parser.add_argument("--dp", type=float, default=0.0, metavar="NOISE_MULTIPLIER", help="Gaussian noise multiplier z (needs --clip) (default: 0)")
+    parser.add_argument("--users", type=int, default=None, help="population size; 0 = all training users; more = resampled (default: 0)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds to run (default: 10; with --resume: the run's stored total, or the new total given)")
+    parser.add_argument("--clients-per-round", "-k", type=int, default=None, help="K reports aggregated per round (default: 20)")
+    parser.add_argument("--engine", choices=("sequential", "parallel"), default=None, help="(default: sequential)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel engine processes (default: 2)")
+    parser.add_argument("--dp", type=float, default=None, metavar="NOISE_MULTIPLIER", help="Gaussian noise multiplier z (needs --clip) (default: 0)")
     parser.add_argument("--clip", type=float, default=None, help="L2 clip per client update (default: none)")
     parser.add_argument("--secret-noise", action="store_true",
                         help="draw the DP noise from OS entropy, saved nowhere, so the seed and checkpoints cannot replay it; "
                              "a resumed run is then not bit for bit an uninterrupted one (default: the run's seeded "
                              "generator: reproducible, and whoever holds the seed can remove the noise)")
-    parser.add_argument("--delta", type=float, default=1e-5, help="report epsilon at this delta (default: 1e-5)")
-    parser.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavg")
+    parser.add_argument("--delta", type=float, default=None, help="report epsilon at this delta (default: 1e-5)")
+    parser.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default=None, help="(default: fedavg)")
     parser.add_argument("--server-lr", type=float, default=None, help="server learning rate (default: 1.0; fedadam 0.01)")
     parser.add_argument("--client-lr", type=float, default=None, help="client SGD learning rate (default: ClientConfig.lr)")
     parser.add_argument("--client-epochs", type=float, default=None, help="local epochs (default: 1)")
@@ -31,12 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-dropout", action="store_true",
                         help="train clients with the model's dropout (default: off, which does better; see README)")
     parser.add_argument("--no-secagg", action="store_true", help="sum in plain float64 instead of simulated secure aggregation")
-    parser.add_argument("--eval-users", type=int, default=20, help="held-out users whose future text scores each round (default: 20)")
-    parser.add_argument("--eval-every", type=int, default=1)
+    parser.add_argument("--eval-users", type=int, default=None, help="held-out users whose future text scores each round (default: 20)")
+    parser.add_argument("--eval-every", type=int, default=None, help="(default: 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/sim"), metavar="RUN_DIR", help="run folder (default: runs/sim)")
     parser.add_argument("--devices", type=Path, default=None, metavar="DIR", help="device folders (default: RUN_DIR-devices)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="(default: 0)")
     parser.add_argument("--model", type=Path, default=None, metavar="DIR", help="starting model (default: data/base)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer (default: data/tokenizer.model)")
     parser.add_argument("--users-file", type=Path, default=None, help="the population (default: data/users.jsonl.gz, the chat senders; data/shakespeare.jsonl.gz: Shakespeare's roles)")
@@ -46,7 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="discover new words with TrieHH each round; history in RUN_DIR/vocab.jsonl (see `fedkb vocab`)")
     # default None, not 10: a --theta typed on --resume is named when the run has another (federation.run);
     # --discover without it discovers with DiscoveryConfig().theta
-    parser.add_argument("--theta", type=int, default=None, help="TrieHH threshold: votes a word needs in a round (default: 10)")
+    parser.add_argument("--theta", type=int, default=None,
+                        help="TrieHH threshold: votes a word needs in a round (a new run: with --discover) (default: 10)")
+
+
+def given_settings(args: argparse.Namespace) -> set[str]:
+    """The SimulationConfig fields (flattened: "privacy.noise_multiplier") whose flags were given."""
+    return {key for dest, key in SETTINGS.items() if getattr(args, dest, None) is not None and getattr(args, dest) is not False}
 
 
 def build_config(args: argparse.Namespace):
@@ -54,17 +73,25 @@ def build_config(args: argparse.Namespace):
 
     from federation.config import AggregationConfig, ClientConfig, PrivacyConfig, ServerConfig, SimulationConfig
 
+    d = SimulationConfig()
+
+    def pick(value, default):
+        return default if value is None else value
+
     overrides = {"lr": args.client_lr, "epochs": args.client_epochs, "batch_size": args.client_batch,
                  "dropout": True if args.client_dropout else None}
-    server_lr = args.server_lr if args.server_lr is not None else (0.01 if args.server_opt == "fedadam" else 1.0)
+    server_opt = pick(args.server_opt, d.server.optimizer)
+    server_lr = pick(args.server_lr, 0.01 if server_opt == "fedadam" else 1.0)
     try:
         client = replace(ClientConfig(), **{k: v for k, v in overrides.items() if v is not None})
         return SimulationConfig(
-            users=args.users, rounds=args.rounds, clients_per_round=args.clients_per_round, engine=args.engine,
-            workers=args.workers, eval_users=args.eval_users, eval_every=args.eval_every, seed=args.seed, client=client,
-            server=ServerConfig(optimizer=args.server_opt, lr=server_lr),
-            privacy=PrivacyConfig(clip=args.clip, noise_multiplier=args.dp, delta=args.delta,
-                                  secret_noise=args.secret_noise),
+            users=pick(args.users, d.users), rounds=pick(args.rounds, d.rounds),
+            clients_per_round=pick(args.clients_per_round, d.clients_per_round), engine=pick(args.engine, d.engine),
+            workers=pick(args.workers, d.workers), eval_users=pick(args.eval_users, d.eval_users),
+            eval_every=pick(args.eval_every, d.eval_every), seed=pick(args.seed, d.seed), client=client,
+            server=ServerConfig(optimizer=server_opt, lr=server_lr),
+            privacy=PrivacyConfig(clip=args.clip, noise_multiplier=pick(args.dp, d.privacy.noise_multiplier),
+                                  delta=pick(args.delta, d.privacy.delta), secret_noise=args.secret_noise),
             aggregation=AggregationConfig(secure_aggregation=not args.no_secagg),
         )
     except ValueError as e:
@@ -91,44 +118,66 @@ def _line(m: dict) -> str:
     return ", ".join(parts)
 
 
+def _rounds(n: int) -> str:
+    return f"{n} round{'' if n == 1 else 's'}"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from federation.discovery import discovery_for_run
-    from federation.run import Simulation, read_metrics
+    from federation.run import Simulation, latest_round, read_metrics
     from keyboard.jobs import exit_on_sigterm
 
     exit_on_sigterm()  # `kill`, or a closed terminal: the round under way is dropped cleanly, as on ctrl-c
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads < 1:
+        raise FedkbError(f"--threads must be >= 1 (got {args.threads})")
+    if args.theta is not None and not args.discover and not args.resume:
+        raise FedkbError("--theta needs --discover (it is the threshold of word discovery on a new run)")
+    if args.users_file is not None and args.users_file.is_dir():
+        raise FedkbError(f"{args.users_file} is a folder, not a users file: choose another --users-file")
+    torch.set_num_threads(args.threads)
     sim = build_config(args)
     discover = discovery_for_run(args.out, args.theta, args.resume, discover=bool(getattr(args, "discover", False)))
     s = Simulation(args.out, sim, args.model, args.tokenizer, args.users_file, args.devices, resume=args.resume,
-                   discover=discover)
+                   discover=discover, asked=given_settings(args))
     console = Console(stderr=True)
     for note in s.notes:  # settings the users cannot satisfy, what resuming had to skip or repair (federation/run.py)
         console.print(f"[yellow]{note}[/yellow]", highlight=False)
     start = s.round
-    if start and args.resume:
-        console.print(f"resuming {args.out} after round {start}")
-    if args.quiet:
-        s.run(on_round=lambda m: print(_line(m), flush=True))
-    else:
-        with Progress(TextColumn("federated rounds"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-            task = progress.add_task("rounds", total=s.sim.rounds, completed=start, info="")
+    if args.resume and s.done:
+        console.print(f"{args.out} already has {_rounds(start)}; pass --rounds M (more than {start}) to continue it",
+                      highlight=False)
+    elif args.resume:
+        console.print(f"resuming {args.out} after round {start} of {s.sim.rounds}", highlight=False)
+    try:
+        if args.quiet:
+            s.run(on_round=lambda m: print(_line(m), flush=True))
+        else:
+            with Progress(TextColumn("federated rounds"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                          TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+                task = progress.add_task("rounds", total=s.sim.rounds, completed=start, info="")
 
-            def on_round(m: dict) -> None:
-                progress.update(task, completed=m["round"], info=_line(m))
-                progress.console.print(_line(m))
+                def on_round(m: dict) -> None:
+                    progress.update(task, completed=m["round"], info=_line(m))
+                    progress.console.print(_line(m))
 
-            s.run(on_round=on_round)
+                s.run(on_round=on_round)
+    except KeyboardInterrupt:
+        done = latest_round(args.out)  # what a ctrl-c kept, and how to go on (the CLI then says "interrupted")
+        if done:
+            console.print(f"{args.out} has {_rounds(done)} committed; `fedkb simulate --out {args.out} --resume` continues it",
+                          highlight=False)
+        raise
     ms = read_metrics(args.out)
     first, last = (ms[0], ms[-1]) if ms else ({}, {})
-    if "top1" in first and "top1" in last:
+    keys = ("top1", "ksr")
+    if all(isinstance(m.get(k), int | float) and not isinstance(m.get(k), bool) for m in (first, last) for k in keys):
+        span = f"from round {first['round']} to {last['round']}" if first["round"] else f"after {_rounds(last['round'])}"
         print(f"global top-1 {first['top1']:.2f}% -> {last['top1']:.2f}%, KSR {first['ksr']:.2f}% -> {last['ksr']:.2f}% "
-              f"after {last['round']} rounds; run folder {args.out}")
+              f"{span}; run folder {args.out}")  # a lost round 0 line: not "after N rounds" from the round-0 model
     else:
-        print(f"done: {s.round} rounds; run folder {args.out}")
+        print(f"done: {_rounds(s.round)}; run folder {args.out}")
     return 0

@@ -40,12 +40,19 @@ def answer(run_dir: Path, word: str) -> dict:
     """When `word` (normalized as the devices count words) entered the vocabulary: the round that
     added it, or round 0 for a word of the base vocabulary; "added": False if it never did."""
     from federation import vocab_history as vh
+    from federation.runfolder import checkpoint_dir
+    from models.errors import FedkbError
 
+    if not vh.normalize_word(word).strip():
+        raise FedkbError("--word needs a word (it is empty)")
     rows = vh.timeline(run_dir)
     rec = vh.when_added(run_dir, word, rows)
     word = vh.normalize_word(word)
     if rec is None:
         base = vh.base_vocabulary(run_dir)  # the round-0 checkpoint's
+        if base is None:  # "never added" would be a guess: the word may be a base word
+            raise FedkbError(f"{checkpoint_dir(run_dir, 0) / 'model.json'} is missing or unreadable: the base vocabulary "
+                             f"is unknown, so whether {word!r} was in it is too")
         if vh.in_base_vocabulary(word, base):
             return {"word": word, "added": False, "base_vocabulary": True, "round": 0, "vocab_version": base.version}
         return {"word": word, "added": False, "last_round": rows[-1]["round"]}
@@ -108,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
     if args.word is not None:
         ans = answer(args.run, args.word)
         if args.json:
-            print(json.dumps(ans))
+            print(json.dumps(ans, allow_nan=False))
         else:
             text = answer_text(ans)  # plain Text, not markup: the word is the user's ("[/]" is a word asked about)
             console.print(Text.assemble((ans["word"], "bold"), text[len(ans["word"]):]), highlight=False)
         return 0 if ans["added"] or ans.get("base_vocabulary") else 1
     if args.json:
-        print(json.dumps({"summary": summary(rows), "timeline": [public(r) for r in rows]}))
+        print(json.dumps({"summary": summary(rows), "timeline": [public(r) for r in rows]}, allow_nan=False))
         return 0
     table = Table(title=escape(f"vocabulary of {args.run}"), title_justify="left")
     for col, just in (("round", "right"), ("version", "right"), ("size", "right"), ("OOV %", "right"),
