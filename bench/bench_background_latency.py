@@ -5,8 +5,10 @@
 
 Opens the keyboard headless (`App.run_test`) on a simulated user's profile, starts the
 job, and types held-out text at one key every `--every` seconds (a fast typist) until
-the job has finished.  Each key is timed from the key event sent to the app's driver
-until the suggestion strip has been given the new suggestions (SuggestionStrip.show).
+the job has finished.  The text is the chat users' future messages (data/users.jsonl.gz)
+whatever `--user` and `--users-file` are: the same keys in every mode and run.  Each key is
+timed from the key event sent to the app's driver until the suggestion strip has been given
+the new suggestions (SuggestionStrip.show).
 `stall_ms`: the longest time the event loop came back late for the next key (a frozen UI).
 
 The jobs (keyboard/jobs.py):
@@ -16,7 +18,7 @@ The jobs (keyboard/jobs.py):
   model typed with as it comes.
 
 Three modes in one run, each on fresh device and run folders:
-* `idle`: no job, the same keys: the reference;
+* `idle`: no job, the same keys (`--idle-keys` of them): the reference;
 * `process`: the keyboard as it is, the job in `python -m keyboard.learner` / `keyboard.federator`;
 * `thread`: the job in the app's worker thread (the job's `run` replaced by an in-process
   call, torch imported by it, one torch thread as in the process): "Learn now" as it was
@@ -25,7 +27,10 @@ Three modes in one run, each on fresh device and run folders:
 
 Prints one JSON object: per mode p50/p95/p99/max in ms, keys typed, the stall, the seconds
 the job took from its start, the keyboard process's peak memory so far (the modes run in
-the order above) and whether it imported torch, and the p95 ratios against `idle`.
+the order above) and whether it imported torch, and the p95 ratios against `idle`, each over
+samples of the same size (idle's first keys, as many as the mode typed, where idle typed more).
+A key whose suggestions do not come within TIMEOUT_S is counted (`timeouts`) and recorded as
+TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_tui_latency import _pcts  # noqa: E402  (percentiles as the keystroke bench reports them)
+
+TIMEOUT_S = 10.0  # a key whose suggestions have not come by then counts as a timeout
 
 
 class Learn:
@@ -110,7 +117,7 @@ class Rounds:
         return FederatorProcess, run
 
 
-async def _type_while(app, job, keys: list[str], every: float, max_keys: int) -> dict:
+async def _type_while(app, job, keys: list[str], every: float, max_keys: int) -> tuple[dict, list[float]]:
     from textual import events
 
     from keyboard.widgets.suggestions import SuggestionStrip
@@ -123,7 +130,7 @@ async def _type_while(app, job, keys: list[str], every: float, max_keys: int) ->
         shown["t"] = time.perf_counter()
 
     SuggestionStrip.show = timed_show
-    lat, stall = [], 0.0
+    lat, stall, timeouts = [], 0.0, 0
     try:
         async with app.run_test(size=(100, 24)) as pilot:
             await pilot.pause()
@@ -141,11 +148,14 @@ async def _type_while(app, job, keys: list[str], every: float, max_keys: int) ->
                 shown["t"] = 0.0
                 t0 = time.perf_counter()
                 app._driver.send_message(events.Key(k, " " if k == "space" else k))
-                while time.perf_counter() < t0 + 10:
+                while time.perf_counter() < t0 + TIMEOUT_S:
                     await asyncio.sleep(0)
                     if shown["t"] and screen.typing.text == typed:
+                        lat.append(shown["t"] - t0)
                         break
-                lat.append(shown["t"] - t0)
+                else:  # no suggestions within TIMEOUT_S: counted, and recorded as TIMEOUT_S (a lower bound)
+                    lat.append(TIMEOUT_S)
+                    timeouts += 1
                 due = t0 + every
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
                 if job is not None and job.done(app):
@@ -154,8 +164,8 @@ async def _type_while(app, job, keys: list[str], every: float, max_keys: int) ->
             result = job.result(app) if job is not None else None
     finally:
         SuggestionStrip.show = show
-    return {**_pcts(lat), "stall_ms": round(stall * 1000, 1),
-            "job_seconds": round(finished_at, 2) if finished_at else None, "job_result": result}
+    return {**_pcts(lat), "timeouts": timeouts, "stall_ms": round(stall * 1000, 1),
+            "job_seconds": round(finished_at, 2) if finished_at else None, "job_result": result}, lat
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,11 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users-file", type=Path, default=REPO / "data" / "shakespeare.jsonl.gz")
     ap.add_argument("--user", default="hamlet.HAMLET", help="the simulated user who types (and whose device learns)")
     ap.add_argument("--every", type=float, default=0.15, help="seconds between keys (default 0.15)")
-    ap.add_argument("--max-keys", type=int, default=400, help="keys at most per mode (idle types 60)")
+    ap.add_argument("--max-keys", type=int, default=400, help="keys at most per job mode (default 400)")
+    ap.add_argument("--idle-keys", type=int, default=150,
+                    help="keys the idle reference types (default 150: about what the default jobs' modes type)")
     ap.add_argument("--rounds", type=int, default=3, help="--job rounds: rounds to run (default 3)")
     ap.add_argument("--engine", choices=("sequential", "parallel"), default="sequential",
                     help="--job rounds: the engine the live form is set to (parallel: two worker processes)")
     args = ap.parse_args(argv)
+    if args.max_keys < 1 or args.idle_keys < 1 or args.rounds < 1 or not args.every >= 0:
+        ap.error("--max-keys, --idle-keys and --rounds must be >= 1 and --every >= 0")
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as `fedkb` sets it
     import keyboard.screens.federation as federation_screen
@@ -176,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     from models.datasets import load_users
 
     text = " ".join(m for u in load_users() for m in u.future if m.isascii()).lower()
-    keys = ["space" if c == " " else c for c in text if c.isalpha() or c == " "][: args.max_keys]
+    keys = ["space" if c == " " else c for c in text if c.isalpha() or c == " "][: max(args.max_keys, args.idle_keys)]
     federation_screen.ROUNDS = args.rounds
 
-    out = {"job": args.job, "user": args.user, "users_file": str(args.users_file), "every_s": args.every}
+    out = {"job": args.job, "user": args.user, "users_file": str(args.users_file), "every_s": args.every,
+           "typed_text": "the chat users' future messages (data/users.jsonl.gz)"}
+    samples = {}
     if args.job == "rounds":
         out["engine"] = args.engine
     # the thread mode is the screen as it was, which ran the sequential engine only
@@ -196,18 +212,26 @@ def main(argv: list[str] | None = None) -> int:
                 cls, thread_run = job.in_thread(app)
                 process_run, cls.run = cls.run, thread_run
             try:
-                out[mode] = asyncio.run(_type_while(app, job, keys, args.every, 60 if mode == "idle" else args.max_keys))
+                out[mode], samples[mode] = asyncio.run(
+                    _type_while(app, job, keys, args.every, args.idle_keys if mode == "idle" else args.max_keys))
             finally:
                 if cls is not None:
                     cls.run = process_run
             out[mode]["keyboard_process_has_torch"] = "torch" in sys.modules
             # the keyboard process's peak so far: the modes run in this order, so each includes the ones before
             out[mode]["keyboard_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    for mode in modes[1:]:
-        out[f"{mode}_p95_over_idle"] = round(out[mode]["p95_ms"] / out["idle"]["p95_ms"], 2)
+    for mode in modes[1:]:  # against idle's first keys, as many as the mode typed: percentiles of samples of one size
+        idle = _pcts(samples["idle"][: len(samples[mode])])
+        out[f"{mode}_p95_over_idle"] = round(out[mode]["p95_ms"] / idle["p95_ms"], 2)
+        out[f"{mode}_p95_over_idle_keys"] = idle["n"]
     print(json.dumps(out, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from models.errors import FedkbError
+
+    try:
+        sys.exit(main())
+    except FedkbError as e:
+        sys.exit(f"bench_background_latency: error: {e}")

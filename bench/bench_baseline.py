@@ -157,4 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from models.errors import FedkbError
+
+    try:
+        sys.exit(main())
+    except FedkbError as e:
+        sys.exit(f"bench_baseline: error: {e}")

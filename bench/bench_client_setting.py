@@ -131,4 +131,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from models.errors import FedkbError
+
+    try:
+        main()
+    except FedkbError as e:
+        sys.exit(f"bench_client_setting: error: {e}")

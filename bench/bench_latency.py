@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (the keyboard uses 1)")
     ap.add_argument("--predict-runs", type=int, default=5, help="whole-process `fedkb predict` runs (0 = skip)")
     args = ap.parse_args(argv)
+    if args.calls < 1 or args.warmup < 0 or args.threads < 1 or args.predict_runs < 0:
+        ap.error("--calls and --threads must be >= 1, --warmup and --predict-runs >= 0")
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # NumPy's BLAS, as `fedkb type` sets it, before it loads
     import torch
@@ -130,4 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from models.errors import FedkbError
+
+    try:
+        sys.exit(main())
+    except FedkbError as e:
+        sys.exit(f"bench_latency: error: {e}")

@@ -10,9 +10,12 @@ epochs -- from scratch (`--scratch`) or continuing the shipped base -- and after
 `--eval-every` epochs prints top-1 on all federated users' held-out future text, computed as
 `models.evaluate` does (each message from BOS, specials masked, OOV targets are misses), with
 the start state recomputed first, as `fedkb pretrain` would ship the model (models/start_state.py;
-the README's table predates it: those runs started messages from zeros).  The first line
-(epoch 0) is the starting model, the reference measured in the same run: for the shipped base
-it prints what `fedkb eval --users` reports (20.36 % for v2 on the CPU).
+the README's table predates it: those runs started messages from zeros).  The evaluation puts
+the model's start state back afterwards, so training goes on as in `fedkb pretrain`, which sets
+it once after training, whatever `--eval-every` is; `--save` saves the model with the start
+state recomputed.  The first line (epoch 0) is the starting model, the reference measured in
+the same run: for the shipped base it prints what `fedkb eval --users` reports (20.36 % for v2
+on the CPU).
 
 Training is `models.train.fit`, the trainer of `fedkb pretrain`.  It runs on CUDA when there
 is one (cuDNN's LSTM: not bit for bit the CPU's result; on 2 cores an epoch takes ~7 min) and
@@ -51,7 +54,7 @@ def main() -> None:
     from models.datasets import load_users
     from models.evaluate import MAX_MESSAGE_WORDS
     from models.lm import WordLM, WordTable
-    from models.start_state import set_mean_start_state
+    from models.start_state import set_mean_start_state, set_start_state
     from models.text import SPECIALS, sentence_tokens
     from models.train import TrainConfig, encode, fit, steps_per_run
 
@@ -100,6 +103,7 @@ def main() -> None:
 
     @torch.no_grad()
     def top1() -> tuple[float, int]:
+        trained = model.start_h.clone(), model.start_c.clone()  # what training starts each pass from
         model.eval()
         set_mean_start_state(model, table, vocab, chat)  # what `fedkb pretrain` would ship now
         emb, bias = model.compose(table)
@@ -121,6 +125,7 @@ def main() -> None:
             c = count[:, 1:]
             hits += int(((pred == tgt) & known[:, 1:] & c).sum())
             words += int(c.sum())
+        set_start_state(model, *trained)
         model.train()
         return 100.0 * hits / words, words
 
@@ -163,8 +168,14 @@ def main() -> None:
     except _OutOfTime:
         pass
     if args.save:
+        set_mean_start_state(model, table, vocab, chat)  # as `fedkb pretrain` ships it
         save_checkpoint(args.save, model, vocab, tok, meta={"kind": "probe", "args": vars(args) | {"save": str(args.save)}})
 
 
 if __name__ == "__main__":
-    main()
+    from models.errors import FedkbError
+
+    try:
+        main()
+    except FedkbError as e:
+        sys.exit(f"bench_pretrain_budget: error: {e}")

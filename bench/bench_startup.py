@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 KEYBOARD = """
 import asyncio, sys
@@ -81,7 +82,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="fresh processes of each kind, alternating (default: 5)")
     ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the shipped base)")
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO))
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
 
     runs: dict[str, list[float]] = {"keyboard": [], "import_torch": [], "bare_textual": []}
     rss: dict[str, list[float]] = {"keyboard": [], "import_torch": []}
@@ -110,4 +112,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from models.errors import FedkbError
+
+    try:
+        main()
+    except FedkbError as e:
+        sys.exit(f"bench_startup: error: {e}")

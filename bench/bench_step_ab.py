@@ -11,10 +11,11 @@ first: every pair of steps ran within ~0.1 s of each other.  The paired median o
 is the figure to read.  With --together each checkout runs two processes stepping at once (what
 the parallel engine's two workers do), and a step's time is the slower of the two.
 
-A step is what `models.train.fit` does, on the first --users users' history, 8 x 20 words
-(ClientConfig's batch and bptt), one torch thread: the checkout's step without autograd
-(models/sgd_step.py) where it has one, else compose the table, forward, backward, clip + SGD
-(the checkout's `clip_and_step` where it has one).
+A step is what `models.train.fit` does for a federated client, on the first --users users'
+history, 8 x 20 words (ClientConfig's batch and bptt), one torch thread, with dropout only
+where this checkout's ClientConfig trains with it (`--dropout`: both sides with the model's
+dropout): the checkout's step without autograd (models/sgd_step.py) where it has one, else
+compose the table, forward, backward, clip + SGD (the checkout's `clip_and_step` where it has one).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ except ImportError:  # a checkout from before it
     def clip_and_step(opt, params, max_norm):
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
-batch, users = int(sys.argv[1]), int(sys.argv[2])
+batch, users, dropout = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 ck, tok = load_model(None)
 cfg = ClientConfig(batch_size=batch) if batch else ClientConfig()
 tc = cfg.train_config()
@@ -59,7 +60,8 @@ data = batchify(encode([t for u in load_users()[:users] for t in u.history], ck.
 table = WordTable.build(ck.vocab, tok, ck.model.cfg.base_vocab)
 model = copy.deepcopy(ck.model)
 model.train()
-opt, gen = make_optimizer(model, tc), torch.Generator().manual_seed(0)
+opt = make_optimizer(model, tc)
+gen = torch.Generator().manual_seed(0) if dropout else None  # fit draws dropout masks only with it
 params = [p for p in model.parameters() if p.requires_grad]
 chunks, state, step = (data.size(1) - 1) // cfg.bptt, None, 0
 try:  # the step without autograd, in a checkout that has it and where fit would take it
@@ -96,11 +98,18 @@ def main() -> None:
     ap.add_argument("--together", action="store_true", help="two processes per checkout stepping at once")
     ap.add_argument("--batch", type=int, default=0, help="local batch (default: ClientConfig's, 8)")
     ap.add_argument("--users", type=int, default=40, help="users whose history makes the stream (default: 40)")
+    ap.add_argument("--dropout", action="store_true", help="steps with the model's dropout (clients train without)")
     args = ap.parse_args()
+    if args.steps < 2 or args.warmup < 0 or args.users < 1:
+        ap.error("--steps must be >= 2, --warmup >= 0 and --users >= 1")
     if not (args.other / "models" / "lm.py").exists():
         sys.exit(f"{args.other} is not a fedkb checkout (no models/lm.py)")
+    sys.path.insert(0, str(REPO))
+    from federation.config import ClientConfig
+
+    dropout = args.dropout or ClientConfig().dropout  # the same step on both sides: this checkout's client's
     width = 2 if args.together else 1
-    cmd = [sys.executable, "-c", CHILD, str(args.batch), str(args.users)]
+    cmd = [sys.executable, "-c", CHILD, str(args.batch), str(args.users), "1" if dropout else "0"]
     sides = {name: [subprocess.Popen(cmd, cwd=d, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(width)]
              for name, d in (("this", REPO), ("other", args.other.resolve()))}
     native = {}
@@ -125,7 +134,7 @@ def main() -> None:
             p.wait()
     ratios = [a / b for a, b in zip(times["this"], times["other"])]
     print(json.dumps({
-        "other": str(args.other), "steps": args.steps, "together": args.together, "native_kernels": native,
+        "other": str(args.other), "steps": args.steps, "together": args.together, "dropout": dropout, "native_kernels": native,
         "ms_this": round(statistics.median(times["this"]) * 1e3, 2), "ms_other": round(statistics.median(times["other"]) * 1e3, 2),
         "this_over_other_paired_median": round(statistics.median(ratios), 3),
         "this_over_other_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)]}, indent=1))

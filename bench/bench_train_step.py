@@ -1,12 +1,13 @@
 """Where one local training step's time goes (prints one JSON object).
 
-    python bench/bench_train_step.py [--steps 60] [--reps 3] [--model DIR]
+    python bench/bench_train_step.py [--steps 60] [--reps 3] [--model DIR] [--dropout]
 
-A federated client's step (8 columns x 20 words, the shipped model, one thread) is timed part
-by part over --steps steps (the first 5 are warm-up), median ms per part: the word-table
-composition forwards and backwards, the LSTM forwards (with the embedding lookup and dropout)
-and backwards, the tied output layer with its cross-entropy forwards and backwards, gradient
-clipping with the SGD step (models.fused.clip_and_step, as fit's autograd step runs it).
+A federated client's step (8 columns x 20 words, the shipped model, one thread, no dropout as
+ClientConfig trains; `--dropout`: with the model's) is timed part by part over --steps steps
+(the first 5 are warm-up), median ms per part: the word-table composition forwards and
+backwards, the LSTM forwards (with the embedding lookup, and dropout if any) and backwards,
+the tied output layer with its cross-entropy forwards and backwards, gradient clipping with
+the SGD step (models.fused.clip_and_step, as fit's autograd step runs it).
 Backward parts are split with gradient hooks on the LSTM's input and output.  `direct` is the
 step fit takes where it applies, the same computation without autograd (models/sgd_step.py),
 timed whole on the same batches, and its parts (`direct_compose`, ... `direct_clip_and_step`:
@@ -14,7 +15,12 @@ the same seven, marked by SGDStep's `on_part`) on every other step, so that the 
 cost stays out of `direct`.  The same is then run in two processes at once (what the
 parallel engine's two workers do), alternating with the single runs --reps times; medians are
 printed.
-The one-thread float32 matmul peak (best of a measurement before and after) is the reference.
+The one-thread float32 matmul peak (best of a measurement before and after) is the reference;
+for two processes at once, both one process of two threads (`share_of_peak`, as before) and
+two one-thread processes at once (`share_of_matching_peak`, what the two steps are: a busy
+neighbour slows the two-thread product far more).  Each run and peak records the CPU time other
+processes used on this process's cores (bench_federation.cpu_use); `contention` counts the
+runs above bench_federation.CONTENDED, whose figures are then not to be trusted.
 
 The ceiling: the same step's matrix products alone (every product of the forward and backward
 passes at its shape and in its order, nothing else) are timed the same way, alone and in pairs.
@@ -69,7 +75,7 @@ def time_products(B: int, T: int, d: int, H: int, V: int, steps: int) -> float:
     return round(statistics.median(times) * 1e3, 2)
 
 
-def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> dict[str, float]:
+def time_parts(model_dir: Path | None, steps: int, batch: int | None = None, dropout: bool = False) -> dict[str, float]:
     from federation.config import ClientConfig
     from models.checkpoint import load_model
     from models.datasets import load_users
@@ -92,7 +98,8 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
     data = batchify(stream, cfg.batch_size)
     opt = make_optimizer(model, cfg.train_config())
     params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(0)
+    # a client's step draws dropout masks only where its config trains with dropout (models/train.py's fit)
+    gen = torch.Generator().manual_seed(0) if dropout or cfg.dropout else None
     times: dict[str, list[float]] = {k: [] for k in PARTS}
     state = None
     n_chunks = (data.size(1) - 1) // cfg.bptt
@@ -105,7 +112,7 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
         emb.register_hook(lambda g: marks.__setitem__("lstm_bwd_end", time.perf_counter()))
         t1 = time.perf_counter()
         out_table, inputs = shared_lookup(emb, x)  # what WordLM.loss does
-        h, state = model.run_lstm(inputs, state, gen)
+        h, state = model.run_lstm(inputs, state, gen)  # dropout only with a generator
         h.register_hook(lambda g: marks.__setitem__("output_bwd_end", time.perf_counter()))
         t2 = time.perf_counter()
         loss = tied_softmax_cross_entropy(h.reshape(-1, h.size(-1)), out_table, bias, y.reshape(-1))
@@ -147,33 +154,65 @@ def time_parts(model_dir: Path | None, steps: int, batch: int | None = None) -> 
     mc = model.cfg
     out["products"] = time_products(cfg.batch_size, cfg.bptt, mc.embed_dim, mc.hidden, len(ck.vocab), steps)
     out["flops_per_step"] = cfg.batch_size * cfg.bptt * train_flops_per_token(mc, len(ck.vocab))
-    out["batch"], out["native"] = cfg.batch_size, native.loaded() is not None
+    out["batch"], out["native"], out["dropout"] = cfg.batch_size, native.loaded() is not None, gen is not None
     return out
+
+
+def _run_child(cmd: list[str]) -> dict:
+    """One child's JSON; its own one-line error (a bad --model) if it fails."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit((r.stderr.strip().splitlines() or [f"a step process failed ({r.returncode})"])[-1])
+    return json.loads(r.stdout)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=60, help="steps timed per run, the first 5 warm-up (default: 60)")
     ap.add_argument("--reps", type=int, default=3, help="alternating runs alone and in pairs; medians (default: 3)")
     ap.add_argument("--batch", type=int, default=None, help="local batch (default: ClientConfig's, 8)")
+    ap.add_argument("--dropout", action="store_true", help="the step with the model's dropout (clients train without)")
     ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the shipped base)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.steps < 6 or args.reps < 1:
+        ap.error("--steps must be >= 6 and --reps >= 1")
     if args.child:
-        print(json.dumps(time_parts(args.model, args.steps, args.batch)))
+        print(json.dumps(time_parts(args.model, args.steps, args.batch, args.dropout)))
         return
-    from bench_federation import matmul_peak  # the same peak measurement as the engines' bench
+    from bench_federation import CONTENDED, matmul_peak, matmul_peak_processes, watched  # as the engines' bench
 
-    cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps)]
+    cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps)] + (["--dropout"] if args.dropout else [])
     cmd += (["--model", str(args.model)] if args.model else []) + (["--batch", str(args.batch)] if args.batch else [])
-    alone, together = [], []
-    peaks = {1: [matmul_peak(1)], 2: [matmul_peak(2)]}
+
+    def pair() -> list[dict]:
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            sys.exit("a step process failed (its error is above)")
+        return [json.loads(o) for o in outs]
+
+    alone, together, cpu = [], [], {"alone": [], "two_processes": [], "peaks": []}
+    peaks: dict[str, list[float]] = {"threads_1": [], "threads_2": [], "two_processes": []}
+
+    def measure_peaks() -> None:
+        for n in (1, 2):
+            flops, use = watched(matmul_peak, n)
+            peaks[f"threads_{n}"].append(flops)
+            cpu["peaks"].append(use | {"peak": f"threads_{n}"})
+        flops, use = matmul_peak_processes(2)
+        peaks["two_processes"].append(flops)
+        cpu["peaks"].append(use | {"peak": "two_processes"})
+
+    measure_peaks()
     for _ in range(args.reps):  # alternated: a neighbour on a shared VM can slow either for a minute
-        alone.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout))
-        pair = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-        together += [json.loads(p.communicate()[0]) for p in pair]
-    for n in peaks:
-        peaks[n].append(matmul_peak(n))
+        run, use = watched(_run_child, cmd)
+        alone.append(run)
+        cpu["alone"].append(use)
+        runs, use = watched(pair)
+        together += runs
+        cpu["two_processes"].append(use)
+    measure_peaks()
     peak = {n: max(v) for n, v in peaks.items()}
 
     def median(runs: list[dict]) -> dict:
@@ -183,12 +222,14 @@ def main() -> None:
     flops = alone[0]["flops_per_step"]
     ms_alone, ms_pair = median(alone), median(together)
 
-    def share(ms: float, processes: int) -> float:  # FLOP/s of `processes` steps at once, against that many threads' peak
-        return round(processes * flops / (ms / 1e3) / peak[processes], 3)
+    def share(ms: float, processes: int, ref: str = "") -> float:  # FLOP/s of `processes` steps at once, against a peak
+        return round(processes * flops / (ms / 1e3) / peak[ref or f"threads_{processes}"], 3)
 
+    uses = [u for v in cpu.values() for u in v]
+    busy = sum(bool(u["contended"]) for u in uses)
     print(json.dumps({
-        "reps": args.reps, "batch": alone[0]["batch"], "native_kernels": alone[0]["native"], "flops_per_step": flops,
-        "ms_per_step_alone": ms_alone, "ms_per_step_two_processes": ms_pair,
+        "reps": args.reps, "batch": alone[0]["batch"], "dropout": alone[0]["dropout"], "native_kernels": alone[0]["native"],
+        "flops_per_step": flops, "ms_per_step_alone": ms_alone, "ms_per_step_two_processes": ms_pair,
         "totals_alone": [r["total"] for r in alone], "totals_two_processes": [r["total"] for r in together],
         # step = everything; products = the same step's matrix products only (the ceiling)
         "share_of_peak": {"step_alone": share(ms_alone["total"], 1), "products_alone": share(ms_alone["products"], 1),
@@ -196,9 +237,22 @@ def main() -> None:
                           "products_two_processes": share(ms_pair["products"], 2),
                           **({"direct_step_alone": share(ms_alone["direct"], 1), "direct_step_two_processes": share(ms_pair["direct"], 2)}
                              if "direct" in ms_alone else {})},
-        "peak_matmul_flops": {"threads_1": peak[1], "threads_2": peak[2]},
-        "peak_matmul_flops_measured": {f"threads_{n}": v for n, v in peaks.items()}}, indent=1))
+        # two processes at once against two one-thread processes' products at once
+        "share_of_matching_peak": {"step_two_processes": share(ms_pair["total"], 2, "two_processes"),
+                                   "products_two_processes": share(ms_pair["products"], 2, "two_processes"),
+                                   **({"direct_step_two_processes": share(ms_pair["direct"], 2, "two_processes")}
+                                      if "direct" in ms_pair else {})},
+        "peak_matmul_flops": peak, "peak_matmul_flops_measured": peaks,
+        "cpu": cpu,
+        "contention": {"threshold_other_cpu_share": CONTENDED, "contended": busy, "out_of": len(uses),
+                       "measured": all(u["other_cpu_share"] is not None for u in uses),
+                       "note": "not measurable: machine busy" if busy else None}}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    from models.errors import FedkbError
+
+    try:
+        main()
+    except FedkbError as e:
+        sys.exit(f"bench_train_step: error: {e}")

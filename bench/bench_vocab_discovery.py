@@ -74,11 +74,11 @@ _TYPED: dict[tuple, dict] = {}
 
 
 def typing(model, vocab: Vocabulary, tokenizer, messages: list[str], blocked: set[str]) -> dict:
-    """OOV rate, KSR, top-1/3 typing `messages` with `vocab` (memoised: settings share vocabularies)."""
+    """OOV rate, KSR, top-1/3 typing `messages` with `vocab` (memoised on all three: settings share vocabularies)."""
     from models.evaluate import simulate_typing
     from models.predictor import Predictor
 
-    key = (vocab.words, tuple(sorted(blocked)), len(messages))
+    key = (vocab.words, tuple(sorted(blocked)), tuple(messages))
     if key in _TYPED:
         return _TYPED[key]
     s = simulate_typing(Predictor(model, vocab, tokenizer, blocked=blocked), messages)
@@ -168,14 +168,14 @@ def main() -> int:
             got = {w for w, fr in found_at.items() if fr <= r}
             curve.append({"round": r, "added": len(got),
                           "precision": round(len(got & truth) / len(got), 4) if got else None,
-                          "recall": round(len(got & truth) / len(truth), 4),
+                          "recall": _share(got & truth, truth),
                           "recall_held_out": _share(got & hidden, hidden)})
         got = set(found_at)
         buckets = {}
         for lo, hi in ((theta, 49), (50, 99), (100, n)):
             hs = {w for w in target if lo <= typed_by[w] <= hi}
             if hs:
-                buckets[f"{lo}-{hi} users"] = {"words": len(hs), "recall": round(len(got & hs) / len(hs), 4)}
+                buckets[f"{lo}-{hi} users"] = {"words": len(hs), "recall": _share(got & hs, hs)}
         runs = [info for _, info in hist if info["epsilon_run"] is not None]
         eps_run_max = max((i["epsilon_run"] for i in runs), default=None)
         completed = hist[-1][1]["trie"]["epoch"] if hist else 0
@@ -197,7 +197,7 @@ def main() -> int:
                                                     if eps_run_max is not None else None),
             },
             "precision": round(len(got & truth) / len(got), 4) if got else None,
-            "recall": round(len(got & truth) / len(truth), 4),
+            "recall": _share(got & truth, truth),
             "recall_held_out": _share(got & hidden, hidden),
             "recall_held_out_by_users" if hidden else "recall_by_users": buckets,
             "found_not_held_out": sorted(got - hidden)[:20],
@@ -211,4 +211,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from models.errors import FedkbError
+
+    try:
+        sys.exit(main())
+    except FedkbError as e:
+        sys.exit(f"bench_vocab_discovery: error: {e}")
