@@ -26,7 +26,10 @@ from keyboard.screens.typing import TypingScreen
 from keyboard.session import ME, KeyboardSession, LearnConfig
 from models.errors import FedkbError
 
-LEARNER_EXIT_S = 5.0  # clearing the device waits this long for a learning's process to exit (then kills it)
+LEARNER_EXIT_S = 5.0  # clearing the device waits (in a worker) this long for a learning's process to exit, then kills it
+# the keyboard's own actions, which wait while a question (ConfirmScreen) is up: the palette could change
+# the profile that f8's question names
+NOT_UNDER_A_QUESTION = {"command_palette", "clear", "profiles", "push_extra", "learn", "incognito", "forget"}
 
 # optional screens written elsewhere: name -> (module, class, palette label, help, key)
 EXTRA_SCREENS = {
@@ -87,6 +90,9 @@ class FedkbApp(App):
     def get_default_screen(self) -> TypingScreen:
         return TypingScreen()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return not (action in NOT_UNDER_A_QUESTION and isinstance(self.screen, ConfirmScreen))
+
     def on_unmount(self) -> None:
         for screen in self._background.values():  # off the stack, so Textual does not unmount them
             screen.stop_work()
@@ -134,7 +140,7 @@ class FedkbApp(App):
             if isinstance(ready, FedkbError):
                 raise ready
             self.session.install(ready)
-        except FedkbError as e:  # the model, or the device's words file, cannot be used: typing goes on as it was
+        except (FedkbError, OSError) as e:  # the model, or the device's files, cannot be used: typing goes on as it was
             self.notify(f"cannot use {checkpoint_dir}: {e}", severity="error", markup=False)
             if done is not None:
                 done(str(e))
@@ -197,8 +203,11 @@ class FedkbApp(App):
     def action_incognito(self) -> None:
         s = self.session
         s.incognito = not s.incognito
-        self.notify("incognito on: nothing stored, nothing learned" if s.incognito else "incognito off", timeout=2)
         t = self.typing_screen
+        # nothing learned while on: a learning under way ends too (its model would be typed with from then on)
+        ended = s.incognito and t is not None and t.stop_learning() is not None
+        on = "incognito on: nothing stored, nothing learned" + ("; the learning under way was ended" if ended else "")
+        self.notify(on if s.incognito else "incognito off", timeout=2)
         if t is not None:
             t.set_class(s.incognito, "incognito")
             t.show_stats()
@@ -209,26 +218,54 @@ class FedkbApp(App):
             t.action_forget(word)
 
     def action_clear(self) -> None:
+        if any(w.group == "clear" and w.is_running for w in self.workers):
+            self.notify("already clearing: waiting for the learning under way to end", severity="warning")
+            return
+        uid = self.session.user_id  # the device the question names: that one is cleared, or none
+
         def done(yes: bool | None) -> None:
             if not yes:
                 return
-            t, uid = self.typing_screen, self.session.user_id
-            # a learning under way would write a delta back: it is ended, and its process gone, first
-            if t is not None and not t.stop_learning(wait=LEARNER_EXIT_S):
-                self.notify(f"nothing cleared on '{uid}': a learning under way did not end", severity="error",
-                            markup=False)
-                return
-            try:
-                self.session.clear()
-            except (OSError, FedkbError) as e:  # a folder that cannot be removed or written: typing goes on
-                self.notify(f"clearing '{uid}' failed: {e}", severity="error", timeout=8, markup=False)
-            else:
-                self.notify(f"cleared everything learned on '{uid}'", timeout=3, markup=False)
-            if t is not None:
-                t.refresh_all()
+            t = self.typing_screen
+            learner = t.stop_learning() if t is not None and self.session.user_id == uid else None
+            if learner is None:
+                self._clear(uid)
+            else:  # it could still write a delta into the folder: first its process is gone (waited for in a worker)
+                self.notify(f"ending the learning under way on '{uid}' first…", timeout=2, markup=False)
+                self._clear_after(learner, uid)
 
-        self.push_screen(ConfirmScreen(f"Delete everything typed and learned on device '{self.session.user_id}'?"
+        self.push_screen(ConfirmScreen(f"Delete everything typed and learned on device '{uid}'?"
                                        " (history, personal words, forgotten words, personal model)"), done)
+
+    @work(thread=True, exclusive=True, group="clear")
+    def _clear_after(self, learner, uid: str) -> None:
+        """Clear device `uid` (on the UI thread) once the process of a learning just ended has exited."""
+        ended = learner.stop(wait=LEARNER_EXIT_S)
+        try:
+            self.call_from_thread(self._clear, uid, ended)
+        except RuntimeError:  # the app has closed meanwhile
+            pass
+
+    def _clear(self, uid: str, ended: bool = True) -> None:
+        """Delete everything on device `uid`, if it is still the profile in use and no learning can write
+        into it (`ended`: the last one's process has exited)."""
+        t = self.typing_screen
+        if self.session.user_id != uid:
+            self.notify(f"nothing cleared on '{uid}': the profile is '{self.session.user_id}' now", severity="warning",
+                        markup=False)
+            return
+        if not ended or (t is not None and t.learning):
+            why = "a learning under way did not end" if not ended else "a learning was started meanwhile"
+            self.notify(f"nothing cleared on '{uid}': {why}", severity="error", markup=False)
+            return
+        try:
+            self.session.clear()
+        except (OSError, FedkbError) as e:  # a folder that cannot be removed or written: typing goes on
+            self.notify(f"clearing '{uid}' failed: {e}", severity="error", timeout=8, markup=False)
+        else:
+            self.notify(f"cleared everything learned on '{uid}'", timeout=3, markup=False)
+        if t is not None:
+            t.refresh_all()
 
     def action_profiles(self) -> None:
         if isinstance(self.screen, ProfilesScreen):
@@ -242,14 +279,13 @@ class FedkbApp(App):
 
     def open_profile(self, uid: str) -> None:
         t = self.typing_screen
-        if t is not None:
-            t.stop_learning()
         try:
             self.session.open(uid)
         except (FedkbError, OSError) as e:  # OSError: the device folder cannot be laid out (a full disk)
             self.notify(str(e), severity="error", markup=False)
-            return
+            return  # on the profile it was on, its learning going on
         if t is not None:
+            t.stop_learning()  # the other profile's
             t.typing.clear()
             t.query_one("#text").value = ""
             t.query_one("#learn-result").update("")

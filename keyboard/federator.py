@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from keyboard.jobs import JobProcess, emit, exit_on_sigterm
+from keyboard.jobs import JobProcess, emit, exit_now, exit_on_sigterm
 from federation.runfolder import checkpoint_dir, latest_round, read_metrics
 from models.errors import FedkbError
 from models.jsonvalues import is_int, is_number
@@ -57,18 +57,24 @@ _FIGURES = ("loss", "top1", "top3", "ksr", "eval_loss", "epsilon")  # each a num
 _COUNTS = ("aggregated", "selected", "rejected")  # each a whole number
 
 
+def _figure(v) -> bool:
+    """A number that formats as a float (a whole number past a float's range, which JSON allows, does not)."""
+    return is_number(v) and (isinstance(v, float) or abs(v) <= sys.float_info.max)
+
+
 def _round_ok(m) -> bool:
-    """Whether a round's metrics are what the screen draws and logs: an integer round >= 1, its
-    figures numbers, its counts whole numbers (anything else is ignored, like a line that is not JSON)."""
+    """Whether a round's metrics are what the screen draws and logs (keyboard/commands/simulate.py's
+    `_line`): an integer round >= 1, its figures numbers, its counts whole numbers, its timings (where
+    given) a number of seconds (anything else is ignored, like a line that is not JSON)."""
     if not isinstance(m, dict) or not (is_int(m.get("round")) and m["round"] >= 1):
         return False
-    if not all(m.get(k) is None or is_number(m[k]) for k in _FIGURES) or not all(is_int(m.get(k, 0)) for k in _COUNTS):
+    if not all(m.get(k) is None or _figure(m[k]) for k in _FIGURES) or not all(is_int(m.get(k, 0)) for k in _COUNTS):
         return False
     d, t = m.get("discovery"), m.get("timings")
     added = d.get("added", []) if isinstance(d, dict) else []
     return ((d is None or isinstance(d, dict)) and isinstance(added, list)
             and all(isinstance(a, dict) and isinstance(a.get("word"), str) for a in added)
-            and (t is None or isinstance(t, dict) and is_number(t.get("round_s"))))
+            and ("timings" not in m or isinstance(t, dict) and _figure(t.get("round_s"))))
 
 
 def committed_since(run_dir: Path, after: int) -> list[tuple[dict, Path]]:
@@ -162,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main)

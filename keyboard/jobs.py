@@ -17,7 +17,9 @@ The jobs are "Learn now" (keyboard/learner.py) and the live federation's rounds
 (keyboard/federator.py).  `JobProcess.follow` blocks: call it from a worker thread.
 `stop()` ends the process at once, from any thread: SIGTERM, which the job turns into
 SystemExit (`exit_on_sigterm`); whatever a job writes is written atomically, so a stopped
-job leaves the last whole file it wrote, or none, and no temporary file.  `stop(wait=S)`
+job leaves the last whole file it wrote, or none, and no temporary file.  A job's process
+ends through `exit_now`, without the interpreter's shutdown (with torch loaded, ~3 s that
+every result and every stop waited for).  `stop(wait=S)`
 also waits for it to exit (killing it after S seconds), for a caller that then removes
 the folder it writes into (clearing the device).
 """
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from models.errors import FedkbError
 
@@ -42,9 +44,36 @@ _ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the keyb
 def exit_on_sigterm() -> None:
     """The job's side: `stop()`'s SIGTERM becomes SystemExit, so `finally` blocks run (an atomic
     write removes its temporary file, an engine ends its workers, a run folder is unlocked); so
-    does SIGHUP, which a closing terminal sends (`fedkb simulate` installs this too)."""
+    does SIGHUP, which a closing terminal sends (`fedkb simulate` installs this too).  Only the
+    first signal: another one (the keyboard stops a job twice, a terminal closes as it quits) would
+    cut those blocks short, and raise past `exit_now` into the interpreter's slow shutdown."""
+    first = []
+
+    def stop(signum, frame):
+        if not first:
+            first.append(signum)
+            sys.exit(128 + signum)
+
     for sig in (signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])):
-        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(sig, stop)
+
+
+def exit_now(main: Callable[[], int]) -> NoReturn:
+    """The job's side, as its `__main__`: run `main` and end the process with its status at once
+    (`os._exit`), once its `finally` blocks have run (after SIGTERM too).  Every file a job writes
+    is written and fsynced by then (models/atomic.py), so the interpreter's shutdown, which
+    takes seconds with torch loaded, has nothing left to do.  An unexpected exception still
+    ends it the usual way (a traceback on stderr, exit status 1)."""
+    try:
+        code = main()
+    except SystemExit as e:  # SIGTERM or SIGHUP (exit_on_sigterm)
+        code = e.code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the keyboard has gone: no one reads it
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def emit(obj: dict) -> None:
@@ -92,6 +121,9 @@ class JobProcess:
                         error = msg["error"]
                     elif not self._stopped:
                         on_message(msg)
+            except BaseException:  # on_message failed: the process is not left running on its own
+                self.stop()
+                raise
             finally:
                 self._proc.stdout.close()
                 code = self._proc.wait()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from federation.config import ClientConfig
-from keyboard.jobs import JobProcess, emit, exit_on_sigterm
+from keyboard.jobs import JobProcess, emit, exit_now, exit_on_sigterm
 from keyboard.session import KeyboardSession, LearnConfig, LearnResult
 from models.errors import FedkbError
 
@@ -91,4 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main)

@@ -37,9 +37,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import safetensors.numpy
+
 from federation.config import ClientConfig, personalization_config
 from federation.device import Device
-from models import atomic
+from models import atomic, tensorfile
 from models.datasets import UserData, load_users
 from models.errors import FedkbError
 from models.jsonvalues import is_number
@@ -266,7 +268,8 @@ class KeyboardSession:
         """Type with a model `ready` made ready; call from the UI thread.  Where the device changed since
         (another profile, a new delta, a cleared device, another global model), what is now on disk is
         read again here instead, so a stale personal model is never typed with.  FedkbError where the
-        device's words file is damaged: then nothing has changed."""
+        device's words file is damaged, OSError where a simulated user's folder cannot be laid out
+        again (a full disk): then nothing has changed."""
         read = self._read_words()  # first: a damaged words file raises before anything changes
         f = ready.file
         global_weights, vocab = (f.weights, f.vocab) if f is not None else (self.global_weights, self.vocab)
@@ -345,16 +348,15 @@ class KeyboardSession:
         self.predictor.set_weights(tables if tables is not None else self.weights)
 
     def _save_delta(self, personal: Arrays, info: dict) -> None:
-        import torch
-
-        from models.checkpoint import save_tensors
-
+        """The delta and its record (`info`), replaced together: where either cannot be written (a full
+        disk) neither is, so a learning that failed is never typed with beside an older record."""
         d = self.device.delta_dir
         self.device.make_folder()  # private, as the device's other files
         d.mkdir(mode=0o700, exist_ok=True)
-        delta = {k: torch.from_numpy(personal[k] - g) for k, g in self.global_weights.items()}  # params.delta, on arrays
-        save_tensors(d / DELTA_FILE, delta, meta={"global": model_label(self.meta)}, mode=atomic.PRIVATE)
-        atomic.write_json(d / DELTA_META, info, atomic.PRIVATE)
+        delta = {k: personal[k] - g for k, g in self.global_weights.items()}  # params.delta, on arrays
+        # what models.checkpoint.save_tensors writes: safetensors with its checksum (models/tensorfile.py)
+        blob = tensorfile.with_checksum(safetensors.numpy.save(delta, metadata={"global": model_label(self.meta)}))
+        atomic.write_files({d / DELTA_FILE: blob, d / DELTA_META: atomic.json_bytes(info)}, atomic.PRIVATE)
 
     # -- typing side effects -----------------------------------------------------------
     def finish_message(self, text: str) -> bool:

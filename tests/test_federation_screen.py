@@ -356,3 +356,28 @@ async def test_a_process_that_cannot_start_is_a_stopped_run(tiny, tmp_path, monk
         await pilot.pause()
         assert app.is_running and finished == [(0, "[Errno 12] Cannot allocate memory")] and screen.ended
         assert "stopped: [Errno 12] Cannot allocate memory" in "\n".join(line.text for line in screen.query_one("#fed-log").lines)
+
+
+@sync
+async def test_a_round_the_screen_cannot_draw_ends_the_run_not_the_app(tiny, tmp_path, monkeypatch):
+    """A round message that passes the checks but that the screen still cannot draw (here a round number
+    past a float's range, which the progress bar divides by) ends the run with that error, and its
+    process; it took the whole keyboard down (WorkerFailed)."""
+    from federation.config import SimulationConfig
+    from keyboard.federator import FederatorProcess
+
+    def follow(self, on_message):  # the rounds' process, as it would report such a round
+        on_message({"round": {"round": 10**400}, "checkpoint": str(tmp_path / "round")})
+        on_message({"done": 1})
+
+    monkeypatch.setattr(FederatorProcess, "follow", follow)
+    finished = []
+    screen = FederationScreen(tiny[0], tiny[1], FIXTURES / "users.jsonl.gz", tmp_path / "run",
+                              sim=SimulationConfig(rounds=2, clients_per_round=3, eval_users=3))
+    app = host(screen, finished)
+    async with app.run_test() as pilot:
+        await until(lambda: finished)
+        await pilot.pause()
+        assert app.is_running and screen.ended and screen._job.stopped
+        assert finished[0][1].startswith("unexpected error: OverflowError(")
+        assert "stopped: unexpected error: OverflowError(" in log_text(screen)

@@ -32,11 +32,12 @@ def sync(fn):
 
 USERS = FIXTURES / "users.jsonl.gz"
 FAST = LearnConfig(client=ClientConfig(epochs=1.0, batch_size=2, bptt=8), eval_messages=5)
+SLOW = LearnConfig(client=ClientConfig(epochs=50.0, batch_size=2, bptt=8), eval_messages=5)  # still learning when stopped
 
 
-def make_app(tiny, tmp_path, users_file=USERS, **kw) -> FedkbApp:
+def make_app(tiny, tmp_path, users_file=USERS, learn_cfg=FAST, **kw) -> FedkbApp:
     model, tok = tiny
-    return FedkbApp(model, tok, devices_root=tmp_path / "devices", users_file=users_file, learn_cfg=FAST,
+    return FedkbApp(model, tok, devices_root=tmp_path / "devices", users_file=users_file, learn_cfg=learn_cfg,
                     cursor_blink=False, **kw)
 
 
@@ -61,6 +62,20 @@ async def learning_fails(app, pilot, why: str = "") -> None:
 async def type_(pilot, s: str) -> None:
     await pilot.press(*["space" if c == " " else c for c in s])
     await pilot.pause()
+
+
+async def until(pilot, cond, seconds: float = 120.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if cond():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("timed out")
+
+
+def panel(app) -> tuple[bool, str]:
+    """The typing screen's learning panel: (progress bar shown, its line)."""
+    t = app.typing_screen
+    return t.query_one("#learn-progress").display, str(t.query_one("#learn-result").render())
 
 
 @sync
@@ -680,7 +695,8 @@ def test_malformed_round_messages_never_reach_the_screen():
     assert _round_ok(good) and _round_ok({"round": 1})
     for bad in ({**good, "round": {"top1": 0.5}}, {**good, "round": "x"}, {**good, "round": 0}, {**good, "top1": "50%"},
                 {**good, "aggregated": 2.5}, {**good, "discovery": {"added": [{"word": 5}]}}, {**good, "discovery": []},
-                {**good, "timings": {}}, {**good, "timings": {"round_s": "fast"}}, [good], None):
+                {**good, "timings": {}}, {**good, "timings": {"round_s": "fast"}}, {**good, "timings": None},
+                {**good, "loss": 10**400}, {**good, "timings": {"round_s": -10**400}}, [good], None):
         assert not _round_ok(bad), bad
 
 
@@ -955,27 +971,157 @@ async def test_a_word_forgotten_for_this_session_stays_forgotten_through_new_mod
 
 @sync
 async def test_clearing_waits_for_a_learning_to_end(tiny, tmp_path, monkeypatch):
-    """f8 clears only once a learning under way has ended (it could write into the cleared folder):
-    its process is gone when the folder is removed, and where it does not end nothing is cleared."""
-    from federation.device import Device
+    """f8 clears only once a learning under way has ended (it could write into the cleared folder): its
+    process is gone when the folder is removed, and it is waited for in a worker thread (the keyboard
+    froze for the seconds it took); the panel says the learning stopped. Where it does not end, nothing
+    is cleared."""
+    import threading
 
-    app = make_app(tiny, tmp_path, user_id="u0001")
+    from federation.device import Device
+    from keyboard.learner import LearnerProcess
+
+    app = make_app(tiny, tmp_path, user_id="u0001", learn_cfg=SLOW)
     said = []
     app.notify = lambda message, **kw: said.append((message, kw.get("severity")))
-    seen = []
-    clear = Device.clear
+    seen, waited_on_ui_thread = [], []
+    clear, stop = Device.clear, LearnerProcess.stop
     monkeypatch.setattr(Device, "clear", lambda device: (seen.append(learner._proc.returncode), clear(device)))
+
+    def stop_and_see(self, wait=None):
+        if wait is not None:
+            waited_on_ui_thread.append(threading.current_thread() is threading.main_thread())
+        return stop(self, wait)
+
+    monkeypatch.setattr(LearnerProcess, "stop", stop_and_see)
     async with app.run_test() as pilot:
         await pilot.press("ctrl+l")
         learner = app.screen._learner
-        while learner._proc is None:
-            await pilot.pause(0.05)
+        await until(pilot, lambda: learner._proc is not None)
         await pilot.press("f8", "y")
-        await pilot.pause()
-        assert seen and seen[0] is not None  # exited before the folder was removed
-        monkeypatch.setattr(app.screen, "stop_learning", lambda wait=None: False)
+        await until(pilot, lambda: seen)
+        assert seen[0] is not None and waited_on_ui_thread == [False]  # exited before the folder was removed
+        await until(pilot, lambda: not any(w.is_running for w in app.workers))
+        assert panel(app) == (False, "Learning stopped.")  # not "Learning failed: learning stopped"
+        await pilot.press("ctrl+l")
+        learner = app.screen._learner
+        await until(pilot, lambda: learner._proc is not None)
+        monkeypatch.setattr(learner, "stop", lambda wait=None: False)  # a process that does not end
         history = app.session.device.history()
         await pilot.press("f8", "y")
-        await pilot.pause()
+        await until(pilot, lambda: said[-1][0].startswith("nothing cleared"))
         assert len(seen) == 1 and app.session.device.history() == history
         assert said[-1] == ("nothing cleared on 'u0001': a learning under way did not end", "error")
+        stop(learner, 5.0)
+
+
+@sync
+async def test_f8_clears_only_the_device_its_question_names(tiny, tmp_path):
+    """f8 asks about one device; the command palette changed the profile under the question, and `y`
+    then deleted that other profile's history. The palette now waits for the answer, and a profile that
+    changed anyway is not cleared."""
+    from keyboard.screens.confirm import ConfirmScreen
+
+    app = make_app(tiny, tmp_path)
+    said = []
+    app.notify = lambda message, **kw: said.append((message, kw.get("severity")))
+    async with app.run_test() as pilot:
+        await type_(pilot, "my own message")
+        await pilot.press("enter")
+        app.open_profile("u0002")
+        await pilot.press("f8")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen) and "'u0002'" in app.screen.question
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)  # no palette
+        app.open_profile("me")
+        await pilot.press("y")
+        await pilot.pause()
+        assert app.session.user_id == "me" and app.session.device.history() == ["my own message"]
+        assert said[-1] == ("nothing cleared on 'u0002': the profile is 'me' now", "warning")
+
+
+@sync
+async def test_enter_in_f8s_question_keeps_the_data(tiny, tmp_path):
+    """The question opened with "Yes" focused, so enter, the key that sends a message, deleted everything."""
+    from keyboard.screens.confirm import ConfirmScreen
+
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "my own message")
+        await pilot.press("enter")
+        await pilot.press("f8")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen) and app.session.device.history() == ["my own message"]
+
+
+@sync
+async def test_a_failed_profile_switch_leaves_the_learning_under_way(tiny, tmp_path):
+    """A profile that cannot be opened ended the current profile's learning, and its panel said
+    "Learning on this device…" for good; a switch that works ends it, and the new profile's panel is empty."""
+    app = make_app(tiny, tmp_path, user_id="u0001", learn_cfg=SLOW)
+    (tmp_path / "devices" / "u0002").mkdir(parents=True)
+    (tmp_path / "devices" / "u0002" / "words.json").write_text("{not json")
+    async with app.run_test() as pilot:
+        await pilot.press("ctrl+l")
+        learner = app.screen._learner
+        app.open_profile("u0002")
+        await pilot.pause()
+        assert app.session.user_id == "u0001" and app.screen._learner is learner and not learner.stopped
+        assert panel(app) == (True, "Learning on this device…")
+        app.open_profile("u0003")
+        await pilot.pause()
+        assert learner.stopped and app.screen._learner is None and panel(app) == (False, "")
+
+
+@sync
+async def test_incognito_ends_a_learning_under_way(tiny, tmp_path):
+    """ctrl+o: nothing learned from then on, so a learning under way ends (its model was typed with
+    while incognito was on)."""
+    app = make_app(tiny, tmp_path, user_id="u0001", learn_cfg=SLOW)
+    said = []
+    app.notify = lambda message, **kw: said.append(message)
+    async with app.run_test() as pilot:
+        await pilot.press("ctrl+l")
+        learner = app.screen._learner
+        await until(pilot, lambda: learner._proc is not None)
+        await pilot.press("ctrl+o")
+        assert learner.stopped and app.screen._learner is None and panel(app) == (False, "Learning stopped.")
+        assert said[-1] == "incognito on: nothing stored, nothing learned; the learning under way was ended"
+        assert learner._proc.wait(60) is not None
+        await pilot.pause()
+        assert app.session.label == "base" and not (app.session.device.delta_dir / DELTA_FILE).exists()
+
+
+@sync
+async def test_a_device_folder_that_cannot_be_laid_out_again_keeps_the_model_in_use(tiny, tmp_path, monkeypatch):
+    """`install` lays out a simulated user's folder again where its history is gone; on a full disk that
+    OSError ended the app (its callers took only FedkbError). A new global model and a learned delta are
+    then refused, and typing goes on as it was."""
+    import dataclasses
+    import errno
+    import os
+
+    from federation.device import Device
+    from keyboard.learner import LearnerProcess
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    app = make_app(tiny, tmp_path, user_id="u0001")
+    async with app.run_test() as pilot:
+        s = app.session
+        stale = dataclasses.replace(s.ready(tiny[0]), stamp=("another delta",))  # read again at install
+        s.device.history_file.unlink()
+        monkeypatch.setattr(Device, "write_simulated", full_disk)
+        answers = []
+        app._swap_global(tiny[0], stale, answers.append)
+        assert len(answers) == 1 and "No space" in answers[0]
+        t = app.typing_screen
+        t._learner = learner = LearnerProcess(s)
+        t._learned(learner, None, stale)
+        await pilot.pause()
+        assert app.is_running and s.label == "base" and panel(app) == (False, f"Learning failed: {answers[0]}")

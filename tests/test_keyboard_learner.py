@@ -97,3 +97,38 @@ def test_the_personal_delta_is_private(tiny, tmp_path):
     d = s.device.delta_dir
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)
     assert (mode(d), mode(d / DELTA_FILE), mode(d / DELTA_META)) == (0o700, 0o600, 0o600)
+
+
+def test_the_delta_and_its_record_are_written_together(tiny, tmp_path, monkeypatch):
+    """A disk that fills while the record (delta.json) is written leaves the last learning's delta and
+    record, both: the new delta was committed first, so a learning said to have failed was typed with
+    later, beside the older learning's record. The delta is the bytes `save_tensors` writes (its checksum)."""
+    import errno
+    import os
+
+    import torch
+
+    from keyboard.session import DELTA_META
+    from models import atomic
+    from models.checkpoint import save_tensors
+
+    s = _session(tiny, tmp_path)
+    s.learn()
+    d = s.device.delta_dir
+    first = {name: (d / name).read_bytes() for name in (DELTA_FILE, DELTA_META)}
+    delta = read_arrays(d / DELTA_FILE)
+    save_tensors(tmp_path / "as_before", {k: torch.from_numpy(a) for k, a in delta.items()}, meta={"global": "base"})
+    assert first[DELTA_FILE] == (tmp_path / "as_before").read_bytes()  # old and new deltas read the same
+    s.device.append_message("one more message to learn from")
+    temporary = atomic._temporary
+
+    def full_disk(path, data, mode):
+        if path.name == DELTA_META:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return temporary(path, data, mode)
+
+    monkeypatch.setattr(atomic, "_temporary", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        s.learn()
+    assert {name: (d / name).read_bytes() for name in first} == first
+    assert not list(d.glob("*.tmp"))

@@ -10,6 +10,9 @@ from textual.widgets import Button, Static
 
 
 class ConfirmScreen(ModalScreen[bool]):
+    """Yes or no; "No" has the focus, so enter (which sends a message) never answers yes."""
+
+    AUTO_FOCUS = "#no"
     BINDINGS = [
         Binding("y", "answer(True)", "Yes", id="confirm-yes", tooltip="Yes, do it"),
         Binding("n,escape", "answer(False)", "No", id="confirm-no", tooltip="No, keep everything"),

@@ -243,6 +243,9 @@ class FederationScreen(Screen):
                              on_round=lambda m, ckpt: self._call(self._on_round, m, ckpt))
         except (FedkbError, OSError) as e:  # OSError: the process could not be started
             self._call(self._finished, job.round, str(e))  # the rounds the folder holds, as far as known
+        except Exception as e:  # a bug (a message the screen could not draw): the run ends, the keyboard goes on
+            job.stop()
+            self._call(self._finished, job.round, f"unexpected error: {e!r}")
         else:
             self._call(self._finished, rounds, None)
 

@@ -190,27 +190,34 @@ class TypingScreen(Screen):
         if not history:
             self.notify("nothing to learn from yet: type and send (Enter) a few messages first", severity="warning")
             return
+        self.stop_learning()
         bar = self.query_one("#learn-progress", ProgressBar)
         bar.display = True
         bar.update(total=None, progress=0)
         self.query_one("#learn-result", Static).update("Learning on this device…")
-        self.stop_learning()
         self._learner = LearnerProcess(s)
         self.learn(self._learner)
 
-    def stop_learning(self, wait: float | None = None) -> bool:
-        """End a running "Learn now" (another profile, clearing the device, quitting): no delta comes of it.
-        With `wait` (clearing the device), wait for its process to exit (JobProcess.stop): False if it
-        still runs, so that it might yet write into the device folder."""
-        ended = True
-        if self._learner is not None:
-            ended = self._learner.stop(wait)
-            self._learner = None
-        self.workers.cancel_group(self, "learn")
-        return ended
+    @property
+    def learning(self) -> bool:
+        """A "Learn now" is under way."""
+        return self._learner is not None
+
+    def stop_learning(self) -> LearnerProcess | None:
+        """End a running "Learn now" (another profile, clearing the device, incognito), and say so on the
+        panel; returns its process (None: none ran), whose exit a caller that removes the device folder
+        waits for (`stop(wait=S)`, from a worker thread: it can take seconds)."""
+        learner, self._learner = self._learner, None
+        self.workers.cancel_group(self, "learn")  # first: its worker then says nothing ("Learning failed: ... stopped")
+        if learner is not None:
+            learner.stop()
+            self.query_one("#learn-progress").display = False
+            self.query_one("#learn-result", Static).update("Learning stopped.")
+        return learner
 
     def on_unmount(self) -> None:
-        self.stop_learning()
+        if self._learner is not None:  # the app quits (its widgets may be gone: nothing to say)
+            self._learner.stop()
 
     @work(thread=True, exclusive=True, group="learn")
     def learn(self, learner: LearnerProcess) -> None:
@@ -253,7 +260,7 @@ class TypingScreen(Screen):
             if isinstance(ready, FedkbError):
                 raise ready
             s.install(ready)  # the delta the process wrote, on top of the global model in use now
-        except FedkbError as e:
+        except (FedkbError, OSError) as e:  # OSError: the simulated user's folder cannot be laid out again
             self._learn_failed(str(e))
             return
         if s.delta_error:
