@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # configs are plain data, read without torch (the keyboard's 
 
 MAX_USERS = 1_000_000  # a round draws over the whole population (a permutation of N): 8 MB at this size
 MAX_WORKERS = 64
+MAX_EPOCHS = 1_000_000  # models/train.py's TrainConfig limit (not imported: that module imports torch)
 
 
 def _require_finite(**values: float | None) -> None:
@@ -56,6 +57,8 @@ class ClientConfig:
             raise ValueError("client batch size and bptt must be >= 1, max_words >= 2")
         if not self.epochs > 0 or not self.lr > 0:
             raise ValueError("client epochs and learning rate must be > 0")
+        if self.epochs > MAX_EPOCHS:  # TrainConfig's limit, checked before the first round
+            raise ValueError(f"client epochs must be at most {MAX_EPOCHS:,}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"unknown client optimizer {self.optimizer!r} (sgd or adam)")
         if not self.clip_grad > 0:

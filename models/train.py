@@ -23,6 +23,9 @@ from models.text import sentence_tokens
 from models.vocab import Vocabulary
 
 
+MAX_EPOCHS = 1_000_000  # more passes than any run could make; more is a typo (and overflows the step count)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: float = 1.0  # passes over the stream (fractions allowed)
@@ -40,6 +43,8 @@ class TrainConfig:
             raise ValueError("epochs and gradient clip must be > 0, learning rate >= 0")
         if not (math.isfinite(self.epochs) and math.isfinite(self.lr)):  # inf: an OverflowError, or a model of NaNs
             raise ValueError(f"epochs and learning rate must be finite numbers (epochs={self.epochs}, lr={self.lr})")
+        if self.epochs > MAX_EPOCHS:  # 1e308 is finite, but epochs x steps is not
+            raise ValueError(f"epochs must be at most {MAX_EPOCHS:,} (epochs={self.epochs})")
         if self.batch_size < 1 or self.bptt < 1 or self.sampled_softmax < 0:
             raise ValueError("batch size and bptt must be >= 1, sampled softmax >= 0")
         if self.optimizer not in ("adam", "sgd"):

@@ -81,6 +81,7 @@ def test_simulate_client_flags_reach_the_config():
     (["--dp", "inf", "--clip", "1"], "noise multiplier"),
     (["--dp", "1", "--clip", "inf"], "clip must be a finite number"),
     (["--client-epochs", "inf"], "client epochs"),  # an OverflowError before
+    (["--client-epochs", "1e308"], "client epochs must be at most"),  # finite; the step count overflowed
     (["--seed", str(10**23)], "--seed"),  # an OverflowError before
     (["--users", str(10**12)], "--users"),  # tried to allocate 8 TB before
     (["--workers", "100000", "--engine", "parallel"], "--workers must be at most"),

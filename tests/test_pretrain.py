@@ -293,6 +293,7 @@ def test_a_text_with_no_repeated_word_is_refused(tiny, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--threads", "-1"], "--threads must be >= 0"),  # RuntimeError from torch before
     (["--epochs", "inf"], "must be finite numbers"),  # OverflowError, after reading the data
+    (["--epochs", "1e308"], "epochs must be at most 1,000,000"),  # finite, but the step count overflowed
     (["--lr", "inf"], "must be finite numbers"),  # a model of NaNs saved over --out
     (["--seed", str(10**23)], r"seed must be a whole number in \[0, 2\^63\)"),  # ValueError from manual_seed
     (["--seed", "-1"], r"seed must be a whole number in \[0, 2\^63\)"),
