@@ -38,17 +38,12 @@ from pathlib import Path
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): runs go unlocked
-    fcntl = None
-
 from federation import vocab_history
 from federation.config import SimulationConfig
 from federation.discovery import DiscoveryConfig, DiscoveryStep, make_discovery_step
 from federation.engine_parallel import make_engine
 from federation.rounds import Discover, Evaluator, run_round
-from federation.runfolder import CONFIG, DISCOVERY_KEY, LATEST, LOCK, METRICS, checkpoint_dir, latest_round, read_metrics
+from federation.runfolder import CONFIG, DISCOVERY_KEY, LATEST, METRICS, checkpoint_dir, latest_round, read_metrics
 from federation.sampling import Population, build_population, devices_to_select, eval_users
 from federation.server import ServerState, init_state
 from models import atomic
@@ -93,25 +88,12 @@ def read_config(run_dir: Path) -> tuple[dict, SimulationConfig]:
 
 
 def lock_run(run_dir: Path) -> tuple[int | None, str | None]:
-    """Lock the run folder for this process (an exclusive `flock` on RUN/.lock): (descriptor, None),
-    or (None, why) where the system cannot lock files (the run then goes on unlocked).
-
-    Two processes running rounds in one folder would interleave checkpoints and metrics lines;
-    the second now stops at once.  The kernel drops the lock when its holder exits, `kill -9`
-    included, so a killed run never leaves its folder locked."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        return None, "this system has no file locks: nothing stops a second process from running this folder"
-    fd = os.open(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FedkbError(f"{run_dir} is in use: another fedkb process is running its rounds") from None
-    except OSError as e:  # a file system without locks (some network mounts)
-        os.close(fd)
-        return None, f"cannot lock {Path(run_dir) / LOCK} ({e.strerror}): nothing stops a second process from running this folder"
-    return fd, None
+    """Lock the run folder for this process (models/atomic.py's `lock_folder`): (descriptor, None),
+    or (None, why) where the system cannot lock files (the run then goes on unlocked).  Two
+    processes running rounds in one folder would interleave checkpoints and metrics lines; the
+    second now stops at once."""
+    return atomic.lock_folder(Path(run_dir), busy=f"{run_dir} is in use: another fedkb process is running its rounds",
+                              unlocked="nothing stops a second process from running this folder")
 
 
 def refuse_a_file(path: Path, what: str, flag: str) -> None:

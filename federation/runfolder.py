@@ -15,7 +15,6 @@ from models.jsonvalues import is_int
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 LATEST = "latest.json"
-LOCK = ".lock"
 DISCOVERY_KEY = "discovery_theta"  # config.json: the TrieHH threshold the run discovers words with, or null
 
 

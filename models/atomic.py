@@ -3,7 +3,8 @@
 * `write_*`: atomic replace (write a temporary file beside the target, fsync, rename);
 * `append_line`: durable append (write, fsync): a crash leaves at most a torn last line, which the
   next append ends with a newline first, so it never swallows a later line;
-* `read_jsonl`: the matching reader, which skips a torn (or blank) line and keeps the rest.
+* `read_jsonl`: the matching reader, which skips a torn (or blank) line and keeps the rest;
+* `lock_folder`: one process at a time in a folder (a run's rounds, a pretrain's work).
 
 A new file gets `mode` less the umask, as `open` gives it: the usual permissions by default, or
 0o600 (`PRIVATE`, readable by its owner only) for a device's files.
@@ -19,7 +20,13 @@ from pathlib import Path
 
 from models.errors import FedkbError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): folders go unlocked
+    fcntl = None
+
 PRIVATE = 0o600
+LOCK = ".lock"
 
 
 def write_bytes(path: Path, data: bytes, mode: int = 0o666) -> None:
@@ -135,3 +142,25 @@ def read_jsonl_numbered(path: Path) -> list[tuple[int, object]]:
     except OSError as e:
         raise FedkbError(f"cannot read {path}: {e.strerror or e}") from None
     return out
+
+
+def lock_folder(folder: Path, busy: str, unlocked: str) -> tuple[int | None, str | None]:
+    """Lock `folder` for this process (an exclusive `flock` on FOLDER/.lock, made with the folder):
+    (descriptor, None), closing which releases it; or (None, why) where the system cannot lock
+    files, the caller then going on unlocked (`why` ends with `unlocked`, what that allows).
+    FedkbError(`busy`) where another process holds it.  The kernel drops the lock when its holder
+    exits, `kill -9` included, so a killed process never leaves its folder locked."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return None, f"this system has no file locks: {unlocked}"
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FedkbError(busy) from None
+    except OSError as e:  # a file system without locks (some network mounts)
+        os.close(fd)
+        return None, f"cannot lock {folder / LOCK} ({e.strerror}): {unlocked}"
+    return fd, None

@@ -27,11 +27,6 @@ from pathlib import Path
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): the work folder goes unlocked
-    fcntl = None
-
 from models import atomic, params
 from models.checkpoint import WEIGHTS, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from models.errors import FedkbError
@@ -92,28 +87,22 @@ def _check_writable(folder: Path) -> None:
 
 @contextlib.contextmanager
 def _locked(work_dir: Path, note: Callable[[str], None]) -> Iterator[None]:
-    """Hold an exclusive `flock` on WORK/.lock: a second pretrain in the same work folder stops at
-    once instead of interleaving its saves with this one's.  The kernel drops the lock when its
-    holder dies, `kill -9` included.  Where files cannot be locked, training goes on unlocked."""
+    """Hold WORK's lock (models/atomic.py's `lock_folder`): a second pretrain in the same work folder
+    stops at once instead of interleaving its saves with this one's.  Where files cannot be
+    locked, training goes on unlocked, and `note` says so."""
     try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(work_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd, why = atomic.lock_folder(work_dir, busy=f"{work_dir} is in use: another fedkb pretrain is training there "
+                                                     "(give this one another --work)",
+                                     unlocked=f"nothing stops a second pretrain from using {work_dir}")
     except OSError as e:
         raise FedkbError(f"cannot write {work_dir}: {e.strerror or e}") from None
+    if why:
+        note(why)
     try:
-        if fcntl is None:
-            note(f"this system has no file locks: nothing stops a second pretrain from using {work_dir}")
-        else:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise FedkbError(f"{work_dir} is in use: another fedkb pretrain is training there "
-                                 "(give this one another --work)") from None
-            except OSError as e:  # a file system without locks (some network mounts)
-                note(f"cannot lock {work_dir / '.lock'} ({e.strerror}): nothing stops a second pretrain from using {work_dir}")
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _read_state(work_dir: Path) -> dict | None:

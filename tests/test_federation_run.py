@@ -488,6 +488,7 @@ def test_a_system_without_file_locks_runs_unlocked_and_says_so(tmp_path, monkeyp
     import errno
 
     from federation import run as run_mod
+    from models import atomic
 
     fd, why = run_mod.lock_run(tmp_path / "a")
     assert fd is not None and why is None
@@ -500,10 +501,10 @@ def test_a_system_without_file_locks_runs_unlocked_and_says_so(tmp_path, monkeyp
         def flock(fd, op):
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(run_mod, "fcntl", NoLocks)
+    monkeypatch.setattr(atomic, "fcntl", NoLocks)
     fd, why = run_mod.lock_run(tmp_path / "b")
     assert fd is None and "cannot lock" in why and "second process" in why
-    monkeypatch.setattr(run_mod, "fcntl", None)  # no fcntl at all (not POSIX)
+    monkeypatch.setattr(atomic, "fcntl", None)  # no fcntl at all (not POSIX)
     fd, why = run_mod.lock_run(tmp_path / "c")
     assert fd is None and "no file locks" in why
 
