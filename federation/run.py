@@ -52,6 +52,7 @@ from models.datasets import UserData, load_users
 from models.errors import FedkbError
 from models.jsonvalues import is_int
 from models.lm import WordLM
+from models.modelfile import read_meta
 from models.tokenizer import Tokenizer
 
 
@@ -174,15 +175,16 @@ def users_sha256(users: list[UserData]) -> str:
     return h.hexdigest()
 
 
-def _round0(run_dir: Path, tokenizer: Tokenizer | None = None):
-    """The run's round-0 checkpoint (the model it started from), or None if it cannot be read; without a
-    tokenizer: the SHA-256 of the tokenizer it was saved with, from its model.json."""
+def _round0_fingerprint(run_dir: Path, what: str, tokenizer: Tokenizer) -> str | None:
+    """The fingerprint of the model (`what` "model") or tokenizer ("tokenizer": the SHA-256 its
+    model.json names) the run's round-0 checkpoint was saved with; None if it cannot be read."""
     try:
-        if tokenizer is None:
-            return json.loads((checkpoint_dir(run_dir, 0) / "model.json").read_text(encoding="utf-8"))["tokenizer_sha256"]
-        return load_checkpoint(checkpoint_dir(run_dir, 0), tokenizer)
+        if what == "tokenizer":
+            return read_meta(checkpoint_dir(run_dir, 0)).get("tokenizer_sha256")
+        r0 = load_checkpoint(checkpoint_dir(run_dir, 0), tokenizer)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, FedkbError):
         return None
+    return model_sha256(r0.model.state_dict(), r0.vocab)
 
 
 def _rounds_text(rounds: list[int]) -> str:
@@ -397,8 +399,7 @@ class Simulation:
             return
         ref = stored.get(FINGERPRINTS[what])
         if ref is None:
-            r0 = _round0(self.run_dir, self.tokenizer if what == "model" else None)
-            ref = model_sha256(r0.model.state_dict(), r0.vocab) if what == "model" and r0 is not None else r0
+            ref = _round0_fingerprint(self.run_dir, what, self.tokenizer)
         if ref != self.fingerprints[what]:
             why = "its fingerprint differs" if ref else "its round-0 checkpoint, to compare with, is unreadable"
             raise FedkbError(f"--{what} {moved[what]} is not the {what} this run started from ({why}); the run's "
