@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from models.errors import FedkbError
+from models.jsonvalues import is_number
 
 HELP = "run rounds of federated learning over the simulated users"
 
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     ms = read_metrics(args.out)
     first, last = (ms[0], ms[-1]) if ms else ({}, {})
     keys = ("top1", "ksr")
-    if all(isinstance(m.get(k), int | float) and not isinstance(m.get(k), bool) for m in (first, last) for k in keys):
+    if all(is_number(m.get(k)) for m in (first, last) for k in keys):
         span = f"from round {first['round']} to {last['round']}" if first["round"] else f"after {_rounds(last['round'])}"
         print(f"global top-1 {first['top1']:.2f}% -> {last['top1']:.2f}%, KSR {first['ksr']:.2f}% -> {last['ksr']:.2f}% "
               f"{span}; run folder {args.out}")  # a lost round 0 line: not "after N rounds" from the round-0 model
