@@ -53,7 +53,8 @@ def json_bytes(obj) -> bytes:
 
 def write_files(files: dict[Path, bytes], mode: int = 0o666) -> None:
     """Replace each file atomically, all together: every temporary file is written before the first
-    rename, so an error while writing (a full disk) replaces none of them."""
+    rename, so an error while writing (a full disk) replaces none of them.  The renames, in the
+    order given, are then made durable (each folder fsynced), so a power cut cannot undo them."""
     temps = []
     try:
         for path, data in files.items():
@@ -65,6 +66,23 @@ def write_files(files: dict[Path, bytes], mode: int = 0o666) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise
+    for folder in dict.fromkeys(Path(path).parent for path in files):
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in `folder` durable (POSIX: a rename is on disk once its directory is
+    fsynced); where folders cannot be opened or fsynced (Windows, some file systems), nothing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _temporary(path: Path, data: bytes, mode: int) -> str:

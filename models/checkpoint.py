@@ -4,7 +4,7 @@ Never pickle.  A checkpoint directory holds `model.safetensors` and `model.json`
 names and its reader, `read_model`, live in models/modelfile.py, which works without torch):
 
     {"format": "fedkb-lm", "format_version": 1, "config": {...}, "vocab": {...},
-     "tokenizer_sha256": "...", "meta": {...}}
+     "tokenizer_sha256": "...", "weights_sha256": "...", "meta": {...}}
 
 Loading (there) validates everything a corrupt or mismatched file could get wrong
 (missing file, bad header, damaged data (a checksum, models/tensorfile.py), wrong
@@ -24,7 +24,8 @@ from models import atomic, params, tensorfile
 from models.errors import FedkbError
 from models.lm import LMConfig, WordLM
 # the format and its reader live there, torch-free; default_paths is re-exported for callers of this module
-from models.modelfile import FORMAT, FORMAT_VERSION, META, WEIGHTS, default_paths, read_arrays, read_model  # noqa: F401
+from models.modelfile import (FORMAT, FORMAT_VERSION, META, WEIGHTS, WEIGHTS_SHA256, default_paths,  # noqa: F401
+                              read_arrays, read_model)
 from models.params import Params
 from models.tokenizer import Tokenizer
 from models.vocab import Vocabulary
@@ -66,17 +67,20 @@ def load_tensors(path: Path, reference: Params | None = None) -> Params:
 
 def save_checkpoint(directory: Path, model: WordLM, vocab: Vocabulary, tokenizer: Tokenizer, meta: dict | None = None) -> None:
     """Write the weights and the JSON together (atomic.write_files: both temporary files first, then
-    the two renames), so an interrupted save leaves the folder's old pair, not new weights under the
-    old vocabulary."""
+    the two renames), so an error while writing leaves the folder's old pair, not new weights under
+    the old vocabulary.  model.json records the weights' checksum, so a kill between the two renames
+    (new weights, old JSON) is refused on loading instead of read as one model."""
     directory = Path(directory)
+    weights = _tensor_bytes(directory / WEIGHTS, model.state_dict(), None)
     atomic.write_files({
-        directory / WEIGHTS: _tensor_bytes(directory / WEIGHTS, model.state_dict(), None),
+        directory / WEIGHTS: weights,
         directory / META: atomic.json_bytes({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "config": model.cfg.to_json(),
             "vocab": vocab.to_json(),
             "tokenizer_sha256": tokenizer.sha256,
+            WEIGHTS_SHA256: tensorfile.checksum(weights),
             "meta": meta or {},
         }),
     })

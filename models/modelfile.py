@@ -8,7 +8,8 @@ here and predict with models/numpy_predictor.py, and torch is imported only by w
 
 The files are the ones models/checkpoint.py writes (`model.json` + `model.safetensors`, the
 delta files of a device), checked as strictly: the format and version, the tokenizer's hash,
-the data's checksum (models/tensorfile.py), every tensor's name, shape and dtype, all finite;
+the data's checksum (models/tensorfile.py) and that it is the one model.json recorded (the two
+files are from one save), every tensor's name, shape and dtype, all finite;
 the vocabulary's every field (models.vocab.Vocabulary.from_json) and "meta" (an object).
 Every problem is a `FedkbError` that names the file.
 """
@@ -31,6 +32,7 @@ FORMAT = "fedkb-lm"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "model.json"
+WEIGHTS_SHA256 = "weights_sha256"  # model.json's record of its weights' checksum: the two files are one pair
 START_STATE_KEYS = ("start_h", "start_c")  # models.lm.WordLM's buffers: in every state dict, never trained
 
 Arrays = dict[str, np.ndarray]
@@ -78,15 +80,17 @@ def shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
             "lstm.bias_hh_l0": (4 * h,), "lstm.weight_hr_l0": (d, h), "start_h": (d,), "start_c": (h,)}
 
 
-def read_arrays(path: Path, reference: Mapping[str, tuple[int, ...]] | None = None) -> Arrays:
+def read_arrays(path: Path, reference: Mapping[str, tuple[int, ...]] | None = None,
+                checksum: str | None = None) -> Arrays:
     """A safetensors file as arrays, all finite: every tensor file fedkb reads comes through here
     (models.checkpoint.load_tensors wraps the arrays as tensors).
 
     With `reference` (name -> shape), the file must hold exactly those tensors, in float32, of
     those shapes; a file written before the start state existed lacks its two and they read as
-    zeros (what such a model started every message from, and a zero delta)."""
+    zeros (what such a model started every message from, and a zero delta).  With `checksum`, the
+    file must be the one that checksum was recorded for (models/tensorfile.py)."""
     path = Path(path)
-    arrays = tensorfile.read(path)
+    arrays, written = tensorfile.read(path)
     if reference is not None:
         for key in START_STATE_KEYS:
             if key in reference and key not in arrays:
@@ -103,6 +107,9 @@ def read_arrays(path: Path, reference: Mapping[str, tuple[int, ...]] | None = No
                 raise FedkbError(f"{path} does not fit the model: {k} has dtype {a.dtype}, expected float32")
     if not all(np.isfinite(a).all() for a in arrays.values()):
         raise FedkbError(f"{path} contains NaN or infinite values")
+    if checksum is not None and written != checksum:
+        raise FedkbError(f"{path} is not the weights its {META} was saved with (a save interrupted between "
+                         f"the two files, or one file copied from elsewhere): save or copy the folder again")
     return arrays
 
 
@@ -140,5 +147,8 @@ def read_model(directory: Path, tokenizer: Tokenizer) -> ModelFile:
         meta = {}
     elif not isinstance(meta, dict):
         raise FedkbError(f"{directory / META}: meta is {type(meta).__name__} {meta!r:.40}, not an object")
-    weights = read_arrays(directory / WEIGHTS, reference=want)
+    pair = obj.get(WEIGHTS_SHA256)  # absent in folders written before it was recorded
+    if pair is not None and not isinstance(pair, str):
+        raise FedkbError(f"{directory / META}: {WEIGHTS_SHA256} is {pair!r:.40}, not a checksum")
+    weights = read_arrays(directory / WEIGHTS, reference=want, checksum=pair)
     return ModelFile(directory, weights, vocab, dict(config), meta)

@@ -56,8 +56,9 @@ def with_checksum(blob: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + data
 
 
-def check(path: Path, blob: bytes) -> None:
-    """Raise FedkbError if `blob` (the bytes of `path`) carries a checksum its data does not match."""
+def check(path: Path, blob: bytes) -> str | None:
+    """Raise FedkbError if `blob` (the bytes of `path`) carries a checksum its data does not match;
+    the checksum (None for a file written without one)."""
     try:
         header, data = _split(blob)
     except (ValueError, UnicodeDecodeError) as e:
@@ -66,10 +67,18 @@ def check(path: Path, blob: bytes) -> None:
     want = meta.get(CHECKSUM) if isinstance(meta, dict) else None
     if want is not None and hashlib.sha256(data).hexdigest() != want:
         raise FedkbError(f"{path} is damaged: its data no longer matches the checksum it was written with")
+    return want
 
 
-def read(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file's tensors as NumPy arrays (writable), its checksum checked: what every
+def checksum(blob: bytes) -> str | None:
+    """The checksum `with_checksum` wrote into safetensors file `blob`'s header (None if it has none)."""
+    meta = _split(blob)[0].get("__metadata__") or {}
+    return meta.get(CHECKSUM) if isinstance(meta, dict) else None
+
+
+def read(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
+    """A safetensors file's tensors as NumPy arrays (writable), its checksum checked, and that
+    checksum (None where it has none): what every
     reader of fedkb's tensor files starts from (models.modelfile.read_arrays checks the arrays).
     FedkbError for a missing, unreadable or damaged file, and, before its data is read, for what
     is not a regular file (a link to /dev/zero would be read until memory runs out), a file over
@@ -86,8 +95,7 @@ def read(path: Path) -> dict[str, np.ndarray]:
         raise FedkbError(f"{path} holds a dtype NumPy cannot read ({e})") from None
     except MemoryError:
         raise FedkbError(f"{path} is too large to read into memory") from None
-    check(path, blob)
-    return arrays
+    return arrays, check(path, blob)
 
 
 MAX_BYTES = 1 << 30  # no fedkb tensor file comes near this: the shipped model is 7.8 MB

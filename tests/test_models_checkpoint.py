@@ -271,6 +271,53 @@ def test_an_interrupted_save_leaves_the_old_pair(tiny_loaded, tmp_path, monkeypa
     assert {f: (d / f).read_bytes() for f in before} == before and sorted(p.name for p in d.iterdir()) == sorted(before)
 
 
+def test_a_kill_between_the_two_renames_is_refused_on_loading(tiny_loaded, tmp_path, monkeypatch):
+    """The weights were renamed into place and the JSON not (a kill in that window): the folder
+    held the new weights under the old model.json and loaded as one model.  model.json now
+    records its weights' checksum, and both readers refuse the pair; a folder saved before that
+    record existed (the shipped base model) loads as before."""
+    from models import atomic
+    from models.modelfile import read_model
+
+    ckpt, tok = tiny_loaded
+    d = tmp_path / "c"
+    save_checkpoint(d, ckpt.model, ckpt.vocab, tok, meta={"round": 1})
+    real, renames = os.replace, []
+
+    def killed_after_the_first(src, dst):
+        if renames:
+            raise KeyboardInterrupt
+        renames.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_after_the_first)
+    with torch.no_grad():
+        ckpt.model.residual.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(d, ckpt.model, ckpt.vocab, tok, meta={"round": 2})
+    monkeypatch.setattr(atomic.os, "replace", real)
+    assert [Path(r).name for r in renames] == ["model.safetensors"]
+    for load in (lambda: read_model(d, tok), lambda: load_checkpoint(d, tok)):
+        with pytest.raises(FedkbError, match=r"model.safetensors is not the weights its model.json was saved with"):
+            load()
+    _edit_json(d, lambda o: o.pop("weights_sha256"))  # as written before the record: no pair to check
+    assert load_checkpoint(d, tok).meta == {"round": 1}
+    _edit_json(d, lambda o: o.update(weights_sha256=5))
+    with pytest.raises(FedkbError, match=r"model.json: weights_sha256 is 5, not a checksum"):
+        read_model(d, tok)
+
+
+def test_write_files_makes_its_renames_durable(tmp_path, monkeypatch):
+    """A rename is on disk only once its folder is fsynced: each folder written to is."""
+    from models import atomic
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    (tmp_path / "a").mkdir()
+    atomic.write_files({tmp_path / "a" / "x": b"1", tmp_path / "a" / "y": b"2", tmp_path / "b" / "z": b"3"})
+    assert synced[-2:] == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
 def test_save_tensors_refuses_what_every_reader_would_refuse(tmp_path):
     """NaN was written without complaint; only the next read said the file was broken."""
     save_tensors(tmp_path / "t.safetensors", {"a": torch.ones(3)})

@@ -1,6 +1,7 @@
 """The start state (models/start_state.py): computed as documented, saved with the model,
 used by every predictor, never moved by federated aggregation."""
 
+import json
 import shutil
 
 import pytest
@@ -83,6 +84,9 @@ def test_files_saved_before_it_load_with_the_old_zero_start(tiny, tmp_path):
     shutil.copytree(tiny[0], tmp_path / "old")
     tensors = load_file(str(tmp_path / "old" / WEIGHTS))
     save_file({k: v for k, v in tensors.items() if k not in START_STATE_KEYS}, str(tmp_path / "old" / WEIGHTS))
+    meta = json.loads((tmp_path / "old" / "model.json").read_text())
+    del meta["weights_sha256"]  # nor did model.json record its weights' checksum then
+    (tmp_path / "old" / "model.json").write_text(json.dumps(meta))
     model = load_checkpoint(tmp_path / "old", tok).model
     assert not model.start_h.any() and not model.start_c.any()
     assert not NumpyPredictor.load(tmp_path / "old", tok).w["start_c"].any()
