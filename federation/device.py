@@ -158,16 +158,19 @@ class Device:
         """Forget `word`: never suggested again on this device, and erased from its personal words, its
         word counts and its typed history (not from future.jsonl, which the user never typed).
 
-        words.json and history.jsonl are replaced together: an error leaves both as they were."""
+        words.json and history.jsonl are replaced together: an error leaves both as they were.  The
+        history is renamed into place first: a kill between the two renames leaves the word erased
+        from what was typed (and not yet blocked), never blocked but still in the history."""
         word = word.lower()
         state = self.word_state()
         if word not in state["blocked"]:
             state["blocked"] = state["blocked"] + [word]
         state["personal"] = [w for w in state["personal"] if w != word]
         state["oov_counts"] = {w: n for w, n in state["oov_counts"].items() if w != word}
-        files = {self.words_file: atomic.json_bytes(state)}
+        files = {}
         if self.history_file.exists():
             files[self.history_file] = atomic.jsonl_text(_erased(self.history(), word)).encode("utf-8")
+        files[self.words_file] = atomic.json_bytes(state)
         self.make_folder()
         atomic.write_files(files, atomic.PRIVATE)
 

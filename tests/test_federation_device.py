@@ -139,6 +139,24 @@ def test_forget_that_cannot_be_written_changes_nothing(dev, monkeypatch):
     assert not list(dev.path.glob(".*.tmp"))
 
 
+def test_a_kill_between_the_two_renames_never_leaves_a_forgotten_word_in_the_history(dev, monkeypatch):
+    """words.json was renamed first: a kill before history.jsonl's rename left the word blocked
+    but still in what the device stores of the user's typing."""
+    dev.append_message("i love my xylovex", VOCAB)
+    real, renamed = os.replace, []
+
+    def killed_after_the_first(src, dst):
+        if renamed:
+            raise KeyboardInterrupt
+        renamed.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        dev.block_word("xylovex")
+    assert "xylovex" not in dev.history_file.read_text()
+
+
 # -- who may read it ------------------------------------------------------------------------------
 def test_device_files_are_private(dev, tmp_path):
     """0700 folders, 0600 files, whatever the umask; other atomic writes (checkpoints, run
