@@ -476,7 +476,7 @@ def _build(out_dir: Path, cache_dir: Path, wheels_dir: Path | None, cfg: SplitCo
         progress("training the sentencepiece tokenizer")
         try:
             train_tokenizer(load_pretrain_lines(out_dir / PRETRAIN_FILE), out_dir / TOKENIZER_FILE,
-                            vocab_size=TOKENIZER_PIECES, seed=cfg.seed)
+                            vocab_size=TOKENIZER_PIECES)
         except RuntimeError as e:  # sentencepiece: "Vocabulary size too high (4000). Please set it to ..."
             why = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]
             raise FedkbError(f"too little pretraining text for a {TOKENIZER_PIECES}-piece tokenizer ({why})") from e

@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections import Counter
 from pathlib import Path
 
 import sentencepiece as spm
 
+from models import atomic
 from models.errors import FedkbError
 from models.text import BOS, UNK, words
 
 
-def train_tokenizer(lines: list[str], model_path: Path, vocab_size: int = 4000, seed: int = 0) -> None:
-    """Train a unigram sentencepiece model on the lower-cased words of `lines`.
+def train_tokenizer(lines: list[str], model_path: Path, vocab_size: int = 4000) -> None:
+    """Train a unigram sentencepiece model on the lower-cased words of `lines`, written atomically.
 
     The input is the word list with counts (one "sentence" per distinct word,
     repeated by frequency up to a cap) so the result depends only on the
-    words, not on line order; training is single-threaded, hence deterministic.
+    words, not on line order; training is single-threaded and unshuffled, hence
+    deterministic without a seed.
     """
     counts = Counter(w for line in lines for w in words(line))
     sentences = []
@@ -47,11 +48,7 @@ def train_tokenizer(lines: list[str], model_path: Path, vocab_size: int = 4000, 
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         minloglevel=2,
     )
-    model_path = Path(model_path)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, model_path)
+    atomic.write_bytes(Path(model_path), buf.getvalue())
 
 
 class Tokenizer:
