@@ -1,8 +1,9 @@
 """Loading the shipped data files (built by `fedkb prepare`); no network.
 
-`DATA_DIR` is the repository's `data/` folder, or `$FEDKB_DATA` when set.
-Every loader raises `FedkbError` naming the file when it is missing or
-corrupt, so the CLI shows one clear line instead of a traceback.
+`DATA_DIR` is the repository's `data/` folder, or `$FEDKB_DATA` when set.  The data are
+not package data: a non-editable install (`pip install .`) has none beside its code, and
+`data_dir()` says so.  Every loader raises `FedkbError` naming the file when it is missing
+or corrupt, so the CLI shows one clear line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Iterator
 
 from models.errors import FedkbError
 
-DATA_DIR = Path(os.environ["FEDKB_DATA"]) if os.environ.get("FEDKB_DATA") else Path(__file__).resolve().parent.parent / "data"
+CODE_DIR = Path(__file__).resolve().parent.parent  # the folder holding models/: a checkout, or site-packages
+DATA_DIR = Path(os.environ["FEDKB_DATA"]) if os.environ.get("FEDKB_DATA") else CODE_DIR / "data"
 
 PRETRAIN_FILE = "pretrain.txt.gz"
 USERS_FILE = "users.jsonl.gz"
@@ -35,8 +37,29 @@ class UserData:
     future: tuple[str, ...]
 
 
+def checkout() -> Path | None:
+    """The checkout fedkb runs from (a pyproject.toml beside models/), or None: a non-editable install."""
+    return CODE_DIR if (CODE_DIR / "pyproject.toml").is_file() else None
+
+
+def cache_dir(name: str) -> Path:
+    """A checkout's .cache/NAME, or $XDG_CACHE_HOME/fedkb/NAME (~/.cache/fedkb/NAME) for an install."""
+    if checkout() is not None:
+        return CODE_DIR / ".cache" / name
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedkb" / name
+
+
+def data_dir() -> Path:
+    """DATA_DIR; FedkbError where it is the missing data/ beside a non-editable install's code (no
+    $FEDKB_DATA), which `fedkb prepare` must not write into site-packages to make."""
+    if DATA_DIR == CODE_DIR / "data" and checkout() is None and not DATA_DIR.is_dir():
+        raise FedkbError(f"fedkb's data folder {DATA_DIR} is missing: install fedkb from a checkout with "
+                         "`pip install -e .`, or set FEDKB_DATA to a data folder")
+    return DATA_DIR
+
+
 def _resolve(path: Path | str | None, default_name: str) -> Path:
-    return Path(path) if path is not None else DATA_DIR / default_name
+    return Path(path) if path is not None else data_dir() / default_name
 
 
 def _broken(path: Path, why: str) -> FedkbError:

@@ -164,3 +164,77 @@ def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch, capsys)
     monkeypatch.setattr(predict, "run", run)
     assert main(["predict", "hi"]) == 2
     assert capsys.readouterr().err == "fedkb predict: error: Broken pipe\n"
+
+
+@pytest.fixture()
+def installed(tmp_path, monkeypatch):
+    """A non-editable install's layout: the code in site-packages (no pyproject.toml beside it), no data/ there,
+    no $FEDKB_DATA; $XDG_CACHE_HOME in tmp_path."""
+    from models import datasets
+
+    code = tmp_path / "site-packages"
+    code.mkdir()
+    monkeypatch.setattr(datasets, "CODE_DIR", code)
+    monkeypatch.setattr(datasets, "DATA_DIR", code / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return code
+
+
+@pytest.mark.parametrize("command", [["simulate", "--rounds", "1"], ["pretrain"], ["prepare"], ["eval", "--users"]])
+def test_an_install_without_data_says_how_to_get_it(command, installed, tmp_path, monkeypatch, capsys):
+    """Each said "cannot read tokenizer SITE-PACKAGES/data/tokenizer.model; run `fedkb prepare`", and
+    `fedkb prepare` then wrote into site-packages."""
+    from models import prepare
+
+    monkeypatch.setattr(prepare, "build", lambda *a, **k: pytest.fail("prepare wrote into site-packages"))
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, *(["--out", "run"] if command[0] == "simulate" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fedkb {command[0]}: error: fedkb's data folder {installed / 'data'} is missing: install fedkb from "
+                   "a checkout with `pip install -e .`, or set FEDKB_DATA to a data folder\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site-packages"] and not any(installed.iterdir())
+
+
+def test_cache_defaults_lie_in_the_checkout_or_the_users_cache(installed, tmp_path, monkeypatch):
+    """prepare's --cache and pretrain's --work: the checkout's .cache/ as before; an install's were in site-packages."""
+    from models import datasets
+    from keyboard.commands import prepare, pretrain
+
+    def defaults():
+        got = {}
+        for module, dest in ((prepare, "cache"), (pretrain, "work")):
+            p = argparse.ArgumentParser()
+            module.add_arguments(p)
+            got[dest] = getattr(p.parse_args([]), dest)
+        return got
+
+    assert defaults() == {"cache": tmp_path / "xdg" / "fedkb" / "wheels", "work": tmp_path / "xdg" / "fedkb" / "pretrain"}
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert defaults()["cache"] == Path.home() / ".cache" / "fedkb" / "wheels"
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.setattr(datasets, "CODE_DIR", repo)  # a checkout: unchanged
+    assert defaults() == {"cache": repo / ".cache" / "wheels", "work": repo / ".cache" / "pretrain"}
+
+
+def test_a_resumed_run_with_no_round_to_run_draws_no_progress_bar(tmp_path, monkeypatch, capsys):
+    """`--resume --rounds 1` on a run of 2 rounds: "already has 2 rounds", then a full bar that read 2/1."""
+    from types import SimpleNamespace
+
+    import federation.run
+
+    class Done:  # a run of 2 rounds, resumed with a total of 1
+        notes, round, done, sim = [], 2, True, SimpleNamespace(rounds=1)
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, on_round=None):
+            pass
+
+    monkeypatch.setattr(federation.run, "Simulation", Done)
+    monkeypatch.setattr(federation.run, "read_metrics", lambda run_dir: [])
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")  # rich draws the bar as on a terminal
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["simulate", "--out", str(tmp_path / "run"), "--resume", "--rounds", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "already has 2 rounds; pass --rounds M (more than 2)" in err and "federated rounds" not in err

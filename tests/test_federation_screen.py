@@ -4,13 +4,16 @@ import asyncio
 import functools
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from textual.app import App
 
 from keyboard.screens.federation import FederationScreen
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, REPO
 
 
 def sync(fn):
@@ -381,3 +384,18 @@ async def test_a_round_the_screen_cannot_draw_ends_the_run_not_the_app(tiny, tmp
         assert app.is_running and screen.ended and screen._job.stopped
         assert finished[0][1].startswith("unexpected error: OverflowError(")
         assert "stopped: unexpected error: OverflowError(" in log_text(screen)
+
+
+def test_live_runs_go_to_the_checkout_or_the_working_folder(tmp_path):
+    """f6's runs went to the folder above the code: for a non-editable install, site-packages/runs."""
+    code = ("import sys; from pathlib import Path; import models.datasets as d; d.CODE_DIR = Path(sys.argv[1]); "
+            "import keyboard.screens.federation as f; print(f.RUNS_DIR)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def runs_dir(code_dir: Path) -> str:
+        return subprocess.run([sys.executable, "-c", code, str(code_dir)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    (tmp_path / "site-packages").mkdir()
+    assert runs_dir(tmp_path / "site-packages") == "runs"  # ./runs, where `fedkb simulate` puts its runs too
+    assert runs_dir(REPO) == str(REPO / "runs")  # a checkout: unchanged

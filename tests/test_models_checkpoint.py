@@ -158,10 +158,14 @@ def test_model_json_without_meta_loads_with_empty_meta(tiny, tmp_path):
 
 
 def test_the_shipped_vocabulary_passes_the_checks():
+    """The shipped artifact data/base; skipped where it is absent (no other test needs it)."""
     from models.modelfile import default_paths
     from models.vocab import Vocabulary
 
-    obj = json.loads((default_paths()[0] / "model.json").read_text())
+    path = default_paths()[0] / "model.json"
+    if not path.is_file():
+        pytest.skip(f"no shipped base model to check ({path} is absent)")
+    obj = json.loads(path.read_text())
     v = Vocabulary.from_json(obj["vocab"], "model.json")
     assert v.base_size == obj["config"]["base_vocab"] == len(v)
 

