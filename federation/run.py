@@ -332,10 +332,12 @@ class Simulation:
             devices_root = Path(stored["devices"])
         elif resume:
             raise FedkbError(f"nothing to resume in {self.run_dir} ({CONFIG} missing)")
-        d_model, d_tok = default_paths()
+        if model_dir is None or tokenizer_path is None:  # an installed fedkb without data/ has none
+            d_model, d_tok = default_paths()
+            model_dir, tokenizer_path = model_dir or d_model, tokenizer_path or d_tok
         self.sim = sim or SimulationConfig()
-        self.model_dir = Path(model_dir or d_model).resolve()
-        self.tokenizer_path = Path(tokenizer_path or d_tok).resolve()
+        self.model_dir = Path(model_dir).resolve()
+        self.tokenizer_path = Path(tokenizer_path).resolve()
         self.users_file = Path(users_file).resolve() if users_file else None
         self.devices_root = Path(devices_root or self.run_dir.parent / f"{self.run_dir.name}-devices").resolve()
         run_dir = self.run_dir.resolve()

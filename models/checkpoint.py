@@ -101,6 +101,8 @@ def load_checkpoint(directory: Path, tokenizer: Tokenizer) -> Checkpoint:
 
 def load_model(model_dir: Path | None = None, tokenizer_path: Path | None = None) -> tuple[Checkpoint, Tokenizer]:
     """Load a checkpoint (default: the shipped base model) with its tokenizer."""
-    base, tok = default_paths()
-    tokenizer = Tokenizer(tokenizer_path or tok)
-    return load_checkpoint(model_dir or base, tokenizer), tokenizer
+    if model_dir is None or tokenizer_path is None:
+        base, tok = default_paths()
+        model_dir, tokenizer_path = model_dir or base, tokenizer_path or tok
+    tokenizer = Tokenizer(tokenizer_path)
+    return load_checkpoint(model_dir, tokenizer), tokenizer

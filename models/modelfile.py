@@ -39,10 +39,12 @@ Arrays = dict[str, np.ndarray]
 
 
 def default_paths() -> tuple[Path, Path]:
-    """(shipped base model directory, shipped tokenizer) under the data directory."""
-    from models.datasets import DATA_DIR
+    """(shipped base model directory, shipped tokenizer) under the data directory (FedkbError where an
+    installed fedkb has none: models.datasets.data_dir)."""
+    from models.datasets import data_dir
 
-    return DATA_DIR / "base", DATA_DIR / "tokenizer.model"
+    d = data_dir()
+    return d / "base", d / "tokenizer.model"
 
 
 def read_meta(directory: Path) -> dict:

@@ -180,7 +180,8 @@ def installed(tmp_path, monkeypatch):
     return code
 
 
-@pytest.mark.parametrize("command", [["simulate", "--rounds", "1"], ["pretrain"], ["prepare"], ["eval", "--users"]])
+@pytest.mark.parametrize("command", [["simulate", "--rounds", "1"], ["pretrain"], ["prepare"], ["eval", "--users"],
+                                     ["predict", "hi"], ["start-state"]])
 def test_an_install_without_data_says_how_to_get_it(command, installed, tmp_path, monkeypatch, capsys):
     """Each said "cannot read tokenizer SITE-PACKAGES/data/tokenizer.model; run `fedkb prepare`", and
     `fedkb prepare` then wrote into site-packages."""

@@ -27,15 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from keyboard.typing import TypingSession
-    from models.datasets import DATA_DIR
+    from models.modelfile import default_paths
     from models.errors import FedkbError
     from models.numpy_predictor import NumpyPredictor
     from models.tokenizer import Tokenizer
 
     if args.k < 1:
         raise FedkbError("-k must be at least 1")
-    tokenizer = Tokenizer(args.tokenizer or DATA_DIR / "tokenizer.model")
-    pred = NumpyPredictor.load(args.model or DATA_DIR / "base", tokenizer, k=args.k)
+    if args.model is None or args.tokenizer is None:
+        base, tok = default_paths()
+        args.model, args.tokenizer = args.model or base, args.tokenizer or tok
+    tokenizer = Tokenizer(args.tokenizer)
+    pred = NumpyPredictor.load(args.model, tokenizer, k=args.k)
     session = TypingSession(pred, k=args.k)
     update = session.update(args.text)
     if args.json:
