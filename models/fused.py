@@ -147,7 +147,7 @@ class _TiedSoftmaxCE(torch.autograd.Function):
         native = _kernels(h)
         if native is not None:  # logits, softmax and its gradient (1/N included), chunk by chunk in cache
             grad, rows, g_bias = native.tied_softmax_xent(h.contiguous(), emb.contiguous(), bias.contiguous(),
-                                                          targets.contiguous(), 1.0 / len(targets))
+                                                          targets.contiguous(), 1.0 / max(1, len(targets)))  # no targets: NaN, as below
             ctx.save_for_backward(h, emb, grad, g_bias)
             ctx.done, ctx.native = False, True
             return rows.mean()

@@ -206,8 +206,11 @@ class NumpyPredictor(IncrementalPredictor):
 
     def _top(self, scores: np.ndarray, k: int, cand: np.ndarray | None = None) -> tuple[list[int], list[float]]:
         if len(scores) > k:  # the k best without sorting all V: a partition, then those k in order
-            best = np.argpartition(-scores, k - 1)[:k]
-            best = best[np.lexsort((best, -scores[best]))]
+            best = np.argpartition(-scores, k)[:k + 1]  # the k best and the next
+            kth = np.sort(scores[best])[1]  # the k-th best
+            if np.count_nonzero(scores[best] == kth) > 1:  # a tie at or around the k-th: all the tied, by id
+                best = np.flatnonzero(scores >= kth)
+            best = best[np.lexsort((best, -scores[best]))][:k]
         else:
             best = np.lexsort((np.arange(len(scores)), -scores))
         return (best if cand is None else cand[best]).tolist(), scores[best].tolist()

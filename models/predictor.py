@@ -57,8 +57,28 @@ class Predictor(IncrementalPredictor):
         ids = torch.tensor(word_ids, dtype=torch.long)
         logits, _ = self.model(ids[None, :-1], self._emb, self._bias)
         scores = torch.log_softmax(logits[0], dim=-1) + self._mask  # (T-1, V): scores for word_ids[1:]
-        return scores, torch.topk(scores, min(k, scores.size(-1)), dim=-1).indices.tolist()  # k > V: all of them
+        k = min(k, scores.size(-1))  # k > V: all of them
+        values, idx = torch.topk(scores, min(k + 1, scores.size(-1)), dim=-1)
+        first = idx[:, :k].tolist()
+        for r, vals in enumerate(values.tolist()):
+            if _tie(vals):
+                first[r] = _by_position(scores[r], vals[k - 1], k).tolist()
+        return scores, first
 
     def _top(self, scores: torch.Tensor, k: int, cand: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
-        top = torch.topk(scores, k)
-        return (top.indices if cand is None else cand[top.indices]).tolist(), top.values.tolist()
+        values, idx = torch.topk(scores, min(k + 1, len(scores)))
+        vals = values.tolist()
+        best = _by_position(scores, vals[k - 1], k) if _tie(vals) else idx[:k]
+        return (best if cand is None else cand[best]).tolist(), vals[:k]
+
+
+# Equal scores rank by the lower position, as in models/numpy_predictor.py (torch.topk orders them as
+# it likes): where the k + 1 best (the k and the next one) hold a tie, the k are picked again.
+def _tie(values: list[float]) -> bool:
+    return any(a == b for a, b in zip(values, values[1:]))
+
+
+def _by_position(scores: torch.Tensor, kth: float, k: int) -> torch.Tensor:
+    """The positions of the k best of `scores` (V,), whose k-th best is `kth`: best first, equal ones by position."""
+    tied = (scores >= kth).nonzero()[:, 0]
+    return tied[scores[tied].sort(descending=True, stable=True).indices[:k]]

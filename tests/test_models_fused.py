@@ -139,6 +139,15 @@ def test_tied_softmax_cross_entropy_is_stable_for_huge_logits():
     assert torch.isfinite(h.grad).all()
 
 
+def test_tied_softmax_cross_entropy_of_no_targets_is_nan_as_in_pytorch():
+    """An empty batch: NaN, as F.cross_entropy gives, and zero gradients; the kernels' path divided by zero."""
+    h, emb, bias = torch.zeros(0, 5, requires_grad=True), torch.randn(7, 5, requires_grad=True), torch.randn(7, requires_grad=True)
+    loss = tied_softmax_cross_entropy(h, emb, bias, torch.zeros(0, dtype=torch.long))
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(h @ emb.t() + bias, torch.zeros(0, dtype=torch.long)))
+    g_emb, g_bias = torch.autograd.grad(loss, [emb, bias])
+    assert torch.equal(g_emb, torch.zeros(7, 5)) and torch.equal(g_bias, torch.zeros(7))
+
+
 def test_tied_softmax_cross_entropy_merges_vocabulary_chunks_stably():
     """The huge logit in the last of three vocabulary chunks, the target in the first: each chunk's
     sum is rescaled to the overall max when they are merged, never overflowing."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils.cpp_extension
+from torch.utils._cpp_extension_versioner import ExtensionVersioner
 
 from models import native
 from models.fused import composition_transpose
@@ -17,6 +18,46 @@ from models.fused import composition_transpose
 def _fresh(monkeypatch):
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_tried", False)
+
+
+class _TorchBuild:
+    """torch's build function (torch.utils.cpp_extension.load) in one process, without the compiler:
+    it writes the file torch writes, `name.so`, or `name_vN.so` where torch's in-process versioner
+    renames a name already built with other sources or flags; appends its own flags to the caller's
+    extra_ldflags as torch does; and raises `fails(extra_cflags)`'s error where that gives one."""
+
+    def __init__(self, fails=lambda cflags: None):
+        self.versions, self.fails, self.built = ExtensionVersioner(), fails, object()
+        self.calls, self.compiled = [], []
+
+    def __call__(self, name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        version = self.versions.bump_version_if_changed(name, sources, [extra_cflags, None, extra_ldflags, None],
+                                                        build_directory, False, False, True, False)
+        self.calls.append(list(extra_cflags))
+        so = Path(build_directory) / f"{name}{f'_v{version}' if version else ''}.so"
+        if not so.exists():
+            extra_ldflags += ["-L/torch/lib", "-ltorch"]
+            if error := self.fails(extra_cflags):
+                raise RuntimeError(error)
+            so.write_bytes(b"")
+            self.compiled.append(so.name)
+        return self.built
+
+
+def _process(monkeypatch, fails=lambda cflags: None) -> _TorchBuild:
+    """A new process: load() not tried yet, torch's versioner empty."""
+    _fresh(monkeypatch)
+    build = _TorchBuild(fails)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", build)
+    return build
+
+
+def _cache_in(monkeypatch, tmp_path):
+    if native.isa() is None:
+        pytest.skip("no AVX2: the kernels are never built here")
+    monkeypatch.delenv("FEDKB_NATIVE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "OPENMP", list(native.OPENMP))  # what an old load() appended to stays here
 
 
 def test_turned_off_by_the_environment(monkeypatch):
@@ -46,28 +87,102 @@ def test_a_failed_build_is_logged_and_falls_back(monkeypatch, tmp_path, caplog):
     assert native.loaded() is None
 
 
-def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(monkeypatch, tmp_path):
+def test_a_compiler_without_openmp_builds_the_kernels_for_one_thread(monkeypatch, tmp_path, capsys):
     """-fopenmp failing (a compiler without OpenMP) builds without it, and later processes load that
-    build instead of trying OpenMP again."""
-    if native.isa() is None:
-        pytest.skip("no AVX2: the kernels are never built here")
-    monkeypatch.delenv("FEDKB_NATIVE", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    calls, built = [], object()
+    build instead of trying OpenMP again.  The two builds have names of their own: under one name torch
+    wrote the second as `fedkb_native_v1.so`, and the next process, not finding `fedkb_native.so`,
+    compiled it again (~1 min) without a word."""
+    _cache_in(monkeypatch, tmp_path)
+    no_openmp = lambda cflags: "-fopenmp" in cflags and "c++: error: unsupported option '-fopenmp'"  # noqa: E731
+    first = _process(monkeypatch, no_openmp)
+    before = native.build_dir()
+    assert native.will_compile()
+    assert native.load() is first.built and len(first.calls) == 2 and first.compiled == ["fedkb_native_1t.so"]
+    assert native.build_dir() == before  # torch's flags appended to a list of load()'s own, not to OPENMP
+    assert capsys.readouterr().err.count("compiling") == 1  # once per load()
+    for _ in range(2):  # the next processes (a parallel engine's workers)
+        later = _process(monkeypatch, no_openmp)
+        assert not native.will_compile()
+        assert native.load() is later.built and later.compiled == [] and len(later.calls) == 1
+        assert "-fopenmp" not in later.calls[0] and "compiling" not in capsys.readouterr().err
 
-    def fake_build(*args, **kwargs):
-        calls.append(kwargs["extra_cflags"])
-        if "-fopenmp" in kwargs["extra_cflags"]:
-            raise RuntimeError("c++: error: unsupported option '-fopenmp'")
-        (Path(kwargs["build_directory"]) / "fedkb_native.so").write_bytes(b"")
-        return built
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_build)
-    _fresh(monkeypatch)
-    assert native.load() is built and len(calls) == 2
-    _fresh(monkeypatch)  # the next process
+def test_a_failed_build_is_not_tried_again_until_its_note_is_deleted(monkeypatch, tmp_path, capsys, caplog):
+    """A machine that cannot compile tried both builds in every process, announcing each (and the live
+    screen a 1-minute compile at each run); now a failed build leaves a note in its folder, which
+    will_compile() and load() honour until it is deleted, or the compiler changes."""
+    _cache_in(monkeypatch, tmp_path)
+    monkeypatch.delenv("CXX", raising=False)
+    first = _process(monkeypatch, lambda cflags: "Error building extension: fatal error: Python.h: No such file or directory")
+    with caplog.at_level(logging.INFO, logger="models.native"):
+        assert native.load() is None and len(first.calls) == 2
+    notes = [native.build_dir(openmp) / native.FAILED for openmp in (True, False)]
+    assert all(n.exists() and "Python.h" in n.read_text() for n in notes)
+    assert capsys.readouterr().err.count("compiling") == 1 and f"{notes[0]} and {notes[1]}; delete them to retry" in caplog.text
+    caplog.clear()
+    later = _process(monkeypatch, first.fails)  # the next process
     assert not native.will_compile()
-    assert native.load() is built and len(calls) == 3 and "-fopenmp" not in calls[2]
+    with caplog.at_level(logging.WARNING, logger="models.native"):
+        assert native.load() is None and later.calls == []
+    assert "compiling" not in capsys.readouterr().err and "failed here before" in caplog.text and "delete them to retry" in caplog.text
+    _fresh(monkeypatch)
+    monkeypatch.setenv("CXX", "/opt/another/g++")  # another compiler: tried again
+    assert native.will_compile()
+    monkeypatch.delenv("CXX")
+    assert not native.will_compile()
+    for n in notes:
+        n.unlink()
+    assert native.will_compile()
+    again = _process(monkeypatch)  # deleted: built, and a note left by another compiler goes
+    native.build_dir().joinpath(native.FAILED).write_text("compiler: /opt/another/g++\nerror\n")
+    assert native.load() is again.built and again.compiled == ["fedkb_native_omp.so"]
+    assert not native.build_dir().joinpath(native.FAILED).exists()
+
+
+def _read_only(monkeypatch, cache):
+    """The cache as on a read-only file system: no file in it can be opened for writing."""
+    real_open = open
+
+    def refusing(path, mode="r", *args, **kwargs):
+        if Path(path).is_relative_to(cache) and any(c in mode for c in "wa+"):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(native, "open", refusing, raising=False)
+
+
+def test_a_complete_build_in_a_read_only_cache_is_loaded_as_it_is(monkeypatch, tmp_path, capsys):
+    """A prebuilt cache that cannot be written (an image's, a read-only $HOME): its build is imported
+    as it is, where the lock file's error was taken for "no OpenMP" and the one-thread build was
+    "compiled" into a folder that cannot exist."""
+    mod = native.load()
+    if mod is None:
+        pytest.skip("the native kernels could not be built on this machine")
+    _cache_in(monkeypatch, tmp_path)
+    where = native.build_dir()
+    where.mkdir(parents=True)
+    (where / "fedkb_native_omp.so").write_bytes(Path(mod.__file__).read_bytes())
+    _read_only(monkeypatch, tmp_path)
+    build = _process(monkeypatch)
+    assert not native.will_compile()
+    got = native.load()
+    assert build.calls == [] and "compiling" not in capsys.readouterr().err
+    assert got is not None and Path(got.__spec__.origin) == where / "fedkb_native_omp.so"
+    h, emb, bias = torch.randn(3, 16), torch.randn(5, 16), torch.randn(5)
+    assert torch.equal(got.tied_softmax_xent(h, emb, bias, torch.tensor([0, 4, 2]), 1 / 3)[1],
+                       mod.tied_softmax_xent(h, emb, bias, torch.tensor([0, 4, 2]), 1 / 3)[1])
+
+
+def test_a_read_only_cache_without_the_build_says_where_and_what_to_do(monkeypatch, tmp_path, capsys, caplog):
+    _cache_in(monkeypatch, tmp_path)
+    where = native.build_dir()
+    where.mkdir(parents=True)
+    _read_only(monkeypatch, tmp_path)
+    build = _process(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="models.native"):
+        assert native.load() is None
+    assert build.calls == [] and "compiling" not in capsys.readouterr().err and "no OpenMP" not in caplog.text
+    assert f"{where} cannot be written" in caplog.text and "XDG_CACHE_HOME" in caplog.text
 
 
 def test_the_build_folder_follows_the_source(monkeypatch, tmp_path):
@@ -123,7 +238,7 @@ def test_a_build_killed_midway_does_not_make_the_next_one_wait_forever(monkeypat
             with pytest.raises(BlockingIOError):
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         seen.append((sources, (where / "lock").exists()))
-        (where / "fedkb_native.so").write_bytes(b"")
+        (where / f"{name}.so").write_bytes(b"")  # the file torch writes
         return built
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_build)
@@ -139,7 +254,9 @@ def test_will_compile_only_before_a_first_build(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert native.will_compile() == (native.isa() is not None)  # nothing cached under this cache folder
     native.build_dir().mkdir(parents=True)
-    (native.build_dir() / "fedkb_native.so").write_bytes(b"")
+    (native.build_dir() / "fedkb_native.so").write_bytes(b"")  # another version's build, under another name
+    assert native.will_compile() == (native.isa() is not None)
+    (native.build_dir() / "fedkb_native_omp.so").write_bytes(b"")
     assert not native.will_compile()  # cached: load() only imports it
     monkeypatch.setattr(native, "_tried", True)
     assert not native.will_compile()

@@ -189,3 +189,35 @@ def test_the_cell_is_the_textbook_lstm_bit_for_bit(tiny):
         h = w["lstm.weight_hr_l0"] @ (sigmoid(o) * np.tanh(c))
         p._cell(p.vocab.id(word))
         assert np.array_equal(p._h, h) and np.array_equal(p._c, c)
+
+
+def test_equal_scores_rank_alike_in_both_predictors(tiny, tiny_loaded):
+    """Equal scores go to the lower position in both predictors (the word id; within a prefix, the
+    alphabetical order), so `fedkb eval` (torch) and the keyboard (NumPy) rank a tie alike: torch.topk
+    orders equal scores as it likes.  Three words tie exactly: zero rows and one large bias."""
+    import torch
+
+    from models.evaluate import simulate_typing
+
+    ckpt, tok = tiny_loaded
+    ref, fast = Predictor(ckpt.model, ckpt.vocab, tok), NumpyPredictor.load(tiny[0], Tokenizer(tiny[1]))
+    tied = ["the", "to", "that"]  # ids ascending, not alphabetical
+    ids = [ref.vocab.index[w] for w in tied]
+    assert ids == sorted(ids) and sorted(tied) != tied
+    ref._emb, ref._bias, fast.emb, fast.bias = ref._emb.clone(), ref._bias.clone(), fast.emb.copy(), fast.bias.copy()
+    ref._emb[ids], ref._bias[ids], fast.emb[ids], fast.bias[ids] = 0.0, 20.0, 0.0, 20.0
+    for p in (ref, fast):
+        p.reset()
+        p.commit("how")
+    assert ref.suggest("") == fast.suggest("") == tied  # by word id
+    assert ref.suggest("t") == fast.suggest("t") == sorted(tied)  # by the position in the prefix's range
+    message = [ref.vocab.id(w) for w in ("<s>", "how", "are", "you", "the")]
+    assert ref.message_scores(message, 3)[1] == fast.message_scores(message, 3)[1] == [ids] * 4
+    texts = ["how are you today", "the cat and the dog", "i think that you are right"]
+    assert simulate_typing(ref, texts) == simulate_typing(fast, texts)
+    scores = torch.full((50,), -1.0)
+    scores[[7, 3, 40, 12]] = torch.tensor([2.0, 0.0, 0.0, 0.0])  # three tie for the last two places
+    assert ref._top(scores, 3) == ([7, 3, 12], [2.0, 0.0, 0.0])
+    assert ref._top(scores, 3, torch.arange(100, 150)) == ([107, 103, 112], [2.0, 0.0, 0.0])
+    assert fast._top(scores.numpy(), 3) == ([7, 3, 12], [2.0, 0.0, 0.0])  # argpartition picked any two of the three
+    assert fast._top(np.zeros(800, np.float32), 3)[0] == ref._top(torch.zeros(800), 3)[0] == [0, 1, 2]
