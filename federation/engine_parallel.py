@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import traceback
 from collections import deque
 from collections.abc import Sequence
@@ -93,11 +94,13 @@ def _ending(exitcode: int) -> str:
 
 def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta_bufs, conn, use_native):
     """Serve `conn` until the stop (None) or the main process's end (EOF: the worker exits, rather
-    than hold its model and users' streams, ~350 MB, for no one)."""
-    torch.set_num_threads(1)
-    if not use_native:
-        native.disable()  # the kernels the main process has, so the engines agree bit for bit
+    than hold its model and users' streams, ~350 MB, for no one).  An error, here as in a client's
+    training, is reported on `conn` and ends the worker with exit code 1."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the main process's; ignored from birth too (ParallelEngine)
     try:
+        torch.set_num_threads(1)
+        if not use_native:
+            native.disable()  # the kernels the main process has, so the engines agree bit for bit
         runner = ClientRunner(model_cfg, tokenizer_path, devices_root, cfg)
         like = runner.model.state_dict()
         global_params = _views(params_buf, like)
@@ -110,24 +113,33 @@ def _worker(wid, model_cfg, tokenizer_path, devices_root, cfg, params_buf, delta
                 release_free_memory()
                 continue
             _, task, slot = msg
-            try:
-                res = runner.run(global_params, task, out=outs[slot])  # the delta, written straight into the buffer
-            except (FedkbError, OSError) as e:  # the user's device: the sequential engine's error, word for word
-                why = (e.errno, e.strerror, e.filename) if isinstance(e, OSError) and e.strerror else (str(e),)
-                conn.send(("failed", task, why, isinstance(e, OSError)))
-                continue
+            res = runner.run(global_params, task, out=outs[slot])  # the delta, written straight into the buffer
             del res.delta
             done += 1
             if done % TRIM_EVERY == 0:
                 release_free_memory()  # memory flat within and across rounds (federation/memory.py)
             conn.send(("done", slot, task, res.num_words, res.loss, res.steps, res.seconds))
+        return  # the stop
     except (EOFError, BrokenPipeError):  # the main process has gone
         os._exit(0)
+    except (FedkbError, OSError) as e:  # the user's device, the tokenizer: the sequential engine's error, word for word
+        why = (e.errno, e.strerror, e.filename) if isinstance(e, OSError) and e.strerror else (str(e),)
+        report = ("failed", why, isinstance(e, OSError))
     except BaseException:  # report, don't hang the main process
-        try:
-            conn.send(("crashed", traceback.format_exc()))
-        except OSError:
-            os._exit(1)
+        report = ("crashed", traceback.format_exc())
+    try:
+        conn.send(report)
+    except OSError:
+        pass
+    os._exit(1)
+
+
+def _error(w: int, report) -> BaseException:
+    """What the main process raises for worker `w`'s ("failed" | "crashed", ...) report."""
+    if report[0] == "failed":
+        _, why, is_os = report
+        return OSError(*why) if is_os else FedkbError(why[0])
+    return RuntimeError(f"parallel engine worker {w} failed:\n{report[1]}")
 
 
 class ParallelEngine:
@@ -144,14 +156,24 @@ class ParallelEngine:
         self.params_buf = torch.zeros(n).share_memory_()
         self.delta_bufs = [[torch.zeros(n).share_memory_() for _ in range(2)] for _ in range(workers)]
         self.conns, self.procs = [], []
-        for w in range(workers):
-            mine, theirs = ctx.Pipe()
-            p = ctx.Process(target=_worker, daemon=True, args=(w, model_cfg, Path(tokenizer_path), Path(devices_root), cfg,
-                                                               self.params_buf, self.delta_bufs[w], theirs, use_native))
-            p.start()
-            theirs.close()  # the worker's end lives in the worker only: its death is then an EOF here
-            self.conns.append(mine)
-            self.procs.append(p)
+        # A terminal's Ctrl+C reaches the whole process group: the workers, which would each print a
+        # KeyboardInterrupt traceback (they import torch for seconds), are born ignoring it (an ignored
+        # signal stays ignored across exec; a mask would not do: the resource tracker that the first
+        # start spawns unblocks SIGINT), and this process handles it: `run` ends them.
+        own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if own else None  # only the main thread may set it
+        try:
+            for w in range(workers):
+                mine, theirs = ctx.Pipe()
+                p = ctx.Process(target=_worker, daemon=True, args=(w, model_cfg, Path(tokenizer_path), Path(devices_root), cfg,
+                                                                   self.params_buf, self.delta_bufs[w], theirs, use_native))
+                p.start()
+                theirs.close()  # the worker's end lives in the worker only: its death is then an EOF here
+                self.conns.append(mine)
+                self.procs.append(p)
+        finally:
+            if own:
+                signal.signal(signal.SIGINT, sigint)
         self.root = Path(devices_root)
         self._vocab_key = None
         self._round = 0
@@ -165,7 +187,7 @@ class ParallelEngine:
         try:
             self._run(global_params, vocab, tasks, consume)
         except BaseException:
-            self.close()
+            self.close(at_once=True)
             raise
 
     def _run(self, global_params, vocab, tasks, consume) -> None:
@@ -184,11 +206,8 @@ class ParallelEngine:
                     self._send(w, ("task", order.popleft(), slot))
         for _ in range(len(tasks)):
             w, msg = self._recv()
-            if msg[0] == "failed":
-                _, task, why, is_os = msg
-                raise OSError(*why) if is_os else FedkbError(why[0])
-            if msg[0] == "crashed":
-                raise RuntimeError(f"parallel engine worker {w} failed:\n{msg[1]}")
+            if msg[0] != "done":
+                raise _error(w, msg)
             _, slot, task, num_words, loss, steps, seconds = msg
             delta = _views(self.delta_bufs[w][slot], self.like)  # no copy: valid until consume returns
             consume(task, ClientResult(delta, num_words, loss, steps, seconds, task.slot))
@@ -218,26 +237,40 @@ class ParallelEngine:
                 raise FedkbError(f"parallel engine: worker {w} closed its pipe") from None
 
     def _check_workers(self, ending: int | None = None) -> None:
-        """FedkbError, saying how, where a worker has died (`ending`: one whose pipe just closed, given
-        a few seconds to finish dying so that its exit code is known)."""
+        """Where a worker has died: the error it reported before it ended, else a FedkbError saying
+        how it ended (`ending`: one whose pipe just closed, given a few seconds to finish dying so
+        that its exit code is known)."""
         if ending is not None:
             self.procs[ending].join(timeout=5.0)
         dead = [(i, p.exitcode) for i, p in enumerate(self.procs) if not p.is_alive()]
+        for i, _ in dead:
+            last = None
+            try:
+                while self.conns[i].poll(0):  # what it sent before it ended, unread: an error report comes last
+                    last = self.conns[i].recv()
+            except (EOFError, OSError):  # read to its end
+                pass
+            if last is not None and last[0] != "done":
+                raise _error(i, last)
         if dead:
             how = ", ".join(f"{i}: {_ending(code)}" for i, code in dead)
             raise FedkbError(f"parallel engine: worker(s) {[i for i, _ in dead]} died ({how})")
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
+        """End the workers: each exits at the stop, once it has done the clients it was sent (between
+        rounds, none; one still at it 5 s on is killed); `at_once` (a round that failed or was
+        interrupted: their work is not wanted, and they ignore Ctrl+C) kills them without waiting."""
         for c, p in zip(self.conns, self.procs):
-            if p.is_alive():
+            if p.is_alive() and not at_once:
                 try:
                     c.send(_STOP)
                 except OSError:
                     pass
         for p in self.procs:
-            p.join(timeout=5)
+            if not at_once:
+                p.join(timeout=5)
             if p.is_alive():
-                p.terminate()
+                p.kill()  # SIGKILL: a worker writes no file, and a stopped one (SIGSTOP) would not heed SIGTERM
                 p.join(timeout=5)
         for c in self.conns:
             c.close()

@@ -169,6 +169,15 @@ def test_workers_exit_when_the_main_process_is_killed(tiny, tmp_path):
     assert not any(_alive(w) for w in workers)
 
 
+def _sets_sigint(pid: int) -> bool:
+    """Whether process `pid` has set what SIGINT does, a handler or ignore (a worker's Python is up)."""
+    import signal
+
+    with open(f"/proc/{pid}/status") as f:
+        masks = [int(l.split(":")[1], 16) for l in f if l.startswith(("SigIgn:", "SigCgt:"))]
+    return any(m >> (signal.SIGINT - 1) & 1 for m in masks)
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, exited but not yet reaped by init, counts as gone)."""
     try:
@@ -176,3 +185,123 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+START_SCRIPT = textwrap.dedent('''
+    import sys
+    from pathlib import Path
+
+    import federation.engine_parallel as ep
+    from federation.config import ClientConfig
+    from federation.engine_sequential import ClientRunner, ClientTask, SequentialEngine
+    from federation.sampling import build_population
+    from models.checkpoint import load_model
+    from models.datasets import load_users
+    from models.errors import FedkbError
+
+
+    def runner(model_cfg, tokenizer_path, *args):  # this module is the workers' __mp_main__ too
+        if tokenizer_path.name == "oom.model":
+            raise MemoryError("out of memory (a test)")
+        return ClientRunner(model_cfg, tokenizer_path, *args)
+
+
+    ep.ClientRunner = runner
+
+    if __name__ == "__main__":
+        model, tokenizer, users, root = map(Path, sys.argv[1:5])
+        ck, tok = load_model(model, tokenizer)
+        pop = build_population(root, load_users(users), 6)
+        tasks = [ClientTask(i, i, pop.real_id(i), 100 + i) for i in range(4)]
+        gone = root.parent / "gone.model"  # no tokenizer there: each worker fails as it starts
+        try:
+            SequentialEngine(ck.model.cfg, gone, pop.root, ClientConfig())
+        except FedkbError as e:
+            print("sequential:", e)
+        for tokenizer, workers, wait in ((gone, 1, False), (gone, 2, True), (root.parent / "oom.model", 1, True)):
+            engine = ep.ParallelEngine(ck.model.cfg, tokenizer, pop.root, ClientConfig(), workers=workers)
+            if wait:  # the round starts after the workers have ended: their reports wait in their pipes
+                for p in engine.procs:
+                    p.join()
+                print("exit codes:", [p.exitcode for p in engine.procs])
+            try:
+                engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)
+            except (FedkbError, RuntimeError) as e:
+                print("parallel" + (", after the workers ended" if wait else "") + ":", type(e).__name__, e)
+''')
+
+
+def test_a_workers_error_as_it_starts_is_raised_as_a_clients_error_is(tiny, tmp_path):
+    """An error in a worker outside a client's training (here its start-up: no tokenizer) reaches
+    the main process as a client's does: a FedkbError is the sequential engine's one line (it was a
+    RuntimeError with the worker's traceback), anything else a RuntimeError naming the worker and
+    the error.  A worker that has ended by the time the round starts is no exception: its report
+    is read from its pipe (it was lost: "died (exit code 0 ...)"), and its exit code is 1."""
+    r = _run(START_SCRIPT, tiny, tmp_path)
+    seq = r.stdout.split("sequential: ", 1)[1].splitlines()[0]
+    assert seq.startswith("cannot read tokenizer ") and seq.endswith("gone.model: No such file or directory; run `fedkb prepare`")
+    assert f"parallel: FedkbError {seq}\n" in r.stdout, r.stdout
+    assert f"exit codes: [1, 1]\nparallel, after the workers ended: FedkbError {seq}\n" in r.stdout, r.stdout
+    crash = r.stdout.split("exit codes: [1]\nparallel, after the workers ended: RuntimeError ", 1)[1]
+    assert crash.startswith("parallel engine worker 0 failed:\nTraceback") and "MemoryError: out of memory (a test)" in crash
+
+
+INTERRUPT_SCRIPT = SETUP.replace(
+    "    engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)  # the workers now wait for a round",
+    "") + textwrap.indent(textwrap.dedent('''
+    print(" ".join(str(p.pid) for p in engine.procs), flush=True)  # the test's ctrl-c comes now: the workers import torch
+    try:
+        engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    finally:
+        engine.close()
+'''), "    ")
+
+
+def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
+    """A terminal's ctrl-c goes to the whole process group.  While the workers start (seconds of
+    importing torch), each printed a KeyboardInterrupt traceback, ~80 lines in all; they are born
+    ignoring it now, and the main process, which handles it, ends them."""
+    import signal
+    import time
+
+    p = subprocess.Popen(_args(INTERRUPT_SCRIPT, tiny, tmp_path), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        workers = [int(x) for x in p.stdout.readline().split()]
+        while not all(_sets_sigint(w) for w in workers):  # before, ctrl-c ends a worker in silence
+            time.sleep(0.01)
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert out == "interrupted\n" and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len(workers) == 2 and not any(_alive(w) for w in workers)
+
+
+STOPPED_SCRIPT = SETUP + textwrap.indent(textwrap.dedent('''
+    import threading
+    pids = [p.pid for p in engine.procs]
+    os.kill(pids[0], signal.SIGSTOP)  # alive, and silent from now on
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # the user's ctrl-c on the waiting round
+    t0 = time.time()
+    try:
+        engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)
+    except KeyboardInterrupt:
+        print(f"closed {time.time() - t0 - 2:.1f} s after ctrl-c")
+    left = [p for p in pids if os.path.exists(f"/proc/{p}")]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    print("workers left:", left)
+'''), "    ")
+
+
+def test_ctrl_c_with_a_stopped_worker_ends_it_at_once(tiny, tmp_path):
+    """A worker that is alive but silent (here stopped, SIGSTOP) holds up its round, and only ctrl-c
+    ends the wait (a time limit could fire on a slow machine).  An interrupted round kills the
+    workers at once: closing waited 5 s for each to read its stop, 5 more after a SIGTERM, which a
+    stopped process does not heed, and then left it behind."""
+    r = _run(STOPPED_SCRIPT, tiny, tmp_path)
+    assert "workers left: []" in r.stdout, r.stdout
+    assert float(r.stdout.split("closed ", 1)[1].split()[0]) < 4, r.stdout
