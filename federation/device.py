@@ -154,6 +154,17 @@ class Device:
             self._write_words(state)
         return added
 
+    def remove_personal_words(self, words: Iterable[str]) -> list[str]:
+        """Take `words` off this device's personal words (not blocked: they may be added again); the
+        personal words left."""
+        state = self.word_state()
+        gone = {w.lower() for w in words}
+        keep = [w for w in state["personal"] if w not in gone]
+        if len(keep) < len(state["personal"]):
+            state["personal"] = keep
+            self._write_words(state)
+        return keep
+
     def block_word(self, word: str) -> None:
         """Forget `word`: never suggested again on this device, and erased from its personal words, its
         word counts and its typed history (not from future.jsonl, which the user never typed).

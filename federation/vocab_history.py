@@ -224,6 +224,7 @@ def timeline(run_dir: Path) -> list[dict]:
 
     A round's record is written before the round is committed; a run stopped (ctrl-c, kill) in
     between leaves it until the round runs again, so records past the committed round are left out.
+    FedkbError where a record is malformed or the rounds do not increase.
     """
     if not Path(run_dir).is_dir():
         raise FedkbError(f"{run_dir} is not a run folder")
@@ -233,8 +234,12 @@ def timeline(run_dir: Path) -> list[dict]:
         recs = [r for r in recs if r["round"] <= last]
     if not recs:
         raise FedkbError(f"{path_of(run_dir)} is missing or empty: was the run made with --discover?")
-    for rec in recs:  # a file edited by hand or damaged is an error, not a traceback
+    for i, rec in enumerate(recs):  # a file edited by hand or damaged is an error, not a traceback
         check(run_dir, rec)
+        prev = recs[i - 1]["round"] if i else -1
+        if rec["round"] <= prev:  # a repeated round (a merged file) or one out of order
+            why = f"round {prev} appears twice" if rec["round"] == prev else f"round {rec['round']} comes after {prev}"
+            raise FedkbError(f"{path_of(run_dir)}: {why}; the rounds must increase")
     return recs
 
 

@@ -2,7 +2,8 @@
 
 Screens: typing (default), profiles, and, when their modules are present, the
 live federation and vocabulary-timeline screens.  Every control is a Binding
-(with an id and a tooltip, shown in the Footer) and a command-palette entry.
+(with an id and a tooltip; the Footer shows those that fit at 80 columns, the
+palette's keys panel all of them) and a command-palette entry.
 """
 
 from __future__ import annotations
@@ -31,30 +32,33 @@ LEARNER_EXIT_S = 5.0  # clearing the device waits (in a worker) this long for a 
 # the profile that f8's question names
 NOT_UNDER_A_QUESTION = {"command_palette", "clear", "profiles", "push_extra", "learn", "incognito", "forget"}
 
-# optional screens written elsewhere: name -> (module, class, palette label, help, key)
+# optional screens written elsewhere: name -> (module, class, palette label, help, key, footer label)
 EXTRA_SCREENS = {
     "federation": ("keyboard.screens.federation", "FederationScreen", "Federation: live rounds",
-                   "Watch rounds of federated learning over the simulated users", "f6"),
+                   "Watch rounds of federated learning over the simulated users", "f6", "Federation"),
     "vocab": ("keyboard.screens.vocab", "VocabScreen", "Vocabulary timeline",
-              "How the global vocabulary grew, round by round", "f7"),
+              "How the global vocabulary grew, round by round", "f7", "Vocab"),
 }
 
 
-def _available_extras() -> dict[str, type]:
-    found = {}
+def _available_extras() -> tuple[dict[str, type], dict[str, str]]:
+    """The extra screens' classes, and why each of the others cannot be opened (it failed to import)."""
+    found, missing = {}, {}
     for name, (module, cls, *_rest) in EXTRA_SCREENS.items():
         try:
             found[name] = getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError):
-            continue
-    return found
+        except (ImportError, AttributeError) as e:  # a missing dependency, or a bug in the module
+            missing[name] = f"{type(e).__name__}: {e}"
+    return found, missing
 
 
 class FedkbApp(App):
     TITLE = "fedkb"
     CSS_PATH = "app.tcss"
     COMMANDS = App.COMMANDS | {KeyboardCommands}
-    BINDINGS = [
+    BINDINGS = [  # after the typing screen's f5, in the order of their keys (the extras only where available)
+        *(Binding(key, f"push_extra('{name}')", footer, id=name, tooltip=help_)
+          for name, (_, _, _, help_, key, footer) in EXTRA_SCREENS.items()),
         Binding("f8", "clear", "Clear", id="clear", tooltip="Delete everything typed and learned on this device"),
     ]
 
@@ -80,17 +84,22 @@ class FedkbApp(App):
         # the model is loaded here, before the terminal is taken over: a bad path is one clear FedkbError
         self.session = KeyboardSession(model_dir, tokenizer_path, devices_root, user_id, incognito, users_file, learn_cfg)
         self.cursor_blink = cursor_blink
-        self._extras = _available_extras() if extra_screens else {}
+        self._extras, self._missing = _available_extras() if extra_screens else ({}, {})
         self._background: dict[str, object] = {}  # name -> an extra screen still at work off the stack
         super().__init__()
-        for name in self._extras:
-            _, _, label, help_, key = EXTRA_SCREENS[name]
-            self.bind(key, f"push_extra('{name}')", description=label.split(":")[0])
+
+    def on_mount(self) -> None:
+        for name, why in self._missing.items():  # its key is not shown: said, not silent
+            self.log.error(f"the {name} screen cannot be opened: {why}")
+            self.notify(f"the {name} screen ({EXTRA_SCREENS[name][4]}) cannot be opened: {why}", severity="warning",
+                        timeout=8, markup=False)
 
     def get_default_screen(self) -> TypingScreen:
         return TypingScreen()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "push_extra" and parameters and parameters[0] not in self._extras:
+            return False  # a screen turned off or that failed to import: its key is not shown
         return not (action in NOT_UNDER_A_QUESTION and isinstance(self.screen, ConfirmScreen))
 
     def on_unmount(self) -> None:
@@ -155,7 +164,8 @@ class FedkbApp(App):
     def action_push_extra(self, name: str) -> None:
         cls = self._extras.get(name)
         if cls is None:
-            self.notify(f"the {name} screen is not available", severity="warning")
+            why = f": {self._missing[name]}" if name in self._missing else ""
+            self.notify(f"the {name} screen is not available{why}", severity="warning", markup=False)
             return
         kept = self._background.get(name)  # a screen whose work goes on when it is left (the live rounds)
         if kept is not None:
@@ -206,11 +216,12 @@ class FedkbApp(App):
         t = self.typing_screen
         # nothing learned while on: a learning under way ends too (its model would be typed with from then on)
         ended = s.incognito and t is not None and t.stop_learning() is not None
-        on = "incognito on: nothing stored, nothing learned" + ("; the learning under way was ended" if ended else "")
-        self.notify(on if s.incognito else "incognito off", timeout=2)
         if t is not None:
-            t.set_class(s.incognito, "incognito")
-            t.show_stats()
+            t.incognito_changed()
+        on = "incognito on: nothing stored, nothing learned" + ("; the learning under way was ended" if ended else "")
+        private = t is not None and t.private  # the message in the box was typed with it on
+        off = "incognito off" + (" from the next message: this one is not stored" if private else "")
+        self.notify(on if s.incognito else off, timeout=2)
 
     def action_forget(self, word: str | None = None) -> None:
         t = self.typing_screen

@@ -148,7 +148,9 @@ class KeyboardSession:
         users_file: Path | None = None,
         learn_cfg: LearnConfig = LearnConfig(),
     ):
-        base, tok = default_paths()
+        base = tok = None
+        if model_dir is None or tokenizer_path is None:  # an installed fedkb without data/ has none
+            base, tok = default_paths()
         self.tokenizer = Tokenizer(tokenizer_path or tok)
         f = read_model(model_dir or base, self.tokenizer)
         self.model_dir = model_dir
@@ -377,6 +379,14 @@ class KeyboardSession:
         if added:
             self.predictor.add_personal_words(added)
         return added
+
+    def take_back_personal_words(self, words: Sequence[str]) -> None:
+        """Personal words added by a message that then became private (incognito came on while it
+        was typed): off this device and out of the suggestions.  OSError or FedkbError where the
+        words file cannot be read or written."""
+        keep = self.device.remove_personal_words(words)
+        self.predictor.vocab = self.vocab.add(keep)
+        self.apply_params(self.weights if self.has_delta else None)  # the word table composed again without them
 
     def forget(self, word: str) -> bool:
         """Never suggest `word` again on this device: True where that is stored on it, False in

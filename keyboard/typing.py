@@ -3,9 +3,9 @@
 The app hands over the whole text of the input and its cursor after every keystroke
 (`TypingSession.update`); the suggestions are for the cursor: the context is the
 text before it, the partial word the word that ends at it, and accepting replaces
-that word (wherever the cursor is) and puts the cursor after the word and its
-space.  This module works out what changed and keeps the `Predictor` in step at
-the cost of the change, not of the text:
+that word (wherever the cursor is; all of it where the cursor is inside one) and
+puts the cursor after the word and its space.  This module works out what changed
+and keeps the `Predictor` in step at the cost of the change, not of the text:
 
 * a letter typed inside a word: no model call, the suggestions are a prefix
   filter over scores already computed (completions of the partial word);
@@ -42,7 +42,8 @@ usable, and testable, without a terminal.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+import unicodedata
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from models.ksr import keystroke_savings
@@ -56,6 +57,7 @@ _I_FORMS = re.compile(r"^i('(m|ll|ve|d))?$")
 _ATTACHES = frozenset(".,!?;:)")  # typed right after an accept's space, takes its place
 _OPENERS = "([{\u201c\u2018\u00ab\u00bf\u00a1"  # an accepted word follows these without a space
 _QUOTES = "\"'`\u2019\u02bc"  # ... and these where they open a quote (after a space or an opener)
+_APOSTROPHES = "'`\u2019\u2018\u02bc\uff07"  # inside a word, as models.text reads a partial word
 
 
 # -- capitalisation --------------------------------------------------------------------
@@ -100,6 +102,17 @@ def _needs_space(before: str) -> bool:
     if before[-1] in _QUOTES and (len(before) == 1 or before[-2].isspace() or before[-2] in _OPENERS):
         return False  # an opening quote: 'she said "' + hello
     return True
+
+
+def _word_end(text: str, i: int) -> int:
+    """Where the word that position `i` is inside of ends: past the letters, digits, apostrophes and
+    combining marks from `i` on (models.text.partial_start's rule, forwards), no trailing apostrophe."""
+    j = i
+    while j < len(text) and (text[j].isalnum() or text[j] in _APOSTROPHES or unicodedata.category(text[j])[0] == "M"):
+        j += 1
+    while j > i and text[j - 1] in _APOSTROPHES:  # a closing quote: 'hello'
+        j -= 1
+    return j
 
 
 class MessageFull(ValueError):
@@ -234,6 +247,20 @@ class TypingSession:
         else:
             self._push(kept or _typed(word))
 
+    def shown_stats(self) -> LiveStats:
+        """`stats` with the words after the cursor counted too (they are still in the text): taken back
+        from the context when the cursor moved before them, their costs wait in the stash."""
+        shown = replace(self.stats)
+        if self._stash:
+            ahead = words(self.text[self._pstart : self._pstart + TAIL_CHARS])  # from the word the cursor is in
+            if self._partial and ahead and ahead[0] != self._stash[-1][0]:
+                ahead = ahead[1:]  # a word being typed there: counted once finished
+            for cost, word in zip(reversed(self._stash), ahead):
+                if cost[0] != word:
+                    break
+                shown._add(cost)
+        return shown
+
     def _realign(self, new: list[str], n: int, cut: bool) -> None:
         """The context changed other than by words finished at its end (a backspace into a word, the
         cursor moved, a paste): take back the words it lost, and put the ones it gained back (a word
@@ -262,20 +289,24 @@ class TypingSession:
 
     # -- accepting ---------------------------------------------------------------------
     def accept(self, index: int = 0) -> Update | None:
-        """Accept suggestion `index` (0 = best): replace the partial word at the cursor (or insert
-        the word there), add a space (unless one follows), and put the cursor after them.
+        """Accept suggestion `index` (0 = best): replace the word at the cursor (all of it, where the
+        cursor is inside one: "ki|ng") or insert the word there, add a space unless a space or
+        punctuation that attaches (`_ATTACHES`) follows, and put the cursor after that space or mark.
         None if there is no such suggestion; MessageFull if the text would pass `max_chars`."""
         if not 0 <= index < len(self.suggestions):
             return None
         word = self.suggestions[index]
         text, cursor = self.text, self.cursor
-        before, after = text[: self._pstart], text[cursor:]
+        end = _word_end(text, cursor) if self._partial else cursor
+        before, after = text[: self._pstart], text[end:]
         if self._pstart == cursor and _needs_space(before):
             before += " "
-        space = not after[:1].isspace()
+        space = not after[:1].isspace() and after[:1] not in _ATTACHES
         new = before + word + (" " if space else "") + after
         if self.max_chars is not None and len(new) > self.max_chars:
             raise MessageFull(f"message limited to {self.max_chars:,} characters: {word!r} not inserted")
+        if self._partial and self._stash and words(text[self._pstart : end]) == [self._stash[-1][0]]:
+            self._stash.pop()  # the word the cursor is in, counted before it moved there, is replaced
         at = len(before) + len(word) + 1
         self._accepted_word, self._accepted_typed = word.lower(), len(self._partial)
         update = self.update(new, at)

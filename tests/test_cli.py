@@ -181,7 +181,7 @@ def installed(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command", [["simulate", "--rounds", "1"], ["pretrain"], ["prepare"], ["eval", "--users"],
-                                     ["predict", "hi"], ["start-state"]])
+                                     ["predict", "hi"], ["start-state"], ["type"]])
 def test_an_install_without_data_says_how_to_get_it(command, installed, tmp_path, monkeypatch, capsys):
     """Each said "cannot read tokenizer SITE-PACKAGES/data/tokenizer.model; run `fedkb prepare`", and
     `fedkb prepare` then wrote into site-packages."""
@@ -194,6 +194,15 @@ def test_an_install_without_data_says_how_to_get_it(command, installed, tmp_path
     assert err == (f"fedkb {command[0]}: error: fedkb's data folder {installed / 'data'} is missing: install fedkb from "
                    "a checkout with `pip install -e .`, or set FEDKB_DATA to a data folder\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site-packages"] and not any(installed.iterdir())
+
+
+def test_an_install_without_data_runs_with_a_model_and_tokenizer_given(installed, tiny, capsys):
+    """Only a default looks for data/: given both paths, predict and the keyboard's session need none."""
+    from keyboard.session import KeyboardSession
+
+    assert main(["predict", "--model", str(tiny[0]), "--tokenizer", str(tiny[1]), "--json", "how are"]) == 0
+    assert capsys.readouterr().out.startswith("{")
+    assert KeyboardSession(tiny[0], tiny[1], installed / "devices").model_dir == tiny[0]
 
 
 def test_cache_defaults_lie_in_the_checkout_or_the_users_cache(installed, tmp_path, monkeypatch):

@@ -112,7 +112,8 @@ async def test_the_strip_and_accept_follow_the_cursor(tiny, tmp_path):
         assert sugg and all(w.lower().startswith("th") for w in sugg)
         await pilot.press("tab")
         await pilot.pause()
-        assert text(app) == f"and {sugg[0]} the king wh" and inp.cursor_position == len(f"and {sugg[0]} ")
+        # the whole word the cursor is in ("th|the") is replaced, as a phone keyboard does
+        assert text(app) == f"and {sugg[0]} king wh" and inp.cursor_position == len(f"and {sugg[0]} ")
         await pilot.press("end")
         await pilot.pause()
         assert all(w.lower().startswith("wh") for w in strip(app))
@@ -1125,3 +1126,224 @@ async def test_a_device_folder_that_cannot_be_laid_out_again_keeps_the_model_in_
         t._learned(learner, None, stale)
         await pilot.pause()
         assert app.is_running and s.label == "base" and panel(app) == (False, f"Learning failed: {answers[0]}")
+
+
+# -- audit 30.3 ---------------------------------------------------------------------------------
+@sync
+async def test_a_pasted_line_loses_its_line_ending_and_control_characters(tiny, tmp_path):
+    """"hello world\\n" pasted kept its line ending in the one-line input (what was typed next landed on
+    the box's border), and escape sequences or NUL and tab reached the message ("31mred" a personal word)."""
+    from textual import events
+
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        inp = app.screen.query_one(Input)
+        for paste in ("hello world\n", "hello world\r\n", "hello world\r"):
+            inp.post_message(events.Paste(paste))
+            await pilot.pause()
+            assert text(app) == "hello world"
+            inp.value = ""
+            await pilot.pause()
+        inp.post_message(events.Paste("x\x1b[31mred\x1b[0m\tand\x00so\x1b[2J"))
+        await pilot.pause()
+        assert text(app) == "xred and so"
+
+
+def _users_with(tmp_path, ids) -> Path:
+    import gzip
+    import json
+
+    path = tmp_path / "users.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for uid in ids:
+            f.write(json.dumps({"id": uid, "history": ["hello there friend"], "future": ["how are you doing"]}) + "\n")
+    return path
+
+
+@sync
+async def test_profiles_show_ids_as_text_and_skip_a_user_called_me(tiny, tmp_path):
+    """A users file with a user "me" crashed f5 (DuplicateKey), an id with "[/b]" too (MarkupError),
+    and "[b]bold" was listed as "bold"."""
+    from rich.text import Text
+    from textual.widgets import DataTable
+
+    app = make_app(tiny, tmp_path, users_file=_users_with(tmp_path, ["ok_user", "me", "x[/b]y", "[b]bold"]))
+    said = []
+    app.notify = lambda message, **kw: said.append(message)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.press("f5")
+        await pilot.pause()
+        assert isinstance(app.screen, ProfilesScreen) and app.is_running
+        table = app.screen.query_one(DataTable)
+        assert [table.get_row_at(n)[0] for n in range(table.row_count)] == ["me", Text("ok_user"), Text("x[/b]y"),
+                                                                            Text("[b]bold")]
+        assert any("user 'me' is not listed" in m for m in said)
+        await pilot.press("down", "down", "down")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        title = str(app.screen.query_one("#profile-title").render())
+        assert title == "[b]bold: a simulated user of the federated population"
+
+
+@sync
+async def test_a_message_typed_partly_in_incognito_is_not_kept(tiny, tmp_path):
+    """Incognito checked when a word or the message was finished: a message typed in incognito, which
+    was turned off before Enter, was stored, its words counted, and the word being typed became a
+    personal word; turned on mid-message, the words finished before stayed personal words."""
+    app = make_app(tiny, tmp_path)
+    said = []
+    app.notify = lambda message, **kw: said.append(message)
+    async with app.run_test() as pilot:
+        d = app.session.device
+        await type_(pilot, "my zorblaxian ")
+        assert d.personal_words() == ["zorblaxian"]
+        await pilot.press("ctrl+o")  # on, mid-message: all of this message is private, its new word taken back
+        await pilot.pause()
+        assert d.personal_words() == [] and "zorblaxian" not in app.session.predictor
+        await type_(pilot, "pin is quuxbaz and wibblefr")
+        await pilot.press("ctrl+o")  # off before Enter: the message is still private
+        await pilot.pause()
+        assert said[-1] == "incognito off from the next message: this one is not stored"
+        assert app.typing_screen.has_class("incognito")
+        await type_(pilot, "otz ")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert said[-1] == "incognito: message not stored"
+        assert d.history() == [] and d.personal_words() == [] and not d.oov_counts()
+        assert not app.typing_screen.has_class("incognito")
+        await type_(pilot, "and the flibbertigibbet ")  # the next message is kept
+        await pilot.press("enter")
+        await pilot.pause()
+        assert d.history() == ["and the flibbertigibbet"] and d.personal_words() == ["flibbertigibbet"]
+        await pilot.press("ctrl+o", "ctrl+o")  # on and off with an empty box: the next message is kept too
+        await type_(pilot, "and the king")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert d.history() == ["and the flibbertigibbet", "and the king"]
+
+
+@sync
+async def test_a_timeline_with_a_repeated_round_is_said_on_the_vocabulary_screen(tiny, tmp_path, monkeypatch):
+    """Two records of one round (a merged vocab.jsonl) crashed the keyboard on f7 (DuplicateKey)."""
+    import json
+
+    import keyboard.screens.vocab as vocab_screen
+
+    run = tmp_path / "runs" / "merged"
+    run.mkdir(parents=True)
+    rec = {"round": 1, "vocab_version": 1, "vocab_size": 5, "added": [{"word": "yeet", "votes": 12}]}
+    (run / "vocab.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"round": 0, "vocab_version": 0, "vocab_size": 4, "added": []}, rec, rec]))
+    monkeypatch.setattr(vocab_screen, "RUNS_DIRS", [tmp_path / "runs"])
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await pilot.press("f7")
+        await pilot.pause()
+        assert isinstance(app.screen, vocab_screen.VocabScreen) and app.is_running
+        assert "round 1 appears twice" in str(app.screen.query_one("#vocab-summary").render())
+
+
+@sync
+async def test_a_long_timeline_is_filtered_once_typing_pauses(tiny, tmp_path, monkeypatch):
+    """Each key in the search box cleared and re-added the whole table: ~1.7 s a key with 3,000 rounds."""
+    import json
+
+    from textual.widgets import DataTable
+
+    import keyboard.screens.vocab as vocab_screen
+
+    run = tmp_path / "runs" / "long"
+    run.mkdir(parents=True)
+    recs = [{"round": r, "vocab_version": r, "vocab_size": 4 + r, "added": [{"word": f"w{r}", "votes": 12}] * (r > 0)}
+            for r in range(150)]  # more than FILTER_AT_ONCE_ROWS
+    (run / "vocab.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    monkeypatch.setattr(vocab_screen, "RUNS_DIRS", [tmp_path / "runs"])
+    monkeypatch.setattr(vocab_screen, "FILTER_DELAY_S", 2.0, raising=False)
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await pilot.press("f7")
+        await pilot.pause()
+        screen, fills = app.screen, []
+        table = screen.query_one(DataTable)
+        assert table.row_count == len(recs)
+        fill = screen._fill
+        screen._fill = lambda query: (fills.append(query), fill(query))
+        screen.query_one(Input).focus()
+        await pilot.press(*"w12")
+        assert fills == [] and table.row_count == len(recs)  # typing: the table as it was
+        await until(pilot, lambda: fills)
+        assert fills == ["w12"] and table.row_count == 1 + 10  # w12, w120 ... w129
+        await pilot.press("3", "enter")  # Enter filters at once, then moves to the answer's row
+        await pilot.pause()
+        assert fills == ["w12", "w123"] and table.row_count == 1
+        await pilot.pause(2.2)
+        assert fills == ["w12", "w123"]
+
+
+@sync
+async def test_the_footer_shows_f5_to_f8_at_80_columns(tiny, tmp_path):
+    """At 80 columns the footer ended at "^o Incognito": f5-f8 were off screen (f8 before f6 and f7)."""
+    from textual.widgets._footer import FooterKey
+
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        keys = {k.key: k.region for k in app.screen.query(FooterKey)}
+        assert [k for k in keys if k.startswith("f")] == ["f5", "f6", "f7", "f8"]
+        assert all(r.right <= keys["ctrl+p"].x for k, r in keys.items() if k != "ctrl+p")  # none under the palette key
+        assert {"tab", "f1", "f2", "f3", "f4"} <= set(app.screen.active_bindings)  # still keys (and in the keys panel)
+
+
+@sync
+async def test_a_short_terminal_still_shows_the_strip(tiny, tmp_path):
+    """Below ~12 rows the strip was off screen, with no way to scroll to it."""
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=(40, 10)) as pilot:
+        await type_(pilot, "and th")
+        typing, strip_ = app.screen.query_one("#typing"), app.screen.query_one(SuggestionStrip)
+        assert typing.region.contains_region(strip_.region)  # no profile line, no margins: it fits
+        await pilot.resize_terminal(20, 5)
+        await pilot.pause()
+        assert typing.allow_vertical_scroll  # too small for it all: it scrolls to the strip
+        typing.scroll_to_widget(strip_, animate=False)
+        await pilot.pause()
+        assert typing.region.contains_region(strip_.region)
+
+
+@sync
+async def test_an_extra_screen_that_cannot_be_imported_is_said(tiny, tmp_path, monkeypatch):
+    """f6 or f7 vanished without a word when its screen failed to import (a missing dependency, a bug)."""
+    import keyboard.app as app_mod
+    from keyboard.palette import KeyboardCommands
+
+    monkeypatch.setitem(app_mod.EXTRA_SCREENS, "vocab", ("keyboard.screens.no_such_screen",
+                                                         *app_mod.EXTRA_SCREENS["vocab"][1:]))
+    app = make_app(tiny, tmp_path)
+    said = []
+    app.notify = lambda message, **kw: said.append(message)
+    async with app.run_test() as pilot:
+        await pilot.pause()
+        assert any(m.startswith("the vocab screen (f7) cannot be opened: ModuleNotFoundError") for m in said)
+        await pilot.press("f7")
+        await pilot.pause()
+        assert app.screen is app.typing_screen
+        names = [n for n, _, _ in KeyboardCommands(app.screen)._commands()]
+        assert "Vocabulary timeline" not in names and "Federation: live rounds" in names
+
+
+@sync
+async def test_the_stats_bar_counts_the_words_after_the_cursor(tiny, tmp_path):
+    """Home made the stats bar drop to 0 words and 0 keys saved, End brought them back."""
+    from keyboard.widgets.stats import StatsBar
+
+    app = make_app(tiny, tmp_path)
+    async with app.run_test() as pilot:
+        await type_(pilot, "and th")
+        await pilot.press("tab")
+        await type_(pilot, "king ")
+        bar = lambda: str(app.screen.query_one(StatsBar).render())  # noqa: E731
+        shown = bar()
+        assert "words 3" in shown and "keys saved 0" not in shown
+        await pilot.press("home")
+        await pilot.pause()
+        assert bar() == shown

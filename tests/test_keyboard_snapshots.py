@@ -32,6 +32,14 @@ class TestTypingScreen:
     def test_incognito(self, snap_compare, tiny, tmp_path):
         assert snap_compare(make_app(tiny, tmp_path, incognito=True), press=[*"and", "space"], terminal_size=SIZE)
 
+    def test_80_columns(self, snap_compare, tiny, tmp_path):
+        """f5-f8 in the footer of an 80 x 24 terminal."""
+        assert snap_compare(make_app(tiny, tmp_path, extra_screens=True), press=[*"and th"], terminal_size=(80, 24))
+
+    def test_short_terminal(self, snap_compare, tiny, tmp_path):
+        """40 x 10: no profile line and no margins, so the strip and the stats still show."""
+        assert snap_compare(make_app(tiny, tmp_path), press=[*"and th"], terminal_size=(40, 10))
+
 
 class TestProfilesScreen:
     def test_profiles(self, snap_compare, tiny, tmp_path):

@@ -337,3 +337,55 @@ def test_accept_never_passes_the_length_limit(predictor):
     short = TypingSession(predictor, max_chars=100)
     short.update("and the th")
     assert short.accept(0).text.startswith("and the ")
+
+
+def test_accept_inside_a_word_replaces_all_of_it(predictor):
+    """The cursor in "ki|ng", tab: "the kind ng is here" (only the part before the cursor was replaced)."""
+    t = TypingSession(predictor)
+    for i in range(1, len("the king is here ") + 1):
+        t.update("the king is here "[:i])
+    assert t.update("the king is here ", 6).partial == "ki"
+    w = t.suggestions[0]
+    u = t.accept(0)
+    assert u.text == f"the {w} is here " and u.cursor == len(f"the {w} ")
+    t.update(u.text)  # the cursor to the end: each word of the message counted once, "king" no more
+    assert t.stats.words == 4
+    # an apostrophe or a combining mark inside the word is part of it; a bracket after it is not
+    for text, cursor, start, rest in [("the kin’s here", 6, "the ", " here"), ("(see kin) now", 7, "(see ", ") now"),
+                                      ("the cafe\u0301s now", 6, "the ", " now")]:
+        t = TypingSession(predictor)
+        t.update(text, cursor)
+        w = t.suggestions[0]
+        assert t.accept(0).text == start + w + rest
+
+
+def test_accept_before_attaching_punctuation_adds_no_space(predictor):
+    """"see you tomorro|." + tab was "see you tomorrow ."."""
+    t = TypingSession(predictor)
+    for i in range(1, len("and th") + 1):
+        t.update("and th"[:i])
+    t.update("and th.", 6)
+    w = t.suggestions[0]
+    u = t.accept(0)
+    assert u.text == f"and {w}." and u.cursor == len(u.text)
+    assert (t.stats.words, t.stats.accepted) == (2, 1)
+    t = TypingSession(predictor)
+    t.update("and th, so", 6)
+    w = t.suggestions[0]
+    assert t.accept(0).text == f"and {w}, so" and t.cursor == len(f"and {w},")
+
+
+def test_the_shown_stats_count_the_words_after_the_cursor(predictor):
+    """Home made the stats bar drop to the words before the cursor (0 words, 0 keys saved)."""
+    t = TypingSession(predictor)
+    for i in range(1, len("and th") + 1):
+        t.update("and th"[:i])
+    t.accept(0)
+    t.update(t.text + "king ")
+    full = t.shown_stats()
+    assert full == t.stats and full.words == 3 and full.accepted == 1
+    for cursor in (0, 2, 4, len(t.text) - 3):
+        t.update(t.text, cursor)
+        assert t.shown_stats() == full and t.stats.words < 3
+    t.update(t.text)
+    assert t.stats == full

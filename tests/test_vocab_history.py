@@ -411,3 +411,16 @@ def test_a_run_from_before_config_json_recorded_theta_resumes_with_its_historys(
     vh.path_of(run).write_text("".join(json.dumps(r) + "\n" for r in (base, {**base, "round": 1, "theta": "nine"})))
     with pytest.raises(FedkbError, match="round 1 is malformed .theta must be a whole number >= 1."):
         open_run(discovery_for_run(run, None, resume=True), True)
+
+
+@pytest.mark.parametrize("rounds, why", [([0, 1, 1], "round 1 appears twice"), ([0, 2, 1], "round 1 comes after 2")])
+def test_rounds_that_do_not_increase_are_a_clear_error(tmp_path, capsys, rounds, why):
+    """A repeated round (a merged or hand-edited vocab.jsonl) was accepted, and crashed the keyboard's f7 table."""
+    from keyboard.cli import main
+
+    vh.start(tmp_path, BASE, Counter())
+    for r in rounds[1:]:
+        vh.append(tmp_path, r, {"vocab_version": 0, "vocab_size": 4, "added": []})
+    with pytest.raises(FedkbError, match=f"vocab.jsonl: {why}; the rounds must increase"):
+        vh.timeline(tmp_path)
+    assert main(["vocab", str(tmp_path)]) == 2 and why in capsys.readouterr().err

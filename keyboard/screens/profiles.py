@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -56,8 +57,12 @@ class ProfilesScreen(Screen[str]):
         except FedkbError as e:
             users = {}
             self.notify(str(e), severity="error", markup=False)
-        for uid, u in users.items():
-            table.add_row(uid, str(len(u.history)), str(len(u.future)), key=uid)
+        if ME in users:  # "me" is the person at this terminal: a simulated user of that id cannot be opened
+            users = {uid: u for uid, u in users.items() if uid != ME}
+            self.notify(f"the users file's user {ME!r} is not listed: {ME!r} is the person at this terminal",
+                        severity="warning", markup=False)
+        for uid, u in users.items():  # ids from a file: text, never markup
+            table.add_row(Text(uid), str(len(u.history)), str(len(u.future)), key=uid)
         if s.user_id in users or s.user_id == ME:
             table.move_cursor(row=table.get_row_index(s.user_id))
         table.focus()
@@ -71,7 +76,7 @@ class ProfilesScreen(Screen[str]):
             title.update("[b]me[/b]: the person at this terminal")
             panel.update("Your own typing. 'Learn now' on the typing screen measures on your typed history.")
             return
-        title.update(f"[b]{uid}[/b]: a simulated user of the federated population")
+        title.update(Content.from_markup("[b]$uid[/b]: a simulated user of the federated population", uid=uid))
         panel.update("Measuring the current model on this user's held-out future text…")
         self.evaluate(uid)
 
@@ -84,14 +89,15 @@ class ProfilesScreen(Screen[str]):
             text = Content.from_markup("[b]cannot evaluate:[/b] $e", e=str(e))  # a path in it is text, not markup
         else:
             label = self.app.session.label.replace(" + personal delta", "")
-            text = (f"Held-out future text: {out['messages']} messages ({out['global']['words']} words); "
-                    f"history {out['history']} messages.\n\n"
-                    f"[b]{label}[/b]\n  {_row(out['global'])}\n"
-                    f"[b]{label} + this device's personal delta[/b]\n  {_row(out['personal'])}")
+            text = Content.from_markup(
+                f"Held-out future text: {out['messages']} messages ({out['global']['words']} words); "
+                f"history {out['history']} messages.\n\n"
+                f"[b]$label[/b]\n  {_row(out['global'])}\n"
+                f"[b]$label + this device's personal delta[/b]\n  {_row(out['personal'])}", label=label)
         if not worker.is_cancelled:
             self.app.call_from_thread(self._show_eval, uid, text)
 
-    def _show_eval(self, uid: str, text: str) -> None:
+    def _show_eval(self, uid: str, text: Content) -> None:
         table = self.query_one(DataTable)
         if table.row_count and table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value == uid:
             self.query_one("#profile-eval", Static).update(text)

@@ -28,23 +28,29 @@ def _summary(s: dict) -> str:
 class TypingScreen(Screen):
     """Type; accept suggestions; Enter sends the message to this device's history."""
 
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (18, "-tall")]  # -short: a compact layout (app.tcss)
     _learner: LearnerProcess | None = None  # the running "Learn now", if any
+    private = False  # incognito was on at some moment of the message being typed: nothing of it is kept
+    _added: list[str]  # the personal words this message added (taken back if it turns private)
 
     BINDINGS = [
-        Binding("tab", "accept(0)", "Accept", key_display="tab/f2", priority=True, id="accept-best",
+        # the footer shows what fits at 80 columns (f5-f8 included): the accept keys are in the input's
+        # placeholder, f4 in the palette ("Forget 'WORD'"), and all of them in its keys panel
+        Binding("tab", "accept(0)", "Accept", key_display="tab/f2", show=False, priority=True, id="accept-best",
                 tooltip="Insert the best (centre) suggestion and a space"),
-        Binding("f1", f"accept({SLOT_RANK[0]})", "Left", id="accept-left",
+        Binding("f1", f"accept({SLOT_RANK[0]})", "Left", show=False, id="accept-left",
                 tooltip="Insert the left suggestion and a space"),
         Binding("f2", f"accept({SLOT_RANK[1]})", "Centre", show=False, id="accept-centre",
                 tooltip="Insert the centre (best) suggestion and a space"),
-        Binding("f3", f"accept({SLOT_RANK[2]})", "Right", id="accept-right",
+        Binding("f3", f"accept({SLOT_RANK[2]})", "Right", show=False, id="accept-right",
                 tooltip="Insert the right suggestion and a space"),
-        Binding("f4", "forget", "Forget", id="forget",
+        Binding("f4", "forget", "Forget", show=False, id="forget",
                 tooltip="Never suggest the best (centre) suggestion again on this device"),
         Binding("ctrl+l", "learn", "Learn", priority=True, id="learn",
                 tooltip="Fine-tune a personal model on this device's typed history"),
         Binding("ctrl+o", "incognito", "Incognito", priority=True, id="incognito",
-                tooltip="Toggle incognito: nothing typed is stored, nothing is learned"),
+                tooltip="Toggle incognito: nothing typed is stored (nor a message it was on for at any moment), "
+                        "nothing is learned"),
         Binding("f5", "app.profiles", "Profiles", id="profiles",
                 tooltip="Choose 'me' or a simulated user of the federated population"),
     ]
@@ -62,13 +68,15 @@ class TypingScreen(Screen):
             with Vertical(id="learn-panel"):
                 yield ProgressBar(id="learn-progress", show_eta=False)
                 yield Static("", id="learn-result")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.typing = TypingSession(self.app.session.predictor, max_chars=MAX_MESSAGE_CHARS)
         self.query_one("#learn-progress").display = False
         self.query_one(Input).cursor_blink = self.app.cursor_blink
         self.query_one(Input).focus()
+        self._added = []
+        self._note_incognito("")
         self.refresh_all()
 
     # -- display -----------------------------------------------------------------------
@@ -99,7 +107,7 @@ class TypingScreen(Screen):
 
     def show_stats(self) -> None:
         s = self.app.session
-        self.query_one(StatsBar).show(self.typing.stats, s.label, s.user_id, s.incognito)
+        self.query_one(StatsBar).show(self.typing.shown_stats(), s.label, s.user_id, s.incognito)
 
     # -- typing ------------------------------------------------------------------------
     def _device_write(self, write, what: str):
@@ -111,16 +119,40 @@ class TypingScreen(Screen):
             self.notify(f"{what} not saved on this device: {e}", severity="error", timeout=8, markup=False)
             return None
 
+    def _note_incognito(self, text: str) -> None:
+        """A message is private if incognito was on at any moment while it was typed, even if it is off
+        by Enter: it is not stored, and none of its words become personal words (those it added before
+        incognito came on are taken back).  An empty box starts a new message."""
+        s = self.app.session
+        if not text:
+            self._added = []
+        private = s.incognito or (self.private and bool(text))
+        if private and self._added:
+            try:
+                s.take_back_personal_words(self._added)
+            except (OSError, FedkbError) as e:
+                self.notify(f"the personal words this message added could not be taken back: {e}", severity="error",
+                            timeout=8, markup=False)
+            self._added = []
+            self.typing.resync()
+            self.query_one(SuggestionStrip).show(self.typing.suggestions)
+        self.private = private
+        self.set_class(private, "incognito")
+
     def typed(self, value: str, cursor: int | None = None) -> None:
         """Every change of the text or move of the cursor (MessageInput calls this directly: see its docstring)."""
+        self._note_incognito(value)
         if value is self.typing.text and cursor == self.typing.cursor:
             return  # nothing new (the cursor reported after an accept)
         update = self.typing.update(value, cursor)
         if update.edited:  # punctuation took the place of the space an accept added
             self.query_one(MessageInput).set_text(update.text, update.cursor)
-        if update.new_words and self._device_write(lambda: self.app.session.add_personal_words(update.new_words),
-                                                   "new personal words"):
-            self.typing.resync()
+        if update.new_words and not self.private:
+            added = self._device_write(lambda: self.app.session.add_personal_words(update.new_words),
+                                       "new personal words")
+            if added:
+                self._added = self._added + added
+                self.typing.resync()
         self.query_one(SuggestionStrip).show(self.typing.suggestions)
         self.show_stats()
 
@@ -128,14 +160,14 @@ class TypingScreen(Screen):
     def send(self, event: Input.Submitted) -> None:
         text = self.typing.text
         if text.strip():
-            stored = self._device_write(lambda: self.app.session.finish_message(text), "the message")
-            if stored is None:
-                return  # kept in the box, to send again
-            if not stored and self.app.session.incognito:
+            if self.private:
                 self.notify("incognito: message not stored", timeout=2)
+            elif self._device_write(lambda: self.app.session.finish_message(text), "the message") is None:
+                return  # kept in the box, to send again
         self.typing.finish()
         inp = self.query_one(Input)
         inp.value = ""
+        self._note_incognito("")
         self.query_one(SuggestionStrip).show(self.typing.suggestions)
         self.show_stats()
 
@@ -176,6 +208,11 @@ class TypingScreen(Screen):
 
     def action_incognito(self) -> None:
         self.app.action_incognito()
+
+    def incognito_changed(self) -> None:
+        """Incognito was turned on or off (`app.action_incognito`)."""
+        self._note_incognito(self.query_one(MessageInput).value)
+        self.show_stats()
 
     def action_learn(self) -> None:
         s = self.app.session

@@ -19,6 +19,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import DataTable, Footer, Header, Input, Sparkline, Static
 from textual.widgets.data_table import RowDoesNotExist
 
@@ -29,6 +30,10 @@ from models.errors import FedkbError
 
 # where `fedkb simulate` puts runs by default (runs/ of the working directory or of the repository)
 RUNS_DIRS = [Path("runs"), Path(__file__).resolve().parents[2] / "runs"]
+# a fill measures every row it adds (~1 ms each): a long timeline is filtered once typing in the search box
+# pauses this long, not per key (a short one at once)
+FILTER_DELAY_S = 0.2
+FILTER_AT_ONCE_ROWS = 100
 
 
 def latest_run(roots=None) -> Path | None:
@@ -69,6 +74,7 @@ class VocabScreen(Screen):
         super().__init__(**kwargs)
         self.run_dir = Path(run_dir) if run_dir is not None else latest_run()
         self.rows: list[dict] = []
+        self._pending: Timer | None = None  # the filter waiting for a pause in the typing
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -116,6 +122,7 @@ class VocabScreen(Screen):
             self.query_one("#size-label", Static).update(f"vocabulary size per round ({int(sizes[0])} -> {int(sizes[-1])})")
         if oovs:
             self.query_one("#oov-label", Static).update(f"held-out OOV rate per round ({oovs[0]:.2f}% -> {oovs[-1]:.2f}%)")
+        self._cancel_filter()
         self._fill(self.query_one(Input).value)
 
     def _fill(self, query: str) -> None:
@@ -137,10 +144,27 @@ class VocabScreen(Screen):
     # -- search -------------------------------------------------------------------------
     @on(Input.Changed, "#vocab-search")
     def _filter(self, event: Input.Changed) -> None:
-        self._fill(event.value)
+        self._cancel_filter()
+        if len(self.rows) <= FILTER_AT_ONCE_ROWS:
+            self._fill(event.value)
+        else:  # thousands of rounds: seconds per fill
+            self._pending = self.set_timer(FILTER_DELAY_S, self._filtered)
+
+    def _filtered(self) -> None:
+        self._pending = None
+        self._fill(self.query_one(Input).value)
+
+    def _cancel_filter(self) -> bool:
+        """Stop the filter waiting, if any; True if there was one."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.stop()
+        return pending is not None
 
     @on(Input.Submitted, "#vocab-search")
     def _answer(self, event: Input.Submitted) -> None:
+        if self._cancel_filter():  # a filter still waiting: the table as typed, before its cursor is moved
+            self._fill(event.value)
         answer = self.query_one("#vocab-answer", Static)
         if not vh.normalize_word(event.value) or not self.rows or self.run_dir is None:
             answer.update("")

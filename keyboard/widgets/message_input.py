@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import re
+
 from textual import events
 from textual.widgets import Input
+
+# a terminal escape sequence (colours, cursor moves: ESC [ ... letter, or ESC and one character): dropped
+_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # any other control character (tab, NUL, a lone ESC): a space
+
+
+def paste_line(text: str) -> str:
+    """A paste as one line of a message: lines joined by a space (blank ones dropped, each stripped where
+    there are several), a line ending dropped, escape sequences dropped, other control characters spaces."""
+    lines = [line for line in _ESCAPE.sub("", text).splitlines() if line.strip()]
+    line = " ".join(part.strip() for part in lines) if len(lines) > 1 else "".join(lines)
+    return _CONTROL.sub(" ", line)
 
 
 class MessageInput(Input):
     """Input with `max_length`: a paste longer than the room left is truncated (and says so).
 
     A message is one line, so a multi-line paste has its lines joined by spaces (Input's own
-    handler keeps only the first line, silently).
+    handler keeps only the first line, silently), and control characters never reach it (`paste_line`).
 
     `on_change(value, cursor)` is called from the input's own message handler, so a keystroke
     reaches the typing logic without `Input.Changed` bubbling through the containers to
@@ -55,8 +69,7 @@ class MessageInput(Input):
     def _on_paste(self, event: events.Paste) -> None:
         event.stop()
         event.prevent_default()  # else Input._on_paste runs after this one and inserts the paste again
-        lines = event.text.splitlines()
-        line = " ".join(part.strip() for part in lines if part.strip()) if len(lines) > 1 else event.text
+        line = paste_line(event.text)
         start, end = sorted(self.selection)
         room = (self.max_length or len(line)) - (len(self.value) - (end - start))
         if len(line) > room:
