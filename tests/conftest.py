@@ -52,3 +52,32 @@ def fixture_users():
     from models.datasets import load_users
 
     return load_users(FIXTURES / "users.jsonl.gz")
+
+
+class KilledRenames:
+    """Stands for a process killed between two renames of one atomic write: once armed,
+    ``os.replace`` in models.atomic does one rename and raises KeyboardInterrupt on the next;
+    ``renamed`` lists the destinations it did rename, ``disarm()`` puts the real one back."""
+
+    def __init__(self, monkeypatch):
+        from models import atomic
+
+        self._monkeypatch, self._atomic, self._real = monkeypatch, atomic, atomic.os.replace
+        self.renamed: list = []
+
+    def _replace(self, src, dst):
+        if self.renamed:
+            raise KeyboardInterrupt
+        self.renamed.append(dst)
+        self._real(src, dst)
+
+    def arm(self) -> None:
+        self._monkeypatch.setattr(self._atomic.os, "replace", self._replace)
+
+    def disarm(self) -> None:
+        self._monkeypatch.setattr(self._atomic.os, "replace", self._real)
+
+
+@pytest.fixture()
+def killed_renames(monkeypatch):
+    return KilledRenames(monkeypatch)

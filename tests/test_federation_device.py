@@ -139,19 +139,11 @@ def test_forget_that_cannot_be_written_changes_nothing(dev, monkeypatch):
     assert not list(dev.path.glob(".*.tmp"))
 
 
-def test_a_kill_between_the_two_renames_never_leaves_a_forgotten_word_in_the_history(dev, monkeypatch):
+def test_a_kill_between_the_two_renames_never_leaves_a_forgotten_word_in_the_history(dev, killed_renames):
     """words.json was renamed first: a kill before history.jsonl's rename left the word blocked
     but still in what the device stores of the user's typing."""
     dev.append_message("i love my xylovex", VOCAB)
-    real, renamed = os.replace, []
-
-    def killed_after_the_first(src, dst):
-        if renamed:
-            raise KeyboardInterrupt
-        renamed.append(dst)
-        real(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", killed_after_the_first)
+    killed_renames.arm()
     with pytest.raises(KeyboardInterrupt):
         dev.block_word("xylovex")
     assert "xylovex" not in dev.history_file.read_text()

@@ -275,32 +275,23 @@ def test_an_interrupted_save_leaves_the_old_pair(tiny_loaded, tmp_path, monkeypa
     assert {f: (d / f).read_bytes() for f in before} == before and sorted(p.name for p in d.iterdir()) == sorted(before)
 
 
-def test_a_kill_between_the_two_renames_is_refused_on_loading(tiny_loaded, tmp_path, monkeypatch):
+def test_a_kill_between_the_two_renames_is_refused_on_loading(tiny_loaded, tmp_path, killed_renames):
     """The weights were renamed into place and the JSON not (a kill in that window): the folder
     held the new weights under the old model.json and loaded as one model.  model.json now
     records its weights' checksum, and both readers refuse the pair; a folder saved before that
     record existed (the shipped base model) loads as before."""
-    from models import atomic
     from models.modelfile import read_model
 
     ckpt, tok = tiny_loaded
     d = tmp_path / "c"
     save_checkpoint(d, ckpt.model, ckpt.vocab, tok, meta={"round": 1})
-    real, renames = os.replace, []
-
-    def killed_after_the_first(src, dst):
-        if renames:
-            raise KeyboardInterrupt
-        renames.append(dst)
-        real(src, dst)
-
-    monkeypatch.setattr(atomic.os, "replace", killed_after_the_first)
+    killed_renames.arm()
     with torch.no_grad():
         ckpt.model.residual.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(d, ckpt.model, ckpt.vocab, tok, meta={"round": 2})
-    monkeypatch.setattr(atomic.os, "replace", real)
-    assert [Path(r).name for r in renames] == ["model.safetensors"]
+    killed_renames.disarm()
+    assert [Path(r).name for r in killed_renames.renamed] == ["model.safetensors"]
     for load in (lambda: read_model(d, tok), lambda: load_checkpoint(d, tok)):
         with pytest.raises(FedkbError, match=r"model.safetensors is not the weights its model.json was saved with"):
             load()
