@@ -14,6 +14,7 @@ sum and the total weight (both through secure aggregation when it is on).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -56,8 +57,8 @@ class Aggregator:
     def add(self, device: int, update: dict[str, Tensor], num_words: int) -> bool:
         """Validate, clip, weight and sum one update; False if it was rejected."""
         why = validate(update, self.reference)
-        if why is None and num_words < 0:
-            why = "negative weight"
+        if why is None and not (isinstance(num_words, (int, float)) and math.isfinite(num_words) and num_words >= 0):
+            why = f"weight {num_words!r} is not a finite number >= 0"
         if why:
             return self._reject(why)
         norm = P.global_norm(update)

@@ -21,6 +21,11 @@ if TYPE_CHECKING:  # configs are plain data, read without torch (the keyboard's 
 MAX_USERS = 1_000_000  # a round draws over the whole population (a permutation of N): 8 MB at this size
 MAX_WORKERS = 64
 MAX_EPOCHS = 1_000_000  # models/train.py's TrainConfig limit (not imported: that module imports torch)
+# DP noise multipliers outside this range are refused: below it the RDP accountant's arithmetic underflows (z = 1e-155
+# reported epsilon 0.0, z <= 1e-162 divided by zero); above it epsilon is 0 to the accountant's precision
+NOISE_RANGE = (1e-100, 1e6)
+MAX_CLIP = 1e6  # a larger clip never clips (robustness clips at 100 by default), and z C must stay finite
+TAU_RANGE = (1e-15, 1e15)  # FedAdam's v starts at tau^2: finite and nonzero in float32
 
 
 def _require_finite(**values: float | None) -> None:
@@ -105,6 +110,8 @@ class ServerConfig:
             raise ValueError(f"unknown server optimizer {self.optimizer!r}")
         if not self.lr > 0 or not self.tau >= 0:  # `not >` also refuses NaN
             raise ValueError("server learning rate must be > 0, tau >= 0")
+        if self.tau and not TAU_RANGE[0] <= self.tau <= TAU_RANGE[1]:
+            raise ValueError(f"tau must be 0 or in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}] (got {self.tau})")
         if self.optimizer == "fedadam" and not self.tau > 0:  # v starts at tau^2: with 0, an entry no client moved is 0/0
             raise ValueError(f"fedadam needs tau > 0 (got {self.tau}): its step m / (sqrt(v) + tau) is 0/0 where no client moved")
         if not all(0 <= b < 1 for b in (self.momentum, self.beta1, self.beta2)):
@@ -127,12 +134,15 @@ class PrivacyConfig:
         _require_finite(**{"noise multiplier (--dp)": self.noise_multiplier, "clip": self.clip})
         if self.noise_multiplier < 0:
             raise ValueError("noise multiplier must be >= 0")
+        if self.noise_multiplier and not NOISE_RANGE[0] <= self.noise_multiplier <= NOISE_RANGE[1]:
+            raise ValueError(f"noise multiplier (--dp) must be 0 or in [{NOISE_RANGE[0]:g}, {NOISE_RANGE[1]:g}], "
+                             f"not {self.noise_multiplier:g}: the privacy accountant cannot account for it")
         if self.noise_multiplier > 0 and self.clip is None:
             raise ValueError("Gaussian noise needs a clip norm (--clip)")
         if self.secret_noise and self.noise_multiplier == 0:
             raise ValueError("--secret-noise needs Gaussian noise (--dp)")
-        if self.clip is not None and not self.clip > 0:
-            raise ValueError("clip must be > 0")
+        if self.clip is not None and not 0 < self.clip <= MAX_CLIP:
+            raise ValueError(f"clip must be > 0 and at most {MAX_CLIP:g}")
         if not 0 < self.delta < 1:
             raise ValueError("delta must be in (0, 1)")
         if self.weight_cap_words < 1:
@@ -146,7 +156,7 @@ class AggregationConfig:
     max_update_norm: float | None = 100.0  # robustness: larger updates are clipped to this (never hit by honest ones)
     secure_aggregation: bool = True  # pairwise-masked sums (Bonawitz et al. 2017), in fixed point
     secagg_neighbors: int = 8  # masks with k neighbours (Bell et al. 2020); >= cohort-1 = complete graph
-    secagg_threshold: float = 0.5  # Shamir threshold as a share of the cohort
+    secagg_threshold: float = 0.5  # Shamir threshold as a share of each device's neighbours
     secagg_scale_bits: int = 32  # fixed-point resolution 2^-bits for the masked sum
 
     def __post_init__(self):
@@ -196,8 +206,8 @@ class SimulationConfig:
             raise ValueError("over_selection must be >= 1 and 0 <= dropout_min <= dropout_max < 1")
         if self.keep_checkpoints < 1:
             raise ValueError("keep_checkpoints must be >= 1")
-        if self.users > MAX_USERS:
-            raise ValueError(f"--users must be at most {MAX_USERS:,}")
+        if self.users > MAX_USERS or self.clients_per_round > MAX_USERS:
+            raise ValueError(f"--users and --clients-per-round must be at most {MAX_USERS:,}")
         if not 0 <= self.seed < 2**63:
             raise ValueError("--seed must be in [0, 2^63)")
 

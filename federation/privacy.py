@@ -27,7 +27,9 @@ kept nowhere; a resumed run is then not bit for bit an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+import warnings
 
 import dp_accounting
 import torch
@@ -36,6 +38,7 @@ from torch import Tensor
 
 from federation.config import PrivacyConfig
 from models import params as P
+from models.errors import FedkbError
 
 
 def clip(update: dict[str, Tensor], cfg: PrivacyConfig) -> tuple[dict[str, Tensor], bool]:
@@ -73,12 +76,15 @@ def fixed_denominator(population_size: int, sampling_rate: float, dropout_min: f
     """The paper's q W with every weight at its cap of 1 (W = N): the expected number of devices
     that report in a round, q N (1 - mean dropout rate).  Fixed before any data is seen; a
     device whose history is shorter than the weight cap counts for less than 1 in the sum, so
-    a round's mean step is at most what FedAvg's would be."""
+    a round's step is in expectation at most FedAvg's; a round in which more devices than
+    expected report (Poisson sampling) takes a larger one."""
     return sampling_rate * population_size * (1 - (dropout_min + dropout_max) / 2)
 
 
 def epsilon(cfg: PrivacyConfig, sampling_rate: float, rounds: int) -> float | None:
-    """(epsilon, cfg.delta)-DP after `rounds` rounds; None without noise (no guarantee)."""
+    """(epsilon, cfg.delta)-DP after `rounds` rounds; None without noise (no guarantee).
+    FedkbError where the accountant's arithmetic fails (config.NOISE_RANGE keeps z where it does
+    not): never a traceback, and never an epsilon of 0 for a noise multiplier below 1."""
     if cfg.noise_multiplier == 0 or rounds == 0:
         return None
     event = dp_accounting.SelfComposedDpEvent(
@@ -89,7 +95,17 @@ def epsilon(cfg: PrivacyConfig, sampling_rate: float, rounds: int) -> float | No
     level = absl.level
     absl.setLevel(logging.ERROR)  # "failed to converge ... excluding this order": the accountant's own fallback, said once per order every round
     try:
-        acc.compose(event)
-        return float(acc.get_epsilon(cfg.delta))
+        with warnings.catch_warnings():  # numpy's overflow warnings, where the check below has the say
+            warnings.simplefilter("ignore", RuntimeWarning)
+            acc.compose(event)
+            eps = float(acc.get_epsilon(cfg.delta))
+    except (ArithmeticError, ValueError) as e:
+        eps, why = math.nan, f"{type(e).__name__}: {e}"
+    else:
+        why = f"epsilon came out {eps}"
     finally:
         absl.setLevel(level)
+    if not math.isfinite(eps) or eps < 0 or (eps == 0 and cfg.noise_multiplier < 1):
+        raise FedkbError(f"the privacy accountant cannot account for noise multiplier {cfg.noise_multiplier:g} at "
+                         f"sampling rate {sampling_rate:g} over {rounds} rounds ({why})")
+    return eps

@@ -133,9 +133,11 @@ def run_round(
         mean, weight = agg.empty_result(noise_gen, denominator)
         aborted = str(e)
     new_state = server_update(state, mean)
-    if not P.all_finite(new_state.params):  # every update was finite: the server step overflowed
-        raise FedkbError(f"round {rnd}: the server step made the global model non-finite (is --server-lr too large?); "
-                         f"nothing of this round is committed, round {state.round} is the run's last")
+    if not (P.all_finite(new_state.params) and all(P.all_finite(m) for m in new_state.opt_state.values())):
+        # every update was finite: the server step overflowed (or FedAdam's moments did, which would freeze the model)
+        blame = "--dp x --clip (the noise) or --server-lr" if dp else "--server-lr"
+        raise FedkbError(f"round {rnd}: the server step made the global model or its optimizer state non-finite "
+                         f"(is {blame} too large?); nothing of this round is committed, round {state.round} is the run's last")
     t_server = time.perf_counter()
 
     discovery = None

@@ -364,6 +364,9 @@ class Simulation:
         train, held = split_users(users, self.sim)
         self.eval_ids = [u.id for u in held]
         size = self.sim.users if self.sim.users else len(train)
+        if size < 2 and self.sim.aggregation.secure_aggregation:
+            raise FedkbError(f"a population of {size} device cannot use secure aggregation (a device alone has no "
+                             f"neighbour to mask with, so every round aborts): pass --no-secagg, or more --users")
         self.fingerprints["users_file"] = users_sha256(users)
         if stored is not None:
             self._check_population(stored, size)

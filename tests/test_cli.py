@@ -85,6 +85,14 @@ def test_simulate_client_flags_reach_the_config():
     (["--seed", str(10**23)], "--seed"),  # an OverflowError before
     (["--users", str(10**12)], "--users"),  # tried to allocate 8 TB before
     (["--workers", "100000", "--engine", "parallel"], "--workers must be at most"),
+    (["-k", "1" + "0" * 400], "--clients-per-round must be at most"),  # an OverflowError in sampling before
+    # the accountant's arithmetic: epsilon 0.0 reported for 1e-155, a ZeroDivisionError after round 0 below 1e-162
+    (["--dp", "1e-155", "--clip", "1"], "noise multiplier (--dp) must be 0 or in [1e-100, 1e+06]"),
+    (["--dp", "1e-300", "--clip", "1"], "noise multiplier (--dp) must be 0 or in"),
+    (["--dp", "1e200", "--clip", "1e-200"], "noise multiplier (--dp) must be 0 or in"),  # an OverflowError before
+    (["--dp", "1", "--clip", "1e30"], "clip must be > 0 and at most 1e+06"),
+    (["--delta", "1e-7"], "--delta needs Gaussian noise (--dp)"),  # silently ignored before
+    (["--users", "1"], "cannot use secure aggregation"),  # every round aborted, under a note promising 1 update
 ])
 def test_simulate_refuses_bad_settings_before_touching_anything(flags, message, tmp_path, capsys, tiny):
     out = tmp_path / "run"

@@ -236,11 +236,52 @@ def test_a_server_step_that_overflows_commits_nothing(setup):
             run_round(state, pop, sim, eng, torch.Generator().manual_seed(0))
 
 
+def test_a_server_optimizer_state_that_overflows_commits_nothing(setup):
+    """FedAdam's second moment at infinity makes every step m / (inf + tau) = 0: finite weights, a model
+    frozen for good, and the state checkpointed.  The round now stops as for non-finite weights."""
+    from models.errors import FedkbError
+
+    ck, tok, pop, tok_path = setup
+    sim = SimulationConfig(clients_per_round=2, aggregation=PLAIN, server=ServerConfig(optimizer="fedadam", lr=0.01))
+    state = init_state(ck.model.state_dict(), ck.vocab, sim.server)
+    state = replace(state, opt_state={"v": {k: torch.full_like(v, math.inf) for k, v in state.params.items()}})
+    with SequentialEngine(ck.model.cfg, tok_path, pop.root, sim.client) as eng:
+        with pytest.raises(FedkbError, match="non-finite .*--server-lr.* round 0 is the run's last"):
+            run_round(state, pop, sim, eng, torch.Generator().manual_seed(0))
+
+
 def test_epsilon_does_not_log_the_accountants_fallback(caplog):
     """At q = 26 / 401 and z = 1 two RDP orders do not converge; the accountant drops them (its
     fallback) and used to log a warning for each, every round, into `fedkb simulate`'s output."""
     e = privacy.epsilon(PrivacyConfig(clip=0.5, noise_multiplier=1.0), 26 / 401, 10)
     assert 0 < e < 10 and not [r for r in caplog.records if r.name == "absl"]
+
+
+def test_epsilon_is_never_zero_or_a_traceback_where_the_accountant_underflows():
+    """The config refuses such noise; below its range the accountant said epsilon 0.0 (z = 1e-155: no
+    privacy at all) or raised ZeroDivisionError (z <= 1e-162): both are now one FedkbError."""
+    from models.errors import FedkbError
+
+    for z in (1e-155, 1e-170):
+        cfg = PrivacyConfig(clip=1.0, noise_multiplier=1.0)
+        object.__setattr__(cfg, "noise_multiplier", z)  # past the config's check, as an old run's config.json could be
+        with pytest.raises(FedkbError, match="the privacy accountant cannot account for noise multiplier"):
+            privacy.epsilon(cfg, 0.1, 2)
+    assert privacy.epsilon(PrivacyConfig(clip=1.0, noise_multiplier=1e-100), 0.1, 2) > 1e100  # the range's ends work
+    assert privacy.epsilon(PrivacyConfig(clip=1.0, noise_multiplier=1e6), 1.0, 1) >= 0
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -1])
+def test_a_weight_that_is_not_a_finite_count_is_rejected(weight):
+    """A NaN weight was accepted: counted as aggregated while it made the whole sum NaN (or, with
+    secure aggregation, INT64_MIN in the masked sum), and the round silently dropped."""
+    ref = {"w": torch.zeros(3)}
+    agg = Aggregator(ref, PLAIN, PrivacyConfig())
+    assert agg.add(0, {"w": torch.ones(3)}, 5)
+    assert not agg.add(1, {"w": torch.ones(3)}, weight)
+    assert agg.rejected == 1 and "is not a finite number >= 0" in agg.reasons[0]
+    mean, total = agg.result({0, 1}, torch.Generator())
+    assert total == 5.0 and mean["w"].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_an_empty_dp_cohort_still_releases_noise():

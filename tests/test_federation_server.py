@@ -50,6 +50,13 @@ def test_fedadam_needs_tau_above_zero():
     ServerConfig(optimizer="fedavg", tau=0.0)  # tau is FedAdam's alone
 
 
+@pytest.mark.parametrize("tau", [1e200, 1e-300])
+def test_fedadam_tau_stays_where_tau_squared_is_a_float32(tau):
+    """tau = 1e200 raised OverflowError at tau**2; tau = 1e-300 underflowed and made 0/0 steps."""
+    with pytest.raises(ValueError, match=r"tau must be 0 or in \[1e-15, 1e\+15\]"):
+        ServerConfig(optimizer="fedadam", lr=0.01, tau=tau)
+
+
 def test_fedadam_second_moment_of_a_key_added_later_starts_at_tau_squared():
     """A key a resumed run's saved moments lack (such as the start state) starts where a new run's does."""
     from dataclasses import replace

@@ -81,6 +81,8 @@ def build_config(args: argparse.Namespace):
 
     overrides = {"lr": args.client_lr, "epochs": args.client_epochs, "batch_size": args.client_batch,
                  "dropout": True if args.client_dropout else None}
+    if args.delta is not None and not pick(args.dp, 0) > 0 and not args.resume:  # on resume: the stored noise
+        raise FedkbError("--delta needs Gaussian noise (--dp): epsilon is reported only for a noised run")
     server_opt = pick(args.server_opt, d.server.optimizer)
     server_lr = pick(args.server_lr, 0.01 if server_opt == "fedadam" else 1.0)
     try:
