@@ -27,8 +27,8 @@ a `random.Random` passed in; `make_discovery_step` is the glue for the rounds
 (federation.rounds calls it after the server step).
 
 One utility choice beyond the paper: a device picks its word only among its
-out-of-vocabulary words whose prefix is still in the trie (weighted by how often
-it typed them), instead of one word fixed in advance.  Each device still casts
+out-of-vocabulary words whose prefix is still in the trie (its most-typed one, ties
+broken by the seeded generator), instead of one word fixed in advance.  Each device still casts
 at most one vote per trie level, which is all the privacy analysis uses.
 """
 

@@ -406,6 +406,8 @@ def build(out_dir: Path, cache_dir: Path = Path(".cache/wheels"), wheels_dir: Pa
     progress = progress or _noop
     cfg = SplitConfig(**{**asdict(cfg or SplitConfig()), "seed": seed})
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # checked before the build, not after it
+        raise FedkbError(f"{out_dir} is a file, not a folder: choose another --out")
     beside = out_dir.resolve()  # through a symlink: the renames stay on one disk
     beside.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=beside.parent, prefix=f".{beside.name}.", suffix=".tmp"))

@@ -60,10 +60,15 @@ STATE_FILES = ("model.safetensors", "optimizer.safetensors", "generator.safetens
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's state as "I.NAME" tensors, I the parameter's position in its param groups (the
+    order `_restore_optimizer` reads them in).  Not the position in `opt.state`: a restored optimizer
+    fills that in the file's key order, so a resumed run's saves filed each moment under another
+    parameter, and the second resume crashed on mismatched shapes (or trained with wrong moments)."""
+    pos = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     out = {}
-    for i, (p, st) in enumerate(opt.state.items()):
+    for p, st in opt.state.items():
         for k, v in st.items():
-            out[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            out[f"{pos[id(p)]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     return out
 
 

@@ -108,3 +108,20 @@ def test_default_paths_follow_data_dir(tmp_path, monkeypatch):
     assert len(load_pretrain_lines()) == 3500
     with pytest.raises(FedkbError, match="users.jsonl.gz"):
         load_users()
+
+
+@pytest.mark.parametrize("manifest", ['[]', '{"counts": null}', '{"counts": {"pretrain_chitchat_lines": "x"}}',
+                                      '{"counts": {"pretrain_chitchat_lines": 1.5}}', '{"counts": {"pretrain_chitchat_lines": -1}}',
+                                      '{"counts": {"pretrain_chitchat_lines": 100000}}'])
+def test_a_manifest_of_another_shape_is_one_line(tmp_path, manifest):
+    """Valid JSON of the wrong shape raised TypeError through `fedkb pretrain` and `start-state`."""
+    import shutil
+
+    from keyboard.commands.pretrain import pretraining_lines
+
+    shutil.copy(FIXTURES / "pretrain.txt.gz", tmp_path / "pretrain.txt.gz")
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(FedkbError, match="manifest.json is missing or corrupt; run `fedkb prepare`"):
+        pretraining_lines(0, tmp_path)
+    (tmp_path / "manifest.json").write_text('{"counts": {"pretrain_chitchat_lines": 3}}')
+    assert len(pretraining_lines(0, tmp_path)) == 3

@@ -50,6 +50,13 @@ def test_eval_text_json(capsys, tiny, tmp_path):
     assert r["keys_without"] == sum(len(w) + 1 for w in "how are you today i am fine thanks".split())
 
 
+def test_a_line_is_one_message_whatever_separators_it_holds(capsys, tiny, tmp_path):
+    """Lines were split again with str.splitlines, which also breaks at U+2028, form feeds and
+    file separators: one line read as three messages, each from the start state."""
+    code, out, _ = _eval(capsys, tiny, "--text", _text(tmp_path, "hello there\u2028how are you\x0cdoing today\r\n"))
+    assert code == 0 and json.loads(out)["messages"] == 1
+
+
 def test_eval_users_json(capsys, tiny):
     code, out, _ = _eval(capsys, tiny, "--users", "--users-file", str(FIXTURES / "users.jsonl.gz"), "--limit", "3")
     assert code == 0

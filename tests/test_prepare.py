@@ -368,3 +368,14 @@ def test_cli_refuses_an_unpinned_wheel_in_one_line(built, tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("fedkb prepare: error: ") and "is not the pinned" in err[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_build(tmp_path, capsys, monkeypatch):
+    """It was refused ("File exists") only after the whole build (~20 s on the real wheels)."""
+    from models import prepare
+
+    monkeypatch.setattr(prepare, "_build", lambda *a, **k: pytest.fail("built before checking --out"))
+    (tmp_path / "data").write_text("mine")
+    assert main(["prepare", "--out", str(tmp_path / "data"), "--cache", str(tmp_path / "cache"), "--no-tokenizer"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"fedkb prepare: error: {tmp_path / 'data'} is a file, not a folder: choose another --out"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"] and (tmp_path / "data").read_text() == "mine"

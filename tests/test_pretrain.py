@@ -31,20 +31,28 @@ def _cfg():
 
 
 def test_pretrain_resume_is_bit_exact(tiny, tmp_path):
+    """Interrupted twice: a resumed run's saves once filed Adam's moments under other parameters'
+    numbers, so the second resume crashed on mismatched shapes."""
     tok = Tokenizer(tiny[1])
     lines = load_pretrain_lines(FIXTURES / "pretrain.txt.gz")[:600]
     pretrain(lines, tok, tmp_path / "a", tmp_path / "work_a", _cfg())
 
-    def stop_at_10(step, total, loss):
-        if step == 10:
-            raise Stop
+    def stop_at(k):
+        def on_step(step, total, loss):
+            steps.append(step)
+            if step == k:
+                raise Stop
+        return on_step
 
-    with pytest.raises(Stop):
-        pretrain(lines, tok, tmp_path / "b", tmp_path / "work_b", _cfg(), on_step=stop_at_10)
+    for stop, first in ((10, 1), (14, 9)):  # saves every 4 steps: the second run resumes after 8, the third after 12
+        steps = []
+        with pytest.raises(Stop):
+            pretrain(lines, tok, tmp_path / "b", tmp_path / "work_b", _cfg(), on_step=stop_at(stop))
+        assert steps[0] == first
     assert not (tmp_path / "b").exists()
     steps = []
     pretrain(lines, tok, tmp_path / "b", tmp_path / "work_b", _cfg(), on_step=lambda s, n, l: steps.append(s))
-    assert steps[0] == 9  # resumed after the last saved step (8), not from scratch
+    assert steps[0] == 13  # resumed after the last saved step (12), not from scratch
 
     a_ck = load_checkpoint(tmp_path / "a", tok)
     a, b = a_ck.model.state_dict(), load_checkpoint(tmp_path / "b", tok).model.state_dict()

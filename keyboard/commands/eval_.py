@@ -70,7 +70,9 @@ def read_messages(path: Path) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 raise FedkbError(f"{path} is not UTF-8 text (byte {offset + e.start})") from None
             offset += len(raw)
-            yield from (line for line in text.splitlines() if line.strip())
+            line = text.rstrip("\r\n")  # not splitlines(): U+2028, form feeds, ... inside a line split one message into several
+            if line.strip():
+                yield line
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from models.jsonvalues import is_int
+
 HELP = "train the base model centrally on the pretraining split"
 NEW_MODEL_DROPOUT = 0.2  # the shipped base's (LMConfig's default 0.1 overfits in long exact-softmax runs)
 
@@ -47,7 +49,9 @@ def pretraining_lines(sotu_words: int, data_dir: Path | None = None) -> list[str
     lines = datasets.load_pretrain_lines(data_dir / "pretrain.txt.gz")
     try:
         n_chat = json.loads((data_dir / "manifest.json").read_text())["counts"]["pretrain_chitchat_lines"]
-    except (OSError, KeyError, ValueError):
+        if not (is_int(n_chat) and 0 <= n_chat <= len(lines)):
+            raise ValueError(f"pretrain_chitchat_lines is {n_chat!r}")
+    except (OSError, KeyError, ValueError, TypeError):  # TypeError: valid JSON of another shape ([], "counts": null)
         raise FedkbError(f"{data_dir / 'manifest.json'} is missing or corrupt; run `fedkb prepare`") from None
     chat, sotu = lines[:n_chat], lines[n_chat:]
     picked, count = [], 0
