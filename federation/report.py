@@ -18,22 +18,27 @@ from pathlib import Path
 
 import torch
 
+from federation import privacy
 from federation.client import local_finetune
 from federation.config import ClientConfig, SimulationConfig, personalization_config
 from federation.device import Device
-from federation.run import read_config, refuse_a_file
+from federation.run import FINGERPRINTS, read_config, refuse_a_file, split_users, users_sha256
 from federation.runfolder import METRICS, checkpoint_dir, latest_round, numbered_metrics
+from federation.sampling import sampling_rate
 from models import atomic
 from models.checkpoint import load_checkpoint
+from models.datasets import load_users
 from models.errors import FedkbError
 from models.evaluate import simulate_typing
-from models.jsonvalues import is_number
+from models.jsonvalues import is_int, is_number
 from models.lm import WordLM, WordTable
 from models.predictor import Predictor
 from models.tokenizer import Tokenizer
 from models.train import encode, evaluate_loss
 
 
+# every PNG a report writes: one of these left from an earlier report and not written this time is removed
+_PNGS = ("accuracy.png", "ksr.png", "loss.png", "epsilon.png", "personalization.png")
 _NUMBERS = ("top1", "top3", "ksr", "loss", "eval_loss", "epsilon", "rejected", "clipped", "dropouts", "aggregated")
 
 
@@ -111,27 +116,43 @@ def plot_run(ms: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def summarize(ms: list[dict], dp: bool = False) -> dict:
+def summarize(ms: list[dict], dp: bool = False, rounds: int | None = None, epsilon: float | None = None) -> dict:
     """The run's figures from its committed metrics lines `ms`; `dp`: the run adds DP noise (its epsilon
-    is then None only before its first round)."""
+    is then None only before its first round). `rounds`: the committed round (latest.json; default: the
+    last line's), whose own line gives the epsilon, or `epsilon` where that line is lost (torn or edited
+    away): never an earlier round's, which would understate it."""
+    rounds = ms[-1]["round"] if rounds is None else rounds
+    line = next((m for m in ms if m["round"] == rounds), None)
     first = next((m for m in ms if "top1" in m), {})
     last = next((m for m in reversed(ms) if "top1" in m), {})
-    rounds = [m for m in ms if m["round"] > 0]
+    done = [m for m in ms if m["round"] > 0]
+    lost = sorted(set(range(1, rounds + 1)) - {m["round"] for m in done})
     return {
-        "rounds": ms[-1]["round"],
+        "rounds": rounds,
         "start": {k: first.get(k) for k in ("round", "top1", "top3", "ksr", "eval_loss")},
         "end": {k: last.get(k) for k in ("round", "top1", "top3", "ksr", "eval_loss")},
         "dp": dp,
-        "epsilon": ms[-1].get("epsilon"),
-        "rejected": sum(m.get("rejected", 0) for m in rounds),
-        "clipped": sum(m.get("clipped", 0) for m in rounds),
-        "dropouts": sum(m.get("dropouts", 0) for m in rounds),
+        "epsilon": line.get("epsilon") if line is not None else epsilon,
+        **({"lost_rounds": lost} if lost else {}),  # committed rounds whose metrics line is lost: not in the sums
+        "rejected": sum(m.get("rejected", 0) for m in done),
+        "clipped": sum(m.get("clipped", 0) for m in done),
+        "dropouts": sum(m.get("dropouts", 0) for m in done),
         # updates that reached the model: an aborted round applied none (runs from before session 28
         # counted its masked updates as aggregated)
-        "aggregated": sum(m.get("aggregated", 0) for m in rounds if not m.get("secagg_aborted")),
-        "secagg_aborted_rounds": sum(1 for m in rounds if m.get("secagg_aborted")),
-        "mean_round_s": round(statistics.mean(m["timings"]["round_s"] for m in rounds), 3) if rounds else None,
+        "aggregated": sum(m.get("aggregated", 0) for m in done if not m.get("secagg_aborted")),
+        "secagg_aborted_rounds": sum(1 for m in done if m.get("secagg_aborted")),
+        "mean_round_s": round(statistics.mean(m["timings"]["round_s"] for m in done), 3) if done else None,
     }
+
+
+def run_epsilon(cfg: dict, sim: SimulationConfig, rnd: int) -> float | None:
+    """Epsilon after round `rnd`, as federation/rounds.py's metrics line states it, recomputed from the
+    run's config.json (`cfg`, `sim`): for a round whose line is lost. None without DP noise, or where
+    config.json names no population size (a run from before it was recorded)."""
+    size = cfg.get("population") if is_int(cfg.get("population")) and cfg["population"] > 0 else sim.users
+    if sim.privacy.noise_multiplier == 0 or not size:
+        return None
+    return privacy.epsilon(sim.privacy, sampling_rate(size, sim.clients_per_round, sim.over_selection), rnd)
 
 
 def score_text(model: WordLM, ck_vocab, tokenizer: Tokenizer, future: list[str]) -> dict:
@@ -149,9 +170,19 @@ def relative_changes(before: list[float], after: list[float]) -> list[float]:
 
 def study_user_ids(cfg: dict) -> list[str]:
     """The users a personalization study visits, in order: the run's held-out evaluation users
-    first, then every other device folder of the run's population (`cfg`: the run's config.json)."""
+    first, then the real users of the run's training population (`cfg`: the run's config.json), split
+    from its users file as federation/run.py's Simulation does; never other folders of a devices root
+    (another run's users, or users a smaller --users population left out). FedkbError where the users
+    file no longer holds the run's users."""
+    sim = SimulationConfig.from_json(cfg["simulation"])
+    users = load_users(cfg.get("users_file"))
+    if cfg.get(FINGERPRINTS["users_file"]) not in (None, users_sha256(users)):
+        raise FedkbError(f"the users file {cfg.get('users_file') or 'data/users.jsonl.gz (the default)'} no longer holds "
+                         f"this run's users (it changed since the run): restore it, or --users 0 skips the personalization study")
+    train, _ = split_users(users, sim)
+    size = sim.users or len(train)  # user i of a resampled population (size > real users) is real user i % R
     ids = list(cfg.get("eval_users", []))
-    return ids + sorted(p.name for p in Path(cfg["devices"]).iterdir() if p.is_dir() and p.name not in set(ids))
+    return ids + sorted({u.id for u in train[:size]} - set(ids))
 
 
 def personalization_study(run_dir: Path, cfg: dict, sim: SimulationConfig, rnd: int, users: int = 50,
@@ -269,12 +300,13 @@ def plot_personalization(study: dict, out_dir: Path) -> Path:
 
 def _study_inputs(run_dir: Path, cfg: dict) -> None:
     """FedkbError naming what the personalization study reads and cannot find: the run's model,
-    tokenizer or device folders moved or gone (checked before anything is written)."""
+    tokenizer, users file or device folders moved or gone (checked before anything is written)."""
     redo = f"`fedkb simulate --out {run_dir} --resume"
     for key, what, fix in (("model", "model folder", f"{redo} --model DIR` records its new place"),
                            ("tokenizer", "tokenizer", f"{redo} --tokenizer FILE` records its new place"),
+                           ("users_file", "users file", f"{redo} --users-file FILE` records its new place"),
                            ("devices", "device folders", f"{redo}` makes them again from the run's users file")):
-        if not Path(cfg[key]).exists():
+        if cfg.get(key) and not Path(cfg[key]).exists():  # users_file null: the default one
             raise FedkbError(f"the run's {what} {cfg[key]} {'are' if key == 'devices' else 'is'} gone (moved?): {fix}, "
                              f"or --users 0 skips the personalization study")
 
@@ -294,7 +326,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, pe
         raise FedkbError(f"{run_dir}: no metrics line of a committed round")
     out_dir = Path(out_dir or run_dir / "report")
     refuse_a_file(out_dir, "a report folder", "--out")
-    rep = {"summary": summarize(ms, dp=sim.privacy.noise_multiplier > 0)}
+    eps = None if any(m["round"] == rnd for m in ms) else run_epsilon(cfg, sim, rnd)  # the committed round's line lost
+    rep = {"summary": summarize(ms, dp=sim.privacy.noise_multiplier > 0, rounds=rnd, epsilon=eps)}
     if personalization and users > 0:
         _study_inputs(run_dir, cfg)
         rep["personalization"] = personalization_study(run_dir, cfg, sim, rnd, users)
@@ -303,4 +336,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, users: int = 50, pe
         files.append(plot_personalization(rep["personalization"], out_dir))
     rep["files"] = [str(f) for f in files]
     atomic.write_text(out_dir / "report.json", json.dumps(rep, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    for name in set(_PNGS) - {Path(f).name for f in files}:  # an earlier report's plot this one did not draw
+        old = out_dir / name
+        if old.is_file() or old.is_symlink():
+            old.unlink()
     return rep

@@ -32,7 +32,11 @@ def _scores(s: dict) -> str:
 def _epsilon(s: dict) -> str:
     if s["epsilon"] is not None:
         return f"epsilon {s['epsilon']:.3g}"
-    return "epsilon n/a (no round yet)" if s.get("dp") else "epsilon n/a (no DP noise)"
+    if not s.get("dp"):
+        return "epsilon n/a (no DP noise)"
+    if s.get("lost_rounds"):
+        return f"epsilon unknown (the metrics of round {s['rounds']} are lost)"
+    return "epsilon n/a (no round yet)"
 
 
 def _aborted(s: dict) -> str:
