@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -236,6 +237,8 @@ class DiscoveryStep:
     `run_dir/vocab.jsonl` (federation.vocab_history), and the trie is restored from it:
     calling round r drops any history of rounds >= r first (left by a run killed after
     writing history but before its checkpoint), so a resumed run rewrites them identically.
+    Where the history has no record of round r - 1 (lost or torn), the trie starts over: said on
+    stderr, kept in `notes`, and the round's record is marked "trie_restarted".
     """
 
     def __init__(self, cfg: DiscoveryConfig, run_dir: Path | None = None, heldout: Iterable[str] = ()):
@@ -245,6 +248,7 @@ class DiscoveryStep:
         self.trie = TrieState()
         self.asked_theta: int | None = cfg.theta  # the threshold asked for (None: no --theta given)
         self.asked_discover = True  # discovery asked for (False: a resumed run's own, with no --discover given)
+        self.notes: list[str] = []  # what repairing vocab.jsonl lost (vocab_history.resume), also said on stderr
 
     def bind(self, simulation) -> "DiscoveryStep":
         """Take the population and held-out text from a federation.run.Simulation (which calls this).
@@ -263,10 +267,16 @@ class DiscoveryStep:
 
     def __call__(self, state, reporting_devices, round: int, generator) -> tuple[Vocabulary, dict]:
         vocab = state if isinstance(state, Vocabulary) else state.vocab
+        said: list[str] = []
         if self.run_dir is not None:
-            self.trie = vocab_history.resume(self.run_dir, round, vocab, self.heldout, self.cfg)
+            self.trie = vocab_history.resume(self.run_dir, round, vocab, self.heldout, self.cfg, said)
+        for note in said:  # once, on the round that repaired the history (the run's notes are out already)
+            print(f"fedkb: {note}", file=sys.stderr, flush=True)
+        self.notes += said
         counts = [device_counts_for(d, vocab) for d in reporting_devices]
         self.trie, new_vocab, info = discovery_round(self.trie, vocab, counts, self.cfg, _rng_from(generator))
+        if any(vocab_history.TRIE_LOST in n for n in said):
+            info["trie_restarted"] = True  # the record says so too: this round's trie run is not the uninterrupted run's
         info["vocab_version"] = new_vocab.version
         info["vocab_size"] = len(new_vocab)
         info["oov_rate"] = vocab_history.oov_rate(self.heldout, new_vocab)

@@ -28,6 +28,7 @@ from models.jsonvalues import is_int, is_number
 from models.text import is_word, normalize_text, words
 
 FILE = "vocab.jsonl"
+TRIE_LOST = "word discovery's trie is lost"  # in resume's note where the trie restarts
 
 
 def path_of(run_dir: Path) -> Path:
@@ -181,32 +182,65 @@ def base_vocabulary(run_dir: Path):
         return None
 
 
-def truncate(run_dir: Path, last_round: int) -> None:
+def truncate(run_dir: Path, last_round: int) -> str | None:
     """Keep only records of rounds <= last_round (the checkpoint a run resumes from).
 
     The file is rewritten whenever it holds anything but whole records: a line cut short by a crash
     (no newline at the end), or any line that does not parse, so no fragment is left for the next
-    record to follow on the same line or after."""
+    record to follow on the same line or after.  The lines that are not records are first appended,
+    byte for byte, to vocab.jsonl.damaged; returns a note saying so (None where there were none)."""
     path = path_of(run_dir)
     recs = read(run_dir)
     keep = [r for r in recs if r["round"] <= last_round]
     raw = path.read_bytes() if path.is_file() else b""
     torn = bool(raw) and not raw.endswith(b"\n")
-    if len(keep) != len(recs) or torn or raw.count(b"\n") != len(recs):  # each record is exactly one line
-        _write_all(run_dir, keep)
+    if not (len(keep) != len(recs) or torn or raw.count(b"\n") != len(recs)):  # each record is exactly one line
+        return None
+    bad = [line if line.endswith((b"\n", b"\r")) else line + b"\n"
+           for line in raw.splitlines(keepends=True) if not _is_record_line(line)]
+    damaged = path.with_name(FILE + ".damaged")
+    if bad:  # before the rewrite: a kill in between keeps them twice, never loses them
+        atomic.write_bytes(damaged, (damaged.read_bytes() if damaged.is_file() else b"") + b"".join(bad))
+    _write_all(run_dir, keep)
+    return f"{len(bad)} unreadable line{'s' if len(bad) > 1 else ''} of {FILE} kept in {damaged.name}" if bad else None
 
 
-def resume(run_dir: Path, round: int, vocab, heldout: Mapping[str, int], cfg):
-    """Before round `round`: base record written, later rounds dropped; the trie to continue from."""
+def _is_record_line(line: bytes) -> bool:
+    """Whether `read` takes the line as a record (a blank line counts as one: it holds nothing to keep)."""
+    text = line.decode("utf-8", errors="replace")
+    if not text.strip():
+        return True
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(rec, dict) and is_int(rec.get("round"))
+
+
+def resume(run_dir: Path, round: int, vocab, heldout: Mapping[str, int], cfg, notes: list[str] | None = None):
+    """Before round `round`: base record written, later rounds dropped; the trie to continue from.
+
+    The trie is the one the record of round `round - 1` stores.  Where there is no such record (vocab.jsonl
+    lost, rebuilt by `start`, or its last lines torn), it is lost: a new trie run starts, and a note
+    (appended to `notes`, with truncate's) says the words found from here differ from an uninterrupted run's.
+    """
     from federation.discovery import TrieState
 
     start(run_dir, vocab, heldout, round)
-    truncate(run_dir, round - 1)
+    said = truncate(run_dir, round - 1)
     last = check(run_dir, read(run_dir)[-1])
     if last["vocab_version"] != vocab.version:
         raise FedkbError(f"{path_of(run_dir)} ends at vocabulary version {last['vocab_version']} but the "
                          f"checkpoint has version {vocab.version}; the run folder is inconsistent")
-    return TrieState.from_json(last["trie"]) if "trie" in last else TrieState()
+    if notes is not None and said:
+        notes.append(said)
+    if last["round"] == round - 1 and ("trie" in last or last["round"] == 0):
+        return TrieState.from_json(last["trie"]) if "trie" in last else TrieState()
+    if notes is not None:
+        notes.append(f"{path_of(run_dir)} lost the record of round {round - 1} (the file lost, or its end torn): {TRIE_LOST} "
+                     f"and starts over at round {round}, so the words found from here differ from an "
+                     f"uninterrupted run's")
+    return TrieState(epoch=TrieState.from_json(last["trie"]).epoch + 1 if "trie" in last else 0)
 
 
 # -- queries ------------------------------------------------------------------------------------

@@ -424,3 +424,50 @@ def test_rounds_that_do_not_increase_are_a_clear_error(tmp_path, capsys, rounds,
     with pytest.raises(FedkbError, match=f"vocab.jsonl: {why}; the rounds must increase"):
         vh.timeline(tmp_path)
     assert main(["vocab", str(tmp_path)]) == 2 and why in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["lost", "torn"])
+def test_a_resume_without_the_checkpoints_record_says_the_trie_starts_over(tmp_path, capsys, damage):
+    """The trie lives only in vocab.jsonl: with the record of the checkpoint's round lost (the file gone,
+    or its last line torn), the resumed run discovers other words; it used to do so silently."""
+    pop = population()
+    gen = torch.Generator().manual_seed(7)
+    vocab3 = run_rounds(tmp_path, 1, 3, BASE, gen, pop)  # "yeet" is on its way: the trie is 3 deep
+    assert vh.read(tmp_path)[-1]["trie"]["depth"] == 3
+    path = vh.path_of(tmp_path)
+    if damage == "lost":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:-20])  # round 3's record torn
+    capsys.readouterr()
+    step = make_discovery_step(DiscoveryConfig(theta=4, population=len(pop)), tmp_path, HELDOUT)
+    step(vocab3, pop, 4, gen)  # the resumed run's first round
+    err = capsys.readouterr().err
+    assert "lost the record of round 3" in err and "trie is lost and starts over at round 4" in err
+    assert step.notes and "trie is lost" in step.notes[-1]
+    rec = vh.read(tmp_path)[-1]
+    assert rec["round"] == 4 and rec["trie_restarted"] is True and rec["depth"] == 0
+    step(vocab3, pop, 5, gen)  # the history is whole again: nothing more to say
+    assert capsys.readouterr().err == "" and "trie_restarted" not in vh.read(tmp_path)[-1]
+
+
+def test_unreadable_lines_are_kept_in_vocab_jsonl_damaged(tmp_path, capsys):
+    """truncate rewrites vocab.jsonl without the lines that do not parse: their bytes used to be lost."""
+    vh.start(tmp_path, BASE, Counter())
+    for r in (1, 2):
+        vh.append(tmp_path, r, {"vocab_version": 0, "vocab_size": 4, "added": []})
+    path = vh.path_of(tmp_path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    garbage = b'{"round": 1, "vocab_\xff\xfe garbage\n'
+    path.write_bytes(lines[0] + garbage + b"".join(lines[1:]) + b'[3]\n')
+    assert vh.truncate(tmp_path, 2) == "2 unreadable lines of vocab.jsonl kept in vocab.jsonl.damaged"
+    damaged = tmp_path / "vocab.jsonl.damaged"
+    assert damaged.read_bytes() == garbage + b"[3]\n"
+    assert path.read_bytes() == b"".join(lines)
+    with open(path, "ab") as f:
+        f.write(b"not json\n")
+    step = make_discovery_step(DiscoveryConfig(theta=4, population=15), tmp_path)
+    step(BASE, population(), 3, torch.Generator().manual_seed(0))  # the resumed run says so
+    assert "1 unreadable line of vocab.jsonl kept in vocab.jsonl.damaged" in capsys.readouterr().err
+    assert damaged.read_bytes() == garbage + b"[3]\nnot json\n"  # appended
+    assert vh.truncate(tmp_path, 3) is None
