@@ -22,6 +22,8 @@ resume takes the newest checkpoint that loads, says what it skipped (`Simulation
 redoes the rounds after it, to the same result.  Device folders (users' text) live
 OUTSIDE the run folder (default RUN-devices/), so nothing server-side holds user text: a run
 folder never lies inside, holds, or is another run's folder or device folders (`refuse_mixing`).
+The device folders record the users they were made from (sampling.py's `claim_devices`), so a run
+never trains on another users file's text left in them.
 """
 
 from __future__ import annotations
@@ -213,6 +215,15 @@ def holds_run(run_dir: Path) -> bool:
     return (Path(run_dir) / LATEST).exists() or bool(checkpoint_rounds(run_dir))
 
 
+def raise_held(run_dir: Path) -> None:
+    """FedkbError for a new run in a folder that holds one: resume it, or (its config.json lost, so
+    nothing can resume it) say so."""
+    if not (Path(run_dir) / CONFIG).exists():
+        raise FedkbError(f"{run_dir} already holds a run whose {CONFIG} is missing, so it cannot be resumed: "
+                         f"choose another --out")
+    raise FedkbError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+
+
 def checkpoint_rounds(run_dir: Path) -> list[int]:
     """The rounds that have a checkpoint folder (whole or not), newest first."""
     rounds = []
@@ -301,7 +312,7 @@ class Simulation:
         refuse_a_file(self.run_dir, "a run folder", "--out")
         cfg_path = self.run_dir / CONFIG
         if not resume and holds_run(self.run_dir):
-            raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+            raise_held(self.run_dir)
         notes: list[str] = []  # becomes self.notes
         stored: dict | None = None  # a resumed run's config.json
         moved: dict[str, Path] = {}  # a path given for a stored one that is gone: taken if its fingerprint matches
@@ -316,6 +327,8 @@ class Simulation:
                     continue
                 if k in FINGERPRINTS and stored.get(k) and not Path(stored[k]).exists():
                     moved[k] = Path(v).resolve()
+                elif k == "devices" and not Path(stored[k]).is_dir():  # checked against the users (build_population)
+                    moved[k] = Path(v).resolve()
                 else:
                     ignored.append(f"{k} {str(v)!r} (the run has {stored.get(k)!r})")
             discover, not_taken = _stored_discovery(stored, discover, self.run_dir)
@@ -329,7 +342,7 @@ class Simulation:
             model_dir = moved.get("model") or Path(stored["model"])
             tokenizer_path = moved.get("tokenizer") or Path(stored["tokenizer"])
             users_file = moved.get("users_file") or (Path(stored["users_file"]) if stored.get("users_file") else None)
-            devices_root = Path(stored["devices"])
+            devices_root = moved.get("devices") or Path(stored["devices"])
         elif resume:
             raise FedkbError(f"nothing to resume in {self.run_dir} ({CONFIG} missing)")
         if model_dir is None or tokenizer_path is None:  # an installed fedkb without data/ has none
@@ -370,13 +383,18 @@ class Simulation:
         self.fingerprints["users_file"] = users_sha256(users)
         if stored is not None:
             self._check_population(stored, size)
-        build_population(self.devices_root, users)  # every user's device folder (held-out ones too)
+        # every user's device folder (held-out ones too), made from these users (the folder records them)
+        build_population(self.devices_root, users, fingerprint=self.fingerprints["users_file"])
         self.population = build_population(self.devices_root, train, size)
         msgs = [m for u in held for m in u.future[: self.sim.eval_messages]]
         self.evaluator = Evaluator(WordLM(self.model_cfg), self.tokenizer, msgs) if msgs and self.sim.eval_users else None
         if isinstance(self.discover, DiscoveryStep):
             self.discover.bind(self)
         for k, new in moved.items():
+            if k == "devices":
+                notes.append(f"the run's device folders {stored[k]} are gone; {new} are the run's now (config.json "
+                             f"names them)")
+                continue
             notes.append(f"the run's {k.replace('_', ' ')} {stored[k]} is gone; {new}, the same {k.replace('_', ' ')}, "
                          f"is the run's now (config.json names it)")
         self._stored, self._moved = stored, moved
@@ -429,7 +447,7 @@ class Simulation:
         """A new run's round 0, or the state of the run being resumed."""
         held = holds_run(self.run_dir)  # again, under the lock: another process may just have started one
         if held and not resume:
-            raise FedkbError(f"{self.run_dir} already holds a run: pass --resume to continue it, or choose another --out")
+            raise_held(self.run_dir)
         if not held:
             self.state = init_state(base.model.state_dict(), base.vocab, self.sim.server)
             atomic.write_json(cfg_path, {
@@ -538,7 +556,7 @@ class Simulation:
         metrics.jsonl.damaged, and note the committed rounds (up to `rnd`) that have no line."""
         path = self.run_dir / METRICS
         try:
-            raw = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            raw = path.read_bytes().splitlines()  # the lines `read_metrics` reads (universal newlines)
         except FileNotFoundError:
             raw = []
         unread = []
@@ -546,16 +564,16 @@ class Simulation:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8", errors="replace"))  # decoded as `read_metrics` decodes it
             except ValueError:
                 obj = None
             if not (isinstance(obj, dict) and is_int(obj.get("round"))):
-                unread.append(line)
+                unread.append(line)  # its bytes as they are
         notes = []
         if unread:
             damaged = path.with_name(METRICS + ".damaged")
-            old = damaged.read_text(encoding="utf-8", errors="replace") if damaged.is_file() else ""
-            atomic.write_text(damaged, old + "".join(line + "\n" for line in unread))
+            old = damaged.read_bytes() if damaged.is_file() else b""
+            atomic.write_bytes(damaged, old + b"".join(line + b"\n" for line in unread))
             notes.append(f"{len(unread)} unreadable line{'s' if len(unread) > 1 else ''} of {METRICS} kept in {damaged.name}")
         logged = {m["round"] for m in lines}
         missing = [n for n in range(rnd + 1) if n not in logged]
@@ -573,6 +591,8 @@ class Simulation:
         for key, v in opt_flat.items():
             if key == "_empty":
                 continue
+            if "." not in key:
+                raise FedkbError(f"{d / 'server.safetensors'} is damaged (its tensor {key!r} names no parameter)")
             name, k = key.split(".", 1)
             opt.setdefault(name, {})[k] = v
         rng = load_tensors(d / "rng.safetensors").get("server")

@@ -21,6 +21,7 @@ sampled; such a round releases noise only. README, Known limits.)
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,13 @@ from pathlib import Path
 import torch
 
 from federation.device import Device
+from models import atomic
 from models.datasets import UserData
+from models.errors import FedkbError
+
+# at the top of a simulation's device folders: the fingerprint of the users they were made from
+# ('@' is no user id's character, federation/device.py, so no device folder can take this name)
+POPULATION_RECORD = "@population.json"
 
 
 @dataclass(frozen=True)
@@ -44,15 +51,44 @@ class Population:
         return Device(self.root, self.real_id(user))
 
 
-def build_population(root: Path, users: list[UserData], size: int | None = None) -> Population:
-    """Write each real user's device folder (history + held-out future) once; return the population."""
+def build_population(root: Path, users: list[UserData], size: int | None = None,
+                     fingerprint: str | None = None) -> Population:
+    """Write each real user's device folder (history + held-out future) once; return the population.
+
+    `fingerprint` (the users' SHA-256, federation/run.py's `users_sha256`): the folders already there
+    must have been made from those users, so a run never trains on another users file's text left
+    behind: `claim_devices`."""
     root = Path(root)
+    if fingerprint is not None:
+        claim_devices(root, fingerprint)
     for u in users:
         dev = Device(root, u.id)
         if not (dev.history_file.exists() and dev.future_file.exists()):
             dev.write_simulated(u.history, u.future)
     ids = tuple(u.id for u in users)
     return Population(root, ids, size or len(ids))
+
+
+def claim_devices(root: Path, fingerprint: str) -> None:
+    """Record at the top of `root` (POPULATION_RECORD, written atomically) that its device folders hold
+    the users of `fingerprint`; FedkbError, deleting nothing, where it records other users (a folder
+    from before the record is taken as it is, and recorded)."""
+    record = Path(root) / POPULATION_RECORD
+    try:
+        stored = json.loads(record.read_text(encoding="utf-8"))
+        if not isinstance(stored, dict) or not isinstance(stored.get("users_sha256"), str):
+            raise ValueError("no users_sha256")
+    except FileNotFoundError:
+        stored = None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FedkbError(f"{record} is damaged ({e}): delete the device folders {root}, or choose another --devices") from None
+    if stored is not None:
+        if stored["users_sha256"] != fingerprint:
+            raise FedkbError(f"the device folders {root} were made from another users file (other users or text): "
+                             f"delete that folder, or choose another --devices")
+        return
+    Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic.write_json(record, {"users_sha256": fingerprint})
 
 
 @dataclass(frozen=True)

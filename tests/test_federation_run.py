@@ -523,7 +523,7 @@ def test_the_shakespeare_roles_are_a_population_too(tiny, tmp_path):
     cmd[cmd.index("-k") + 1], cmd[cmd.index("--eval-users") + 1] = "2", "1"
     assert main(cmd) == 0
     users = {u.id: u for u in load_shakespeare(roles)}
-    devices = sorted(p.name for p in (tmp_path / "run-devices").iterdir())
+    devices = sorted(p.name for p in (tmp_path / "run-devices").iterdir() if p.is_dir())  # and @population.json
     assert devices and set(devices) <= set(users)
     for name in devices:
         assert tuple(Device(tmp_path / "run-devices", name).history()) == users[name].history
@@ -816,3 +816,125 @@ def test_report_on_a_file_or_into_a_file_is_one_line_naming_it(reference_run, tm
     assert capsys.readouterr().err == f"fedkb report: error: {tmp_path / 'f'} is a file, not a simulation run folder\n"
     assert main(["report", str(reference_run), "--out", str(tmp_path / "f"), "--users", "0"]) == 2
     assert capsys.readouterr().err == f"fedkb report: error: {tmp_path / 'f'} is a file, not a report folder: choose another --out\n"
+
+
+# -- audit 31.2 ---------------------------------------------------------------------------------
+def test_device_folders_made_from_other_users_are_refused_not_trained_on(tiny, tmp_path, capsys):
+    """build_population wrote a device folder only where none was: a new run over a users file with other
+    text for the same ids trained on the old text.  The devices root now records its users' fingerprint."""
+    import gzip
+
+    from federation.sampling import POPULATION_RECORD
+    from keyboard.cli import main
+
+    users = [json.loads(line) for line in gzip.open(USERS, "rt")]
+    edited = _gz_users(tmp_path / "edited.jsonl.gz", [{**u, "history": [f"new text {i}" for i in range(3)]} for u in users])
+    run, devices = tmp_path / "run", tmp_path / "run-devices"
+    assert main(_cli(tiny, run, "--rounds", "0")[3:]) == 0
+    record = json.loads((devices / POPULATION_RECORD).read_text())
+    shutil.rmtree(run)  # "to start over"
+    old = {p: p.read_bytes() for p in devices.rglob("*") if p.is_file()}
+    cmd = _cli(tiny, run, "--rounds", "0")[3:]
+    edited_cmd = cmd[:cmd.index("--users-file") + 1] + [str(edited)] + cmd[cmd.index("--users-file") + 2:]
+    assert main(edited_cmd) == 2
+    assert capsys.readouterr().err == (f"fedkb simulate: error: the device folders {devices} were made from another users "
+                                       f"file (other users or text): delete that folder, or choose another --devices\n")
+    assert {p: p.read_bytes() for p in devices.rglob("*") if p.is_file()} == old and not run.exists()  # nothing touched
+    assert main(edited_cmd + ["--devices", str(tmp_path / "fresh")]) == 0  # another --devices: the new text
+    assert json.loads((tmp_path / "fresh" / users[0]["id"] / "history.jsonl").read_text().splitlines()[0]) == "new text 0"
+    shutil.rmtree(run)
+    (devices / POPULATION_RECORD).unlink()  # device folders from before the record: taken, and recorded
+    assert main(cmd) == 0
+    assert json.loads((devices / POPULATION_RECORD).read_text()) == record
+
+
+def test_resume_takes_a_devices_folder_given_for_one_that_is_gone(reference_run, tiny, tmp_path, capsys):
+    """A moved run could not be pointed at its device folders: --devices was "not taken", and every user's
+    text was written again under the old path."""
+    from federation.sampling import POPULATION_RECORD
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    gone, moved = tmp_path / "run-devices", tmp_path / "moved-devices"
+    shutil.move(gone, moved)
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume", "--devices", str(moved))[3:]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the run's device folders {gone} are gone; {moved} are the run's now (config.json names them)" in err
+    assert "not taken" not in err and not gone.exists()
+    assert json.loads((run / "config.json").read_text())["devices"] == str(moved)
+    other = _copy_run(reference_run, tmp_path / "b")  # device folders of other users: refused
+    shutil.rmtree(tmp_path / "b" / "run-devices")
+    (moved / POPULATION_RECORD).write_text('{"users_sha256": "another"}')
+    assert main(_cli(tiny, other, "--rounds", "4", "--resume", "--devices", str(moved))[3:]) == 2
+    assert f"the device folders {moved} were made from another users file" in capsys.readouterr().err
+
+
+def test_resume_checks_the_flags_with_the_runs_stored_settings(tiny, tmp_path, capsys):
+    """`--resume --secret-noise` on a DP run said "needs Gaussian noise (--dp)", `--resume --dp 1.0` "needs a clip
+    norm": the flags typed were checked alone, before the stored settings were merged."""
+    from keyboard.cli import main
+
+    run = tmp_path / "run"
+    assert main(_cli(tiny, run, "--rounds", "1", "--dp", "1.0", "--clip", "0.5", "--secret-noise", "--eval-users", "0")[3:]) == 0
+    capsys.readouterr()
+    for flags in (["--secret-noise"], ["--dp", "1.0"], ["--clip", "0.5", "--delta", "1e-5"]):  # what the run has
+        assert main(_cli(tiny, run, "--resume", "--eval-users", "0", *flags)[3:]) == 0, capsys.readouterr().err
+        assert "not taken" not in capsys.readouterr().err
+    assert main(_cli(tiny, run, "--resume", "--eval-users", "0", "--dp", "0")[3:]) == 0  # not what the run has: named
+    assert "not taken: privacy.noise_multiplier 0.0 (the run has 1.0)" in " ".join(capsys.readouterr().err.split())
+    assert main(_cli(tiny, tmp_path / "new", "--rounds", "1", "--dp", "1.0")[3:]) == 2  # a new run: checked as before
+    assert "Gaussian noise needs a clip norm (--clip)" in capsys.readouterr().err
+
+
+def test_a_run_without_config_json_is_not_sent_to_resume(reference_run, tiny, tmp_path, capsys):
+    """"already holds a run: pass --resume", then --resume: "nothing to resume (config.json missing)"."""
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    (run / "config.json").unlink()
+    assert main(_cli(tiny, run, "--rounds", "4")[3:]) == 2
+    assert capsys.readouterr().err == (f"fedkb simulate: error: {run} already holds a run whose config.json is missing, so "
+                                       f"it cannot be resumed: choose another --out\n")
+
+
+def test_a_server_state_key_naming_no_parameter_is_checkpoint_damage(reference_run, tiny, tmp_path, capsys):
+    """A key without "." in server.safetensors (whole, its checksum right) ended resume in a ValueError traceback."""
+    import torch
+
+    from keyboard.cli import main
+    from models.checkpoint import save_tensors
+
+    run = _copy_run(reference_run, tmp_path)
+    save_tensors(run / "checkpoints" / "round-0004" / "server.safetensors", {"nodot": torch.zeros(1)})
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipped the checkpoint of round 4" in err and "its tensor 'nodot' names no parameter" in err
+    final = "checkpoints/round-0004/model.safetensors"
+    assert (run / final).read_bytes() == (reference_run / final).read_bytes() and _strip(run) == _strip(reference_run)
+
+
+def test_resume_keeps_a_damaged_metrics_line_byte_for_byte(reference_run, tiny, tmp_path):
+    """metrics.jsonl.damaged was read and written with errors="replace": \\xff\\xfe became EF BF BD EF BF BD."""
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines()
+    bad = b'\xff\xfe{"round": 1, "lo\xc3'
+    (run / "metrics.jsonl").write_bytes(b"\n".join([lines[0], bad] + lines[2:]) + b"\n")
+    (run / "metrics.jsonl.damaged").write_bytes(b"kept \xfe before\n")
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    assert (run / "metrics.jsonl.damaged").read_bytes() == b"kept \xfe before\n" + bad + b"\n"
+
+
+def test_the_closing_summary_names_the_committed_round(reference_run, tiny, tmp_path, capsys):
+    """Round 4's line torn: the summary said "after 3 rounds" (the last readable line) of a 4-round run."""
+    from keyboard.cli import main
+
+    run = _copy_run(reference_run, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:4] + [lines[4][:30]]))
+    assert main(_cli(tiny, run, "--rounds", "4", "--resume")[3:]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(f"done: 4 rounds; round 4's metrics line is lost, so its figures are unknown; run folder {run}\n"), out
+    assert main(_cli(tiny, run, "--rounds", "5", "--resume")[3:]) == 0  # a round run: its figures
+    assert "after 5 rounds; run folder" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from models.errors import FedkbError
@@ -69,12 +70,14 @@ def given_settings(args: argparse.Namespace) -> set[str]:
     return {key for dest, key in SETTINGS.items() if getattr(args, dest, None) is not None and getattr(args, dest) is not False}
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace, stored=None):
+    """The SimulationConfig the flags ask for, over the defaults; `stored` (a resumed run's
+    SimulationConfig): over the run's settings, so flags are checked together with what the run has
+    (`--resume --secret-noise` on a DP run), and where that fails, over the defaults (a `--dp 0` on a
+    DP run whose noise is secret is then one the resume does not take, federation/run.py)."""
     from dataclasses import replace
 
-    from federation.config import AggregationConfig, ClientConfig, PrivacyConfig, ServerConfig, SimulationConfig
-
-    d = SimulationConfig()
+    from federation.config import SimulationConfig
 
     def pick(value, default):
         return default if value is None else value
@@ -83,21 +86,29 @@ def build_config(args: argparse.Namespace):
                  "dropout": True if args.client_dropout else None}
     if args.delta is not None and not pick(args.dp, 0) > 0 and not args.resume:  # on resume: the stored noise
         raise FedkbError("--delta needs Gaussian noise (--dp): epsilon is reported only for a noised run")
-    server_opt = pick(args.server_opt, d.server.optimizer)
-    server_lr = pick(args.server_lr, 0.01 if server_opt == "fedadam" else 1.0)
-    try:
-        client = replace(ClientConfig(), **{k: v for k, v in overrides.items() if v is not None})
-        return SimulationConfig(
-            users=pick(args.users, d.users), rounds=pick(args.rounds, d.rounds),
+
+    def over(d: SimulationConfig) -> SimulationConfig:
+        server_opt = pick(args.server_opt, d.server.optimizer)
+        lr = d.server.lr if server_opt == d.server.optimizer else (0.01 if server_opt == "fedadam" else 1.0)
+        return replace(
+            d, users=pick(args.users, d.users), rounds=pick(args.rounds, d.rounds),
             clients_per_round=pick(args.clients_per_round, d.clients_per_round), engine=pick(args.engine, d.engine),
             workers=pick(args.workers, d.workers), eval_users=pick(args.eval_users, d.eval_users),
-            eval_every=pick(args.eval_every, d.eval_every), seed=pick(args.seed, d.seed), client=client,
-            server=ServerConfig(optimizer=server_opt, lr=server_lr),
-            privacy=PrivacyConfig(clip=args.clip, noise_multiplier=pick(args.dp, d.privacy.noise_multiplier),
-                                  delta=pick(args.delta, d.privacy.delta), secret_noise=args.secret_noise),
-            aggregation=AggregationConfig(secure_aggregation=not args.no_secagg),
+            eval_every=pick(args.eval_every, d.eval_every), seed=pick(args.seed, d.seed),
+            client=replace(d.client, **{k: v for k, v in overrides.items() if v is not None}),
+            server=replace(d.server, optimizer=server_opt, lr=pick(args.server_lr, lr)),
+            privacy=replace(d.privacy, clip=pick(args.clip, d.privacy.clip),
+                            noise_multiplier=pick(args.dp, d.privacy.noise_multiplier),
+                            delta=pick(args.delta, d.privacy.delta), secret_noise=args.secret_noise or d.privacy.secret_noise),
+            aggregation=replace(d.aggregation, secure_aggregation=not args.no_secagg and d.aggregation.secure_aggregation),
         )
+
+    try:
+        return over(stored if stored is not None else SimulationConfig())
     except ValueError as e:
+        if stored is not None:
+            with contextlib.suppress(ValueError):
+                return over(SimulationConfig())
         raise FedkbError(str(e)) from None
 
 
@@ -131,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from federation.discovery import discovery_for_run
-    from federation.run import Simulation, latest_round, read_metrics
+    from federation.run import CONFIG, Simulation, latest_round, read_config, read_metrics
     from keyboard.jobs import exit_on_sigterm
     from models.datasets import data_dir
 
@@ -143,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
     if args.users_file is not None and args.users_file.is_dir():
         raise FedkbError(f"{args.users_file} is a folder, not a users file: choose another --users-file")
     torch.set_num_threads(args.threads)
-    sim = build_config(args)
+    # on resume, the flags over the run's stored settings (a config.json that is missing or damaged: the
+    # run's error, from read_config here or Simulation below)
+    stored = read_config(args.out)[1] if args.resume and (args.out / CONFIG).is_file() else None
+    sim = build_config(args, stored)
     if not args.resume and None in (args.model, args.tokenizer, args.users_file):
         data_dir()  # the defaults lie there: a non-editable install has none (without $FEDKB_DATA)
     discover = discovery_for_run(args.out, args.theta, args.resume, discover=bool(getattr(args, "discover", False)))
@@ -178,7 +192,13 @@ def run(args: argparse.Namespace) -> int:
                           highlight=False)
         raise
     ms = read_metrics(args.out)
-    first, last = (ms[0], ms[-1]) if ms else ({}, {})
+    # the committed round's line (latest.json's), never an older one's figures as the last
+    last = next((m for m in ms if m["round"] == s.round), None)
+    if last is None:
+        print(f"done: {_rounds(s.round)}; round {s.round}'s metrics line is lost, so its figures are unknown; "
+              f"run folder {args.out}")
+        return 0
+    first = ms[0]
     keys = ("top1", "ksr")
     if all(is_number(m.get(k)) for m in (first, last) for k in keys):
         span = f"from round {first['round']} to {last['round']}" if first["round"] else f"after {_rounds(last['round'])}"
