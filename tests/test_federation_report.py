@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES
+from tests.test_federation_run import _copy_run  # a run copied with its own device folders
 
 USERS = FIXTURES / "users.jsonl.gz"
 
@@ -29,14 +30,6 @@ def small_run(tiny, tmp_path_factory):
     return out
 
 
-def _copy_run(run: Path, dest: Path) -> Path:
-    """A copy of `run` with its own device folders (config.json names them)."""
-    copy = dest / "run"
-    shutil.copytree(run, copy)
-    shutil.copytree(run.parent / "run-devices", dest / "run-devices")
-    cfg = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**cfg, "devices": str(dest / "run-devices")}))
-    return copy
 
 
 def test_the_study_visits_only_the_runs_own_users(small_run, tmp_path):
