@@ -249,8 +249,8 @@ def test_a_workers_error_as_it_starts_is_raised_as_a_clients_error_is(tiny, tmp_
 INTERRUPT_SCRIPT = SETUP.replace(
     "    engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)  # the workers now wait for a round",
     "") + textwrap.indent(textwrap.dedent('''
-    print(" ".join(str(p.pid) for p in engine.procs), flush=True)  # the test's ctrl-c comes now: the workers import torch
-    try:
+    try:  # entered before the line goes out: the test's ctrl-c may come while print returns
+        print(" ".join(str(p.pid) for p in engine.procs), flush=True)  # the test's ctrl-c comes now: the workers import torch
         engine.run(ck.model.state_dict(), ck.vocab, tasks, lambda t, r: None)
     except KeyboardInterrupt:
         print("interrupted", flush=True)
